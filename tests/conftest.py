@@ -1,0 +1,66 @@
+"""Tiny TransformerLens models of every generation installed, built from a config (no downloads)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+TINY = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64, d_vocab=200, act_fn="gelu_new",
+            normalization_type="LN")
+
+
+def _bridge(compat: bool):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        from transformer_lens.config import TransformerBridgeConfig
+    except ImportError:  # older 3.x layout
+        from transformer_lens.model_bridge import TransformerBridgeConfig
+    torch.manual_seed(0)
+    model = TransformerBridge.boot_native(TransformerBridgeConfig(**TINY))
+    if compat:
+        model.enable_compatibility_mode()
+    return model
+
+
+def _hooked():
+    import transformer_lens
+
+    try:
+        HookedTransformer = transformer_lens.HookedTransformer
+        HookedTransformerConfig = transformer_lens.HookedTransformerConfig
+    except (ImportError, AttributeError):
+        pytest.skip("this TransformerLens has no HookedTransformer (4.x)")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return HookedTransformer(HookedTransformerConfig(**TINY))
+
+
+MODEL_KINDS = ["hooked", "bridge", "bridge_compat"]
+
+
+def make_model(kind: str):
+    if kind == "hooked":
+        return _hooked()
+    return _bridge(compat=kind == "bridge_compat")
+
+
+@pytest.fixture(params=MODEL_KINDS)
+def model(request):
+    m = make_model(request.param)
+    m.eval()
+    return m
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+
+
+def n_hooks(model) -> int:
+    """Forward hooks currently attached anywhere in the model (each HookPoint counted once)."""
+    seen = {id(hp): hp for hp in model.hook_dict.values()}
+    return sum(len(hp.fwd_hooks) for hp in seen.values())

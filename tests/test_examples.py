@@ -1,0 +1,36 @@
+"""Every example runs in the test suite (in a small mode), so examples cannot rot."""
+
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_runs_and_prints_a_row_per_hook(capsys):
+    runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert out.count("| blocks.") == 4 and "±" in out
+
+
+def test_reproduce_paper_quick_mode_runs():
+    mod = runpy.run_path(str(ROOT / "examples" / "reproduce_paper.py"))
+    rows = mod["main"](["--quick", "--device", "cpu"])
+    assert [r["a"] for r in rows] == [4.0, 8.0]
+    assert all(r["normalized_loss"] > 0 and r["fvu"] < 0.2 for r in rows)
+    assert rows[0]["normalized_loss"] < rows[1]["normalized_loss"]  # sparser data, lower normalized loss
+
+
+def test_import_does_not_import_transformer_lens():
+    code = "import sys, tl_sparsity; from tl_sparsity import SparsityCollector; assert 'transformer_lens' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_true_dictionary_example_runs_and_noise_free_data_sits_near_truth():
+    mod = runpy.run_path(str(ROOT / "examples" / "true_dictionary.py"))
+    rows = mod["main"](["--d", "64", "--a", "4", "--n", "512"])
+    clean = [r for r in rows if r["sigma"] == 0.0][0]
+    assert 1.5 < clean["normalized_loss"] < 3.0  # truth a/2 = 2

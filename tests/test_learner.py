@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from tl_sparsity import OnlineSparseCoder
+
+
+def _state(c: OnlineSparseCoder):
+    return (c.dictionary_, c.mean_, torch.tensor(c.scale_), torch.tensor(c.lam_), c.heldout_,
+            torch.tensor([c.n_tokens_, c.n_heldout_, c.n_steps_, c.n_pending_]))
+
+
+def test_streaming_partial_fit_over_chunks_equals_one_call_on_the_concatenation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 16, generator=g)
+    opts = dict(expansion=4, seed=7, batch_size=256, reservoir_size=300, warmup_tokens=1000)
+    one = OnlineSparseCoder(**opts).partial_fit(x)
+    many = OnlineSparseCoder(**opts)
+    i = 0
+    for size in [1, 7, 300, 2, 999, 1500, 13]:
+        many.partial_fit(x[i : i + size])
+        i += size
+    many.partial_fit(x[i:])
+    for a, b in zip(_state(one), _state(many)):
+        assert torch.equal(a, b)
+
+
+def _planted(n, d=24, m_true=48, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.nn.functional.normalize(torch.randn(m_true, d, generator=g), dim=1)
+    idx = torch.stack([torch.randperm(m_true, generator=g)[:k] for _ in range(n)])
+    coef = torch.zeros(n, m_true).scatter_(1, idx, 0.5 + torch.rand(n, k, generator=g))
+    return coef @ f, f
+
+
+def test_planted_dictionary_is_recovered():
+    x, f = _planted(60000)
+    c = OnlineSparseCoder(expansion=4, seed=0, batch_size=512)
+    c.partial_fit(x)
+    # the learner centres and scales the data: compare directions in the learner's frame
+    best = (torch.nn.functional.normalize(f, dim=1) @ c.dictionary_.T).max(dim=1).values
+    assert (best > 0.9).float().mean() >= 0.8, best
+
+
+def test_evaluate_uses_held_out_rows_never_trained_on():
+    x = torch.randn(4096, 8)
+    c = OnlineSparseCoder(expansion=2, seed=1, batch_size=512, holdout_frac=0.25).partial_fit(x)
+    assert c.n_tokens_ + c.n_heldout_ == 4096
+    assert 0.2 < c.n_heldout_ / 4096 < 0.3
+    ev = c.evaluate()
+    assert ev["n_eval"] == c.n_heldout_
+    held = c.heldout_ * c.scale_ + c.mean_
+    # every held-out row is one of the inputs
+    d = torch.cdist(held, x, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+    assert d.max() < 1e-4
+
+
+def test_nonfinite_rows_are_dropped_and_counted():
+    x = torch.randn(1200, 8)
+    x[5, 2] = float("nan")
+    x[17, 0] = float("inf")
+    c = OnlineSparseCoder(expansion=2, batch_size=256).partial_fit(x)
+    assert c.n_dropped_ == 2
+    assert torch.isfinite(c.dictionary_).all()
+
+
+def test_bad_options_and_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="solver"):
+        OnlineSparseCoder(solver="omp")
+    with pytest.raises(ValueError, match="holdout_frac"):
+        OnlineSparseCoder(holdout_frac=1.5)
+    c = OnlineSparseCoder(d_in=8)
+    with pytest.raises(ValueError, match="d_in=8"):
+        c.partial_fit(torch.randn(10, 9))
+    with pytest.raises(RuntimeError, match="no dictionary yet"):
+        c.evaluate()

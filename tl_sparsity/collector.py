@@ -1,0 +1,246 @@
+"""``SparsityCollector``: hook functions that stream a model's activations into one learner per hook point.
+
+Hook functions never change the activation (they return ``None``), copy what they keep, flatten
+``[batch, pos, ...]`` to rows ``[kept positions, features]``, cast to float32, and drop the BOS position and padding.
+TransformerLens is reached only through :mod:`tl_sparsity.hooks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import hooks as _hooks
+from .learner import OnlineSparseCoder
+from .report import SparsityReport
+
+__all__ = ["SparsityCollector"]
+
+
+class SparsityCollector:
+    """Measure feature sparsity at a model's hook points (``PAPER.md``), one :class:`OnlineSparseCoder` per hook.
+
+    Args:
+        model: a TransformerLens ``HookedTransformer`` or ``TransformerBridge``.
+        hooks: alias (``"resid_post"`` → every layer; see :data:`tl_sparsity.hooks.ALIASES`), exact HT-style
+            name, glob, filter function, comma-separated string or list of these.
+        skip_bos: drop the first position of each sequence (the first attended one when an ``attention_mask`` is
+            given). BOS/[CLS] activations have outsized norms; set False if your inputs carry no BOS.
+        **learner_options: passed to every :class:`OnlineSparseCoder` (``expansion``, ``lam``, ``seed``, ...).
+
+    Use ``model.run_with_hooks(tokens, fwd_hooks=col.fwd_hooks() + others)``, ``with col.attach(): model(tokens)``,
+    ``col.start()`` / ``col.stop()`` across notebook cells, or ``col.fit(batches)``; then ``col.report()``.
+    """
+
+    def __init__(self, model: Any, hooks: _hooks.HookSpec = "resid_post", *, skip_bos: bool = True,
+                 **learner_options: Any) -> None:
+        self.model = model
+        self.hook_points = _hooks.resolve_hooks(model, hooks)
+        self.skip_bos = bool(skip_bos)
+        self.learner_options = dict(learner_options)
+        OnlineSparseCoder(**self.learner_options)  # validate options once, with a clear error
+        self.learners: dict[str, OnlineSparseCoder] = {
+            name: OnlineSparseCoder(**self.learner_options) for name in self.hook_points
+        }
+        self.attention_mask: Tensor | None = None  # used by hooks added with start()
+        self._persistent: dict[str, list[Any]] = {}
+
+    def __repr__(self) -> str:
+        state = "started" if self._persistent else "idle"
+        return f"SparsityCollector({len(self.hook_points)} hooks, {state}, tokens={self.n_tokens})"
+
+    @property
+    def hook_names(self) -> list[str]:
+        return list(self.hook_points)
+
+    @property
+    def n_tokens(self) -> int:
+        """Rows received by the first hook (trained, held out and pending)."""
+        if not self.learners:
+            return 0
+        lr = next(iter(self.learners.values()))
+        return lr.n_tokens_ + lr.n_heldout_ + lr.n_pending_
+
+    # ------------------------------------------------------------------ hook functions
+    def rows(self, activation: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The rows a hook keeps from ``activation`` ``[batch, pos, ...]``: a float32 copy ``[n_kept, features]``."""
+        act = activation.detach()
+        if act.ndim < 2:
+            raise ValueError(f"expected an activation [batch, pos, ...], got shape {tuple(act.shape)}.")
+        b, p = act.shape[:2]
+        keep = torch.ones(b, p, dtype=torch.bool, device=act.device)
+        if attention_mask is not None:
+            mask = torch.as_tensor(attention_mask).to(act.device)
+            if tuple(mask.shape) != (b, p):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(mask.shape)} but the activation is [batch={b}, pos={p}, ...];"
+                    " pass the mask of the tokens of this forward."
+                )
+            keep &= mask.bool()
+        if self.skip_bos and p > 0:
+            first = keep.int().argmax(dim=1) if attention_mask is not None else torch.zeros(b, dtype=torch.long)
+            keep[torch.arange(b, device=act.device), first.to(act.device)] = False
+        feats = act.reshape(b, p, -1)
+        with torch.inference_mode(False):  # state built here must be usable outside inference mode too
+            return feats[keep].to(torch.float32).clone()
+
+    def _hook_fn(self, name: str, attention_mask: Tensor | None = None, use_attribute: bool = False) -> Callable:
+        learner = self.learners[name]
+
+        def hook(activation: Tensor, hook: Any = None) -> None:
+            mask = self.attention_mask if use_attribute else attention_mask
+            rows = self.rows(activation, mask)
+            with torch.inference_mode(False), torch.no_grad():
+                learner.partial_fit(rows)
+            return None
+
+        hook.__name__ = f"tl_sparsity[{name}]"
+        return hook
+
+    # ------------------------------------------------------------------ ways to attach
+    def fwd_hooks(self, attention_mask: Tensor | None = None) -> list[tuple[str, Callable]]:
+        """``[(name, fn), ...]`` for ``model.run_with_hooks(..., fwd_hooks=col.fwd_hooks() + others)``.
+
+        ``attention_mask`` ``[batch, pos]`` (1 = real token) of the tokens of that call excludes padding.
+        """
+        return [(name, self._hook_fn(name, attention_mask)) for name in self.hook_points]
+
+    @contextlib.contextmanager
+    def attach(self, attention_mask: Tensor | None = None) -> Iterator["SparsityCollector"]:
+        """``with col.attach(): model(tokens)`` — hooks live exactly for the block, also when it raises."""
+        added: list[tuple[Any, list[Any]]] = []
+        try:
+            for name, hp in self.hook_points.items():
+                added.append((hp, _hooks.add_hook(hp, self._hook_fn(name, attention_mask), permanent=False)))
+            yield self
+        finally:
+            for hp, handles in added:
+                _hooks.remove_hook(hp, handles)
+
+    def start(self) -> "SparsityCollector":
+        """Keep hooks attached across calls (and ``model.reset_hooks()``) until :meth:`stop`.
+
+        Padding is excluded through ``col.attention_mask``, which you may set before each forward.
+        """
+        for name, hp in self.hook_points.items():
+            if name not in self._persistent:
+                self._persistent[name] = _hooks.add_hook(hp, self._hook_fn(name, use_attribute=True), permanent=True)
+        return self
+
+    def stop(self) -> "SparsityCollector":
+        """Remove exactly the hooks :meth:`start` added."""
+        for name, handles in self._persistent.items():
+            _hooks.remove_hook(self.hook_points[name], handles)
+        self._persistent = {}
+        return self
+
+    # ------------------------------------------------------------------ streaming loop
+    def fit(self, token_batches: Iterable[Any] | Tensor, n_tokens: int | None = None, progress: bool = True,
+            **forward_kwargs: Any) -> "SparsityCollector":
+        """Run the model over ``token_batches`` with the hooks attached, until they end or ``n_tokens`` rows
+        (per hook, after BOS/padding removal) were collected.
+
+        Each batch is a token tensor ``[batch, pos]``, a ``(tokens, attention_mask)`` pair or a dict with
+        ``input_ids`` (and ``attention_mask``); a single 2-D tensor is one batch. Forwards stop after the last
+        hooked layer when every hook is inside a block.
+        """
+        if n_tokens is not None and int(n_tokens) <= 0:
+            raise ValueError(f"n_tokens must be a positive integer or None, got {n_tokens!r}.")
+        if isinstance(token_batches, Tensor):
+            token_batches = [token_batches]
+        layers = [_hooks.parse_hook_name(n)[0] for n in self.hook_points]
+        if all(layer is not None for layer in layers) and "stop_at_layer" not in forward_kwargs:
+            n_layers = getattr(self.model.cfg, "n_layers", None)
+            last = max(layers) + 1  # type: ignore[type-var]
+            if n_layers is None or last < n_layers:
+                forward_kwargs["stop_at_layer"] = last
+        forward_kwargs.setdefault("return_type", None)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="tl_sparsity")
+        start = self.n_tokens
+        try:
+            with torch.no_grad():
+                for batch in token_batches:
+                    tokens, mask = _split_batch(batch)
+                    before = self.n_tokens
+                    with self.attach(attention_mask=mask):
+                        self.model.run_with_hooks(tokens, fwd_hooks=[], **forward_kwargs)
+                    if bar is not None:
+                        bar.update(self.n_tokens - before)
+                    if n_tokens is not None and self.n_tokens - start >= n_tokens:
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+        return self
+
+    # ------------------------------------------------------------------ results
+    def report(self) -> SparsityReport:
+        """Evaluate every learner on its held-out rows with its final dictionary; one row per hook."""
+        rows = []
+        for name, learner in self.learners.items():
+            layer, site = _hooks.parse_hook_name(name)
+            row: dict[str, Any] = {"hook": name, "layer": layer, "site": site}
+            row.update(learner_row(learner))
+            rows.append(row)
+        if all(r["status"].startswith("no tokens") for r in rows):
+            raise RuntimeError(
+                "no activations collected yet: run the model with col.fwd_hooks(), inside `with col.attach():`, "
+                "after col.start(), or through col.fit(...) first."
+            )
+        for row in rows:
+            if row["status"] != "ok":
+                warnings.warn(f"{row['hook']}: {row['status']}", stacklevel=2)
+        meta = {"model": _hooks.model_info(self.model), "options": self.learners_params(),
+                "skip_bos": self.skip_bos}
+        return SparsityReport(rows, meta)
+
+    def learners_params(self) -> dict[str, Any]:
+        return next(iter(self.learners.values())).get_params() if self.learners else {}
+
+
+def learner_row(learner: OnlineSparseCoder) -> dict[str, Any]:
+    """One report row's learner columns (metrics on the held-out reservoir) and a status string."""
+    row: dict[str, Any] = {
+        "d_in": learner.d_in, "n_atoms": None, "n_tokens": learner.n_tokens_, "n_heldout": learner.n_heldout_,
+        "n_eval": 0, "lam": None, "normalized_loss": float("nan"), "normalized_loss_se": float("nan"),
+        "coef_norm": float("nan"), "nnz": float("nan"), "fvu": float("nan"), "capped": learner.capped_,
+        "n_dropped": learner.n_dropped_,
+    }
+    seen = learner.n_tokens_ + learner.n_heldout_ + learner.n_pending_
+    if seen == 0:
+        row["status"] = "no tokens: this hook never fired (gated hook point, or a layer past stop_at_layer?)"
+        return row
+    if not learner.initialized:
+        row["status"] = (f"warming up: {seen} rows seen, the first batch needs {learner.batch_size}; "
+                         "feed more tokens")
+        return row
+    row["n_atoms"] = learner.dictionary_.shape[0]
+    row["lam"] = learner.lam_
+    if learner.heldout_.shape[0] < 2:
+        row["status"] = "too few held-out rows to evaluate; feed more tokens (or raise holdout_frac)"
+        return row
+    ev = learner.evaluate()
+    row["n_eval"] = int(ev["n_eval"])
+    for k in ("normalized_loss", "normalized_loss_se", "coef_norm", "nnz", "fvu"):
+        row[k] = ev[k]
+    row["status"] = "ok"
+    return row
+
+
+def _split_batch(batch: Any) -> tuple[Any, Tensor | None]:
+    if isinstance(batch, dict):
+        if "input_ids" not in batch:
+            raise ValueError(f"a dict batch needs 'input_ids' (and optionally 'attention_mask'); got {list(batch)}.")
+        return batch["input_ids"], batch.get("attention_mask")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Tensor):
+        return batch[0], batch[1]
+    return batch, None

@@ -1,0 +1,189 @@
+"""The only module that knows TransformerLens: the duck-typed model surface, hook-name resolution, attach/detach.
+
+Works with ``HookedTransformer`` (TL 2.x/3.x) and ``TransformerBridge`` (TL 3.x/4.x, with or without compatibility
+mode) through what both share: ``hook_dict``, ``cfg``, ``run_with_hooks`` and HookPoints with ``add_hook`` /
+``fwd_hooks``. TransformerLens itself is never imported here: models arrive already built, and its version is read
+from package metadata, so ``import tl_sparsity`` stays fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["HookModel", "ALIASES", "resolve_hooks", "add_hook", "remove_hook", "model_info", "parse_hook_name"]
+
+
+@runtime_checkable
+class HookModel(Protocol):
+    """What tl_sparsity needs of a model: TransformerLens' hook surface."""
+
+    cfg: Any
+
+    @property
+    def hook_dict(self) -> dict[str, Any]: ...
+
+    def run_with_hooks(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+#: alias → HT-style name template; ``{L}`` runs over every layer.
+ALIASES: dict[str, str] = {
+    "resid_pre": "blocks.{L}.hook_resid_pre",
+    "resid_mid": "blocks.{L}.hook_resid_mid",
+    "resid_post": "blocks.{L}.hook_resid_post",
+    "mlp_pre": "blocks.{L}.mlp.hook_pre",
+    "mlp_post": "blocks.{L}.mlp.hook_post",
+    "mlp_out": "blocks.{L}.hook_mlp_out",
+    "attn_out": "blocks.{L}.hook_attn_out",
+    "embed": "hook_embed",
+}
+
+# HT-style names, preferred as the result key when a glob reaches one HookPoint under several names (bridges).
+_HT_STYLE = re.compile(
+    r"^(hook_(embed|pos_embed|tokens)|ln_final\.hook_(scale|normalized)|blocks\.\d+\.("
+    r"hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out|attn_in|mlp_in|q_input|k_input|v_input)"
+    r"|attn\.hook_(q|k|v|z|attn_scores|pattern|result|rot_q|rot_k)"
+    r"|mlp\.hook_(pre|post|pre_linear)|ln[12]\.hook_(scale|normalized)))$"
+)
+_SITE = {v.split("{L}.")[-1]: k for k, v in ALIASES.items()}
+
+HookSpec = str | Callable[[str], bool] | Iterable[str | Callable[[str], bool]]
+
+
+def parse_hook_name(name: str) -> tuple[int | None, str]:
+    """``"blocks.3.mlp.hook_post"`` → ``(3, "mlp_post")``; names outside a block get layer ``None``."""
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", name)
+    if m is None:
+        return None, _SITE.get(name, "embed" if name == "hook_embed" else name)
+    rest = m.group(2)
+    return int(m.group(1)), _SITE.get(rest, rest)
+
+
+def _n_layers(model: Any) -> int:
+    n = getattr(getattr(model, "cfg", None), "n_layers", None)
+    if n is None:
+        raise TypeError("the model's cfg has no n_layers; pass exact hook names or globs instead of aliases.")
+    return int(n)
+
+
+def _check_model(model: Any) -> dict[str, Any]:
+    if not hasattr(model, "hook_dict") or not hasattr(model, "run_with_hooks"):
+        raise TypeError(
+            f"expected a TransformerLens model (HookedTransformer or TransformerBridge) with hook_dict and "
+            f"run_with_hooks; got {type(model).__name__}."
+        )
+    return dict(model.hook_dict)  # bridges rebuild it on each access: take it once
+
+
+def _unknown(name: str, names: list[str]) -> KeyError:
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    hint = f" Closest valid names: {', '.join(close)}." if close else ""
+    return KeyError(
+        f"no hook point named {name!r} in this model.{hint} Aliases: {', '.join(ALIASES)}; globs like "
+        f"'blocks.*.hook_resid_post' and filter functions also work."
+    )
+
+
+def resolve_hooks(model: Any, spec: HookSpec) -> dict[str, Any]:
+    """Resolve a hook spec to ``{HT-style name: HookPoint}``, one entry per distinct HookPoint, in model order.
+
+    ``spec`` is an alias (``"resid_post"`` → every layer; see :data:`ALIASES`), an exact name, a glob (``*?[``), a
+    filter function ``name -> bool``, a comma-separated string of these, or a list of them.
+    """
+    hook_dict = _check_model(model)
+    names = list(hook_dict)
+    if isinstance(spec, str):
+        items: list[Any] = [s.strip() for s in spec.split(",") if s.strip()]
+    elif callable(spec):
+        items = [spec]
+    else:
+        items = list(spec)
+    if not items:
+        raise ValueError("no hooks requested: pass an alias such as 'resid_post', a hook name, a glob or a function.")
+    wanted: list[str] = []
+    for item in items:
+        if callable(item):
+            hits = [n for n in names if item(n)]
+            if not hits:
+                raise ValueError(f"the filter function {getattr(item, '__name__', item)!r} matched no hook point.")
+            wanted += _prefer_ht(hits, hook_dict)
+        elif not isinstance(item, str):
+            raise TypeError(f"hook specs are strings or functions, got {type(item).__name__}: {item!r}.")
+        elif item in ALIASES:
+            tmpl = ALIASES[item]
+            alias_names = [tmpl.format(L=i) for i in range(_n_layers(model))] if "{L}" in tmpl else [tmpl]
+            for n in alias_names:
+                if n not in hook_dict:
+                    raise _unknown(n, names)
+            wanted += alias_names
+        elif any(ch in item for ch in "*?["):
+            hits = fnmatch.filter(names, item)
+            if not hits:
+                raise _unknown(item, names)
+            wanted += _prefer_ht(hits, hook_dict)
+        elif item in hook_dict:
+            wanted.append(item)
+        else:
+            raise _unknown(item, names)
+    out: dict[str, Any] = {}
+    seen: set[int] = set()
+    for n in wanted:
+        hp = hook_dict[n]
+        if id(hp) not in seen:
+            seen.add(id(hp))
+            out[n] = hp
+    order = {id(hp): i for i, hp in enumerate(hook_dict.values())}
+    return dict(sorted(out.items(), key=lambda kv: order.get(id(kv[1]), 0)))
+
+
+def _prefer_ht(hits: list[str], hook_dict: dict[str, Any]) -> list[str]:
+    """Among names that reach the same HookPoint, keep the HT-style one (else the first)."""
+    best: dict[int, str] = {}
+    for n in hits:
+        k = id(hook_dict[n])
+        if k not in best or (_HT_STYLE.match(n) and not _HT_STYLE.match(best[k])):
+            best[k] = n
+    return list(best.values())
+
+
+def add_hook(hook_point: Any, fn: Callable, permanent: bool) -> list[Any]:
+    """Add a forward hook and return exactly the handles it created (``add_hook`` returns None on TL 2/3)."""
+    before = {id(h) for h in hook_point.fwd_hooks}
+    hook_point.add_hook(fn, dir="fwd", is_permanent=permanent)
+    return [h for h in hook_point.fwd_hooks if id(h) not in before]
+
+
+def remove_hook(hook_point: Any, handles: list[Any]) -> None:
+    """Remove exactly ``handles`` from ``hook_point``, leaving every other tool's hooks in place."""
+    ids = {id(h) for h in handles}
+    for h in handles:
+        h.hook.remove()
+    hook_point.fwd_hooks = [h for h in hook_point.fwd_hooks if id(h) not in ids]
+
+
+def model_info(model: Any) -> dict[str, Any]:
+    """Metadata for reports: model class and name, TL version, bridge/compat mode, dtype, n_layers, d_model."""
+    cfg = getattr(model, "cfg", None)
+    try:
+        version = metadata.version("transformer-lens")
+    except metadata.PackageNotFoundError:
+        version = None
+    dtype = getattr(cfg, "dtype", None)
+    if dtype is None:
+        p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        dtype = None if p is None else p.dtype
+    cls = type(model).__name__
+    return {
+        "model_class": cls,
+        "model_name": getattr(cfg, "model_name", None),
+        "transformer_lens": version,
+        "bridge": "Bridge" in cls,
+        "compatibility_mode": bool(getattr(model, "compatibility_mode", False)),
+        "dtype": None if dtype is None else str(dtype).replace("torch.", ""),
+        "n_layers": getattr(cfg, "n_layers", None),
+        "d_model": getattr(cfg, "d_model", None),
+    }

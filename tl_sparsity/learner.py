@@ -1,0 +1,297 @@
+"""``OnlineSparseCoder``: streaming dictionary learning with the paper's objective, one per hook.
+
+Rows arrive in any chunking through :meth:`OnlineSparseCoder.partial_fit`; they are buffered and processed in fixed
+batches of ``batch_size`` rows, and all randomness comes from one seeded generator drawn once per batch, so the
+learned state does not depend on how the stream was chunked (streaming equals one call on the concatenation).
+
+Per batch: (first batch only) freeze the normaliser — centre with the batch mean, scale so the average L2 norm is 1 —
+and draw a random unit-norm dictionary; split off held-out rows (probability ``holdout_frac``, never trained on, kept
+in a bounded reservoir by reservoir sampling); code the training rows (greedy pursuit, or the exact lasso); while in
+warm-up (the first ``warmup_tokens`` training rows) set λ ← ``lam_ratio`` × mean max coefficient (the paper's
+adaptive rule), then freeze it; take ``phi_steps`` Adam steps on Φ with the closed-form gradient
+−(2/n)·αᵀ(x − αΦ), tangent to the unit sphere, and renormalise the rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .metrics import MetricAccumulator
+from .pursuit import default_max_steps, greedy_pursuit, lasso_pursuit
+
+__all__ = ["OnlineSparseCoder"]
+
+_SOLVERS = ("greedy", "lasso")
+
+
+class OnlineSparseCoder:
+    """Online sparse coding of rows x ≈ αΦ, α ≥ 0, unit-norm dictionary rows (``PAPER.md``).
+
+    Parameters (stored only; nothing is allocated until the first batch):
+        d_in: row width; ``None`` infers it from the first batch.
+        expansion: dictionary size m = ``expansion`` × d_in (paper: 8).
+        lam: fixed λ; ``None`` (default) uses the adaptive rule during warm-up, then freezes it.
+        solver: ``"greedy"`` (the paper's pursuit) or ``"lasso"`` (exact non-negative lasso; slow reference).
+        seed: seeds the dictionary, the held-out split and the reservoir.
+        batch_size: rows per dictionary step.
+        lr: Adam learning rate for Φ (entries of unit rows of width d are ~1/√d, so the default is ``0.5/√d``).
+        warmup_tokens: training rows during which λ adapts.
+        lam_ratio: λ = ``lam_ratio`` × mean max coefficient (paper: 0.1).
+        holdout_frac: fraction of rows never trained on, for evaluation.
+        reservoir_size: most held-out rows kept (reservoir sampling over all held-out rows).
+        max_steps: cap on greedy steps per row (default 4·d); rows that hit it are counted in ``capped_``.
+        phi_steps: Adam steps on Φ per batch of codes.
+        device: where the state lives; ``None`` uses the first batch's device.
+
+    Learned state (trailing underscore, as in scikit-learn): ``dictionary_`` [m, d], ``mean_`` [d], ``scale_``,
+    ``lam_``, ``n_tokens_`` (rows trained on), ``n_heldout_`` (held-out rows seen), ``n_steps_``, ``capped_``.
+    """
+
+    def __init__(
+        self,
+        d_in: int | None = None,
+        expansion: float = 8,
+        lam: float | None = None,
+        solver: str = "greedy",
+        seed: int = 0,
+        batch_size: int = 1024,
+        lr: float | None = None,
+        warmup_tokens: int = 16384,
+        lam_ratio: float = 0.1,
+        holdout_frac: float = 0.1,
+        reservoir_size: int = 8192,
+        max_steps: int | None = None,
+        phi_steps: int = 1,
+        device: str | torch.device | None = None,
+        init: str = "data",
+    ) -> None:
+        if solver not in _SOLVERS:
+            raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}.")
+        if d_in is not None and int(d_in) < 1:
+            raise ValueError(f"d_in must be a positive integer or None, got {d_in!r}.")
+        if not expansion > 0:
+            raise ValueError(f"expansion must be > 0, got {expansion!r}.")
+        if lam is not None and not lam > 0:
+            raise ValueError(f"lam must be > 0 (or None for the adaptive rule), got {lam!r}.")
+        if int(batch_size) < 2:
+            raise ValueError(f"batch_size must be ≥ 2, got {batch_size!r}.")
+        if not 0.0 <= holdout_frac < 1.0:
+            raise ValueError(f"holdout_frac must be in [0, 1), got {holdout_frac!r}.")
+        if lr is not None and not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}.")
+        if not lam_ratio > 0:
+            raise ValueError(f"lam_ratio must be > 0, got {lam_ratio!r}.")
+        if int(reservoir_size) < 0 or int(warmup_tokens) < 0 or int(phi_steps) < 1:
+            raise ValueError("reservoir_size and warmup_tokens must be ≥ 0 and phi_steps ≥ 1.")
+        self.d_in = None if d_in is None else int(d_in)
+        self.expansion = expansion
+        self.lam = None if lam is None else float(lam)
+        self.solver = solver
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.lr = lr
+        self.warmup_tokens = int(warmup_tokens)
+        self.lam_ratio = float(lam_ratio)
+        self.holdout_frac = float(holdout_frac)
+        self.reservoir_size = int(reservoir_size)
+        self.max_steps = max_steps
+        self.phi_steps = int(phi_steps)
+        self.device = device
+        self.init = init
+        self._pending: list[Tensor] = []
+        self._n_pending = 0
+        self.n_tokens_ = 0
+        self.n_heldout_ = 0
+        self.n_steps_ = 0
+        self.n_dropped_ = 0
+        self.capped_ = 0
+        self.dictionary_: Tensor | None = None
+
+    # ------------------------------------------------------------------ public API
+    def get_params(self) -> dict:
+        """The constructor arguments (for reports and for building an identical learner)."""
+        keys = ("d_in", "expansion", "lam", "solver", "seed", "batch_size", "lr", "warmup_tokens", "lam_ratio",
+                "holdout_frac", "reservoir_size", "max_steps", "phi_steps")
+        return {k: getattr(self, k) for k in keys}
+
+    @property
+    def initialized(self) -> bool:
+        return self.dictionary_ is not None
+
+    @property
+    def n_pending_(self) -> int:
+        """Rows received but not yet processed (fewer than ``batch_size``)."""
+        return self._n_pending
+
+    @torch.no_grad()
+    def partial_fit(self, x: Float[Tensor, "n d"]) -> "OnlineSparseCoder":
+        """Feed rows ``x`` [n, d]; every full batch of ``batch_size`` rows is processed at once.
+
+        Rows containing NaN or ±Inf are dropped and counted in ``n_dropped_``.
+        """
+        x = self._as_rows(x)
+        if x.shape[0] == 0:
+            return self
+        finite = torch.isfinite(x).all(dim=1)
+        if not bool(finite.all()):
+            self.n_dropped_ += int((~finite).sum())
+            x = x[finite]
+        self._pending.append(x)
+        self._n_pending += x.shape[0]
+        if self._n_pending >= self.batch_size:
+            buf = torch.cat(self._pending)
+            n_full = buf.shape[0] // self.batch_size * self.batch_size
+            for start in range(0, n_full, self.batch_size):
+                self._process(buf[start : start + self.batch_size])
+            rest = buf[n_full:]
+            self._pending = [rest] if rest.shape[0] else []
+            self._n_pending = rest.shape[0]
+        return self
+
+    @torch.no_grad()
+    def transform(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n m"]:
+        """Codes α ≥ 0 of raw rows ``x`` under the current dictionary and λ (normalised as in training)."""
+        self._require_init()
+        return self._code(self.normalize(x))
+
+    @torch.no_grad()
+    def normalize(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
+        """Apply the frozen normaliser: (x − mean_) / scale_."""
+        self._require_init()
+        return (self._as_rows(x) - self.mean_) / self.scale_
+
+    @torch.no_grad()
+    def evaluate(self, x: Float[Tensor, "n d"] | None = None) -> dict[str, float]:
+        """Metrics of ``PAPER.md`` on raw rows ``x`` — by default on the held-out reservoir — with the current
+        dictionary and λ. See :func:`tl_sparsity.sparsity_metrics` for the keys; adds ``n_eval``."""
+        self._require_init()
+        xn = self.heldout_ if x is None else self.normalize(x)
+        acc = MetricAccumulator(self.lam_)
+        for start in range(0, xn.shape[0], self.batch_size):
+            chunk = xn[start : start + self.batch_size]
+            acc.update(chunk, self.dictionary_, self._code(chunk))
+        out = acc.result()
+        out["n_eval"] = acc.n
+        return out
+
+    @property
+    def heldout_(self) -> Tensor:
+        """The held-out rows currently in the reservoir, normalised, ``[k, d]``."""
+        self._require_init()
+        return self._reservoir[: self._res_fill]
+
+    # ------------------------------------------------------------------ internals
+    def _as_rows(self, x: Tensor) -> Tensor:
+        x = torch.as_tensor(x)
+        if x.ndim != 2:
+            raise ValueError(f"expected rows [n, d], got shape {tuple(x.shape)}; flatten with x.reshape(-1, d).")
+        d = self.d_in if self.dictionary_ is None else self.dictionary_.shape[1]
+        if d is not None and x.shape[1] != d:
+            raise ValueError(f"this learner has d_in={d} but got rows of width {x.shape[1]}.")
+        dev = self.dictionary_.device if self.dictionary_ is not None else (self.device or x.device)
+        return x.to(device=dev, dtype=torch.float32)
+
+    def _require_init(self) -> None:
+        if self.dictionary_ is None:
+            raise RuntimeError(
+                f"no dictionary yet: the learner has {self._n_pending} of the {self.batch_size} rows its first batch"
+                " needs. Feed more rows with partial_fit (or lower batch_size)."
+            )
+
+    def _init_state(self, batch: Tensor) -> None:
+        d = batch.shape[1]
+        self.d_in = d
+        dev = batch.device
+        self._gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.mean_ = batch.mean(0)
+        scale = float((batch - self.mean_).norm(dim=1).mean())
+        self.scale_ = scale if scale > 0 else 1.0
+        m = max(1, int(round(self.expansion * d)))
+        xn0 = (batch - self.mean_) / self.scale_
+        if self.init == "data":  # random training rows (with replacement when m > batch) plus a little noise
+            pick = torch.randint(0, batch.shape[0], (m,), generator=self._gen).to(dev)
+            noise = torch.randn(m, d, generator=self._gen).to(dev)
+            phi = xn0[pick] / xn0[pick].norm(dim=1, keepdim=True).clamp_min(1e-12) + 0.1 * noise / math.sqrt(d)
+        else:
+            phi = torch.randn(m, d, generator=self._gen).to(dev)
+        self.dictionary_ = phi / phi.norm(dim=1, keepdim=True)
+        self._adam_m = torch.zeros_like(self.dictionary_)
+        self._adam_v = torch.zeros_like(self.dictionary_)
+        self._lr = self.lr if self.lr is not None else 0.5 / math.sqrt(d)
+        self._reservoir = torch.zeros(self.reservoir_size, d, device=dev)
+        self._res_fill = 0
+        self._cap = default_max_steps(d) if self.max_steps is None else int(self.max_steps)
+        if self.lam is not None:
+            self.lam_ = self.lam
+        else:  # initial guess: the first greedy coefficient is about the largest correlation
+            xn = (batch - self.mean_) / self.scale_
+            self.lam_ = self.lam_ratio * float((xn @ self.dictionary_.T).max(dim=1).values.clamp_min(0).mean())
+            self.lam_ = max(self.lam_, 1e-6)
+
+    def _code(self, xn: Tensor) -> Tensor:
+        if self.solver == "lasso":
+            return lasso_pursuit(xn, self.dictionary_, self.lam_)
+        alpha, info = greedy_pursuit(xn, self.dictionary_, self.lam_, max_steps=self._cap, return_info=True)
+        self._last_capped = info.capped
+        return alpha
+
+    def _process(self, batch: Tensor) -> None:
+        if self.dictionary_ is None:
+            self._init_state(batch)
+        xn = (batch - self.mean_) / self.scale_
+        u = torch.rand(xn.shape[0], generator=self._gen).to(xn.device)
+        held = u < self.holdout_frac
+        self._add_heldout(xn[held])
+        x = xn[~held]
+        if x.shape[0] == 0:
+            return
+        alpha = self._code(x)
+        self.capped_ += self._last_capped if self.solver == "greedy" else 0
+        if self.lam is None and self.n_tokens_ < self.warmup_tokens:
+            mean_max = float(alpha.max(dim=1).values.mean())
+            if mean_max > 0:
+                self.lam_ = self.lam_ratio * mean_max
+                alpha = self._code(x)
+        for _ in range(self.phi_steps):
+            self._phi_step(x, alpha)
+        self.n_tokens_ += x.shape[0]
+
+    def _phi_step(self, x: Tensor, alpha: Tensor) -> None:
+        phi = self.dictionary_
+        resid = x - alpha @ phi
+        grad = (-2.0 / x.shape[0]) * (alpha.T @ resid)  # ∇Φ of mean ‖x − αΦ‖², rows [m, d]
+        grad -= (grad * phi).sum(1, keepdim=True) * phi  # tangent to the unit sphere
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        self.n_steps_ += 1
+        t = self.n_steps_
+        self._adam_m.mul_(b1).add_(grad, alpha=1 - b1)
+        self._adam_v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        mhat = self._adam_m / (1 - b1**t)
+        vhat = self._adam_v / (1 - b2**t)
+        phi -= self._lr * mhat / (vhat.sqrt() + eps)
+        norms = phi.norm(dim=1, keepdim=True)
+        phi /= torch.where(norms > 0, norms, torch.ones_like(norms))
+
+    def _add_heldout(self, rows: Tensor) -> None:
+        """Reservoir sampling (Algorithm R) of all held-out rows into ``reservoir_size`` slots."""
+        k = rows.shape[0]
+        if k == 0:
+            return
+        seen = self.n_heldout_
+        self.n_heldout_ += k
+        free = max(0, self.reservoir_size - self._res_fill)
+        take = min(free, k)
+        if take:
+            self._reservoir[self._res_fill : self._res_fill + take] = rows[:take]
+            self._res_fill += take
+        rest = rows[take:]
+        if rest.shape[0] == 0 or self.reservoir_size == 0:
+            return
+        idx = torch.arange(seen + take, seen + k, dtype=torch.float64) + 1  # 1-based index of each newcomer
+        slot = (torch.rand(rest.shape[0], generator=self._gen, dtype=torch.float64) * idx).long()
+        for j in torch.nonzero(slot < self.reservoir_size).squeeze(1).tolist():  # sequential: later rows win
+            self._reservoir[int(slot[j])] = rest[j]
