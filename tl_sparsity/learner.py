@@ -38,7 +38,7 @@ class OnlineSparseCoder:
         solver: ``"greedy"`` (the paper's pursuit) or ``"lasso"`` (exact non-negative lasso; slow reference).
         seed: seeds the dictionary, the held-out split and the reservoir.
         batch_size: rows per dictionary step.
-        lr: Adam learning rate for Φ (entries of unit rows of width d are ~1/√d, so the default is ``0.5/√d``).
+        lr: Adam learning rate for Φ (entries of unit rows of width d are ~1/√d, so the default is ``0.05/√d``).
         warmup_tokens: training rows during which λ adapts.
         lam_ratio: λ = ``lam_ratio`` × mean max coefficient (paper: 0.1).
         holdout_frac: fraction of rows never trained on, for evaluation.
@@ -58,9 +58,9 @@ class OnlineSparseCoder:
         lam: float | None = None,
         solver: str = "greedy",
         seed: int = 0,
-        batch_size: int = 1024,
+        batch_size: int = 4096,
         lr: float | None = None,
-        warmup_tokens: int = 16384,
+        warmup_tokens: int = 1_048_576,
         lam_ratio: float = 0.1,
         holdout_frac: float = 0.1,
         reservoir_size: int = 8192,
@@ -221,7 +221,7 @@ class OnlineSparseCoder:
         self.dictionary_ = phi / phi.norm(dim=1, keepdim=True)
         self._adam_m = torch.zeros_like(self.dictionary_)
         self._adam_v = torch.zeros_like(self.dictionary_)
-        self._lr = self.lr if self.lr is not None else 0.5 / math.sqrt(d)
+        self._lr = self.lr if self.lr is not None else 0.05 / math.sqrt(d)
         self._reservoir = torch.zeros(self.reservoir_size, d, device=dev)
         self._res_fill = 0
         self._cap = default_max_steps(d) if self.max_steps is None else int(self.max_steps)
