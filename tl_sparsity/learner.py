@@ -46,6 +46,8 @@ class OnlineSparseCoder:
         max_steps: cap on greedy steps per row (default 4·d); rows that hit it are counted in ``capped_``.
         phi_steps: Adam steps on Φ per batch of codes.
         device: where the state lives; ``None`` uses the first batch's device.
+        init: ``"data"`` seeds atoms with random normalised rows of the first batch (plus a little noise);
+            ``"random"`` draws them uniformly on the sphere.
 
     Learned state (trailing underscore, as in scikit-learn): ``dictionary_`` [m, d], ``mean_`` [d], ``scale_``,
     ``lam_``, ``n_tokens_`` (rows trained on), ``n_heldout_`` (held-out rows seen), ``n_steps_``, ``capped_``.
@@ -69,6 +71,8 @@ class OnlineSparseCoder:
         device: str | torch.device | None = None,
         init: str = "data",
     ) -> None:
+        if init not in ("data", "random"):
+            raise ValueError(f"init must be 'data' (random normalised rows of the first batch) or 'random', got {init!r}.")
         if solver not in _SOLVERS:
             raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}.")
         if d_in is not None and int(d_in) < 1:
@@ -115,7 +119,7 @@ class OnlineSparseCoder:
     def get_params(self) -> dict:
         """The constructor arguments (for reports and for building an identical learner)."""
         keys = ("d_in", "expansion", "lam", "solver", "seed", "batch_size", "lr", "warmup_tokens", "lam_ratio",
-                "holdout_frac", "reservoir_size", "max_steps", "phi_steps")
+                "holdout_frac", "reservoir_size", "max_steps", "phi_steps", "init")
         return {k: getattr(self, k) for k in keys}
 
     @property
