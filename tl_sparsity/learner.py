@@ -232,8 +232,7 @@ class OnlineSparseCoder:
         if self.lam is not None:
             self.lam_ = self.lam
         else:  # initial guess: the first greedy coefficient is about the largest correlation
-            xn = (batch - self.mean_) / self.scale_
-            self.lam_ = self.lam_ratio * float((xn @ self.dictionary_.T).max(dim=1).values.clamp_min(0).mean())
+            self.lam_ = self.lam_ratio * float((xn0 @ self.dictionary_.T).max(dim=1).values.clamp_min(0).mean())
             self.lam_ = max(self.lam_, 1e-6)
 
     def _code(self, xn: Tensor) -> Tensor:
