@@ -14,7 +14,7 @@ import torch
 
 from tl_sparsity import SparsityCollector
 
-CFG = dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=256, n_ctx=128, d_vocab=1000, act_fn="gelu_new",
+CFG = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=128, n_ctx=128, d_vocab=1000, act_fn="gelu_new",
            normalization_type="LN")
 
 
@@ -34,7 +34,7 @@ def tiny_model():
         return TransformerBridge.boot_native(TransformerBridgeConfig(**CFG))
 
 
-def main(n_batches: int = 20) -> None:
+def main(n_batches: int = 10) -> None:
     model = tiny_model()
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 1000, (16, 64), generator=gen) for _ in range(n_batches)]
