@@ -91,3 +91,5 @@ def test_bad_shapes_and_lambda_raise_clear_errors():
         greedy_pursuit(x[None], phi, 0.1)
     with pytest.raises(ValueError, match="non-negative"):
         lasso_pursuit(x, phi, -1.0)
+    with pytest.raises(ValueError, match="compact_every"):
+        greedy_pursuit(x, phi, 0.1, compact_every=0)

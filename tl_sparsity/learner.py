@@ -72,7 +72,9 @@ class OnlineSparseCoder:
         init: str = "data",
     ) -> None:
         if init not in ("data", "random"):
-            raise ValueError(f"init must be 'data' (random normalised rows of the first batch) or 'random', got {init!r}.")
+            raise ValueError(
+                f"init must be 'data' (random normalised rows of the first batch) or 'random', got {init!r}."
+            )
         if solver not in _SOLVERS:
             raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}.")
         if d_in is not None and int(d_in) < 1:
@@ -219,7 +221,8 @@ class OnlineSparseCoder:
         if self.init == "data":  # random training rows (with replacement when m > batch) plus a little noise
             pick = torch.randint(0, batch.shape[0], (m,), generator=self._gen).to(dev)
             noise = torch.randn(m, d, generator=self._gen).to(dev)
-            phi = xn0[pick] / xn0[pick].norm(dim=1, keepdim=True).clamp_min(1e-12) + 0.1 * noise / math.sqrt(d)
+            rows = xn0[pick]
+            phi = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12) + 0.1 * noise / math.sqrt(d)
         else:
             phi = torch.randn(m, d, generator=self._gen).to(dev)
         self.dictionary_ = phi / phi.norm(dim=1, keepdim=True)

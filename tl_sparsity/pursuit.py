@@ -119,6 +119,8 @@ def greedy_pursuit(
     Returns α ``[n, m]`` ≥ 0, and with ``return_info=True`` also a :class:`PursuitInfo`.
     """
     _check(x, dictionary, lam)
+    if int(compact_every) < 1:
+        raise ValueError(f"compact_every must be a positive integer, got {compact_every!r}.")
     n, d = x.shape
     m = dictionary.shape[0]
     cap = default_max_steps(d) if max_steps is None else int(max_steps)
