@@ -75,6 +75,84 @@ class SparsityReport:
         )
         return f"<div><b>{caption}</b>{self.df.to_html(float_format=lambda v: f'{v:.4g}', na_rep='—')}</div>"
 
+    # ------------------------------------------------------------------ views across hooks and runs
+    def plot(self, column: str = "normalized_loss", ax: Any = None, title: str | None = None) -> Any:
+        """Profile by layer: ``column`` (default normalized loss) on y, layer on x, one line per site, ±1 standard
+        error bars when the report has them, and a dashed line per site for ``control_<column>`` when present.
+        Hooks outside blocks (``hook_embed``) are drawn at x = −1, labelled "emb". Returns the matplotlib Axes."""
+        if not self.rows:
+            raise ValueError("this report has no rows to plot.")
+        if all(column not in r for r in self.rows):
+            raise KeyError(f"no column {column!r} in this report; columns: {sorted(self.rows[0])}.")
+        if ax is None:
+            import matplotlib.pyplot as plt
+
+            _, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+        by_site: dict[str, list[dict[str, Any]]] = {}
+        for r in self.rows:
+            by_site.setdefault(r.get("site") or r["hook"], []).append(r)
+        has_emb = False
+        for site, rows in by_site.items():
+            rows = sorted(rows, key=lambda r: -1 if r.get("layer") is None else r["layer"])
+            xs = [-1 if r.get("layer") is None else r["layer"] for r in rows]
+            has_emb |= -1 in xs
+            ys = [_num(r.get(column)) for r in rows]
+            se = [_num(r.get(f"{column}_se")) for r in rows]
+            yerr = se if any(not math.isnan(v) for v in se) else None
+            line = ax.errorbar(xs, ys, yerr=yerr, marker="o", ms=4, capsize=2, label=site)
+            ctrl = [_num(r.get(f"control_{column}")) for r in rows]
+            if any(not math.isnan(v) for v in ctrl):
+                ax.plot(xs, ctrl, ls="--", color=line.lines[0].get_color(), label=f"{site}: Gaussian control")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(column.replace("_", " "))
+        if has_emb:
+            ticks = [t for t in ax.get_xticks() if float(t).is_integer() and t >= 0]
+            ax.set_xticks([-1, *ticks], ["emb", *[str(int(t)) for t in ticks]])
+        m = self.meta.get("model", {})
+        ax.set_title(title if title is not None else f"{m.get('model_name') or m.get('model_class') or 'model'}: "
+                     f"{column.replace('_', ' ')} by layer")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        return ax
+
+    def compare(self, other: "SparsityReport", columns: tuple[str, ...] | str = ("normalized_loss", "fvu"),
+                labels: tuple[str, str] = ("a", "b")):
+        """Side-by-side DataFrame of two runs, indexed by hook (the union; a hook missing from one run gets NaN):
+        for each column ``<col>_<label_a>``, ``<col>_<label_b>`` and ``<col>_ratio`` (b / a)."""
+        import pandas as pd
+
+        if not isinstance(other, SparsityReport):
+            raise TypeError(f"compare() takes another SparsityReport, got {type(other).__name__}.")
+        if isinstance(columns, str):
+            columns = (columns,)
+        if len(labels) != 2 or labels[0] == labels[1]:
+            raise ValueError(f"labels must be two different strings, got {labels!r}.")
+        a, b = self.df, other.df
+        for col in columns:
+            if col not in a.columns and col not in b.columns:
+                raise KeyError(f"no column {col!r} in either report; columns: {list(a.columns)}.")
+        hooks = list(dict.fromkeys([*a.index, *b.index]))
+        out = pd.DataFrame(index=pd.Index(hooks, name="hook"))
+        for col in columns:
+            va = pd.to_numeric(a[col], errors="coerce").reindex(hooks) if col in a else float("nan")
+            vb = pd.to_numeric(b[col], errors="coerce").reindex(hooks) if col in b else float("nan")
+            out[f"{col}_{labels[0]}"] = va
+            out[f"{col}_{labels[1]}"] = vb
+            out[f"{col}_ratio"] = out[f"{col}_{labels[1]}"] / out[f"{col}_{labels[0]}"]
+        return out
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write ``.df`` as CSV; returns the path."""
+        path = Path(path)
+        self.df.to_csv(path)
+        return path
+
+    def to_html(self) -> str:
+        """A standalone HTML page with the table and the run's metadata."""
+        meta = html.escape(json.dumps(self.meta, indent=1, default=_jsonable))
+        return (f"<!doctype html><html><head><meta charset='utf-8'><title>tl_sparsity report</title></head><body>"
+                f"{self._repr_html_()}<h3>metadata</h3><pre>{meta}</pre></body></html>")
+
     # ------------------------------------------------------------------ storage
     def to_dict(self) -> dict[str, Any]:
         return {"format": "tl_sparsity.report", "version": _FORMAT_VERSION, "meta": self.meta, "rows": self.rows}
@@ -103,6 +181,10 @@ def _jsonable(v: Any) -> Any:
     if hasattr(v, "item"):
         return v.item()
     return str(v)
+
+
+def _num(v: Any) -> float:
+    return float("nan") if v is None else float(v)
 
 
 def _isnan(v: Any) -> bool:

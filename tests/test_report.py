@@ -1,0 +1,78 @@
+"""SparsityReport views: plot data, comparisons, CSV/HTML, JSON round trip."""
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+
+from tl_sparsity import SparsityReport  # noqa: E402
+
+
+def _report(scale: float = 1.0, with_control: bool = False) -> SparsityReport:
+    rows = []
+    for site in ("resid_post", "mlp_post"):
+        for layer in range(3):
+            name = f"blocks.{layer}.hook_resid_post" if site == "resid_post" else f"blocks.{layer}.mlp.hook_post"
+            r = {"hook": name, "layer": layer, "site": site, "normalized_loss": scale * (layer + 2.0),
+                 "normalized_loss_se": 0.1 * (layer + 1), "fvu": 0.01 * (layer + 1), "status": "ok"}
+            if with_control:
+                r["control_normalized_loss"] = 30.0
+            rows.append(r)
+    rows.append({"hook": "hook_embed", "layer": None, "site": "embed", "normalized_loss": 1.5,
+                 "normalized_loss_se": 0.05, "fvu": 0.001, "status": "ok"})
+    return SparsityReport(rows, {"model": {"model_name": "toy"}})
+
+
+def test_plot_draws_one_line_per_site_with_layers_on_x_and_error_bars():
+    ax = _report().plot()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["resid_post", "mlp_post", "embed"]
+    assert ax.get_xlabel() == "layer" and ax.get_ylabel() == "normalized loss"
+    resid = ax.containers[0]  # ErrorbarContainer of the first site
+    xs, ys = resid.lines[0].get_data()
+    assert list(xs) == [0, 1, 2] and list(ys) == [2.0, 3.0, 4.0]
+    segs = resid.lines[2][0].get_segments()  # vertical error bars: ±se around each point
+    assert [v for s in segs for v in s[:, 1]] == pytest.approx([1.9, 2.1, 2.8, 3.2, 3.7, 4.3])
+    assert "emb" in [t.get_text() for t in ax.get_xticklabels()]
+
+
+def test_plot_adds_a_dashed_control_line_per_site_when_controls_are_present():
+    ax = _report(with_control=True).plot()
+    dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert len(dashed) == 2 and all(list(ln.get_ydata()) == [30.0] * 3 for ln in dashed)
+
+
+def test_plot_rejects_unknown_column_and_empty_report():
+    with pytest.raises(KeyError, match="no column 'nope'"):
+        _report().plot("nope")
+    with pytest.raises(ValueError, match="no rows"):
+        SparsityReport([]).plot()
+
+
+def test_compare_aligns_hooks_and_gives_ratios():
+    a, b = _report(), _report(scale=2.0)
+    b.rows = b.rows[1:]  # b lacks blocks.0.hook_resid_post
+    df = a.compare(b, labels=("base", "new"))
+    assert df.loc["blocks.1.hook_resid_post", "normalized_loss_base"] == 3.0
+    assert df.loc["blocks.1.hook_resid_post", "normalized_loss_new"] == 6.0
+    assert df.loc["blocks.1.hook_resid_post", "normalized_loss_ratio"] == 2.0
+    assert math.isnan(df.loc["blocks.0.hook_resid_post", "normalized_loss_new"])
+    assert list(df.index)[0] == "blocks.0.hook_resid_post" and len(df) == 7
+    with pytest.raises(KeyError, match="no column"):
+        a.compare(b, columns="nope")
+    with pytest.raises(TypeError):
+        a.compare({"rows": []})
+
+
+def test_csv_html_and_json_round_trip(tmp_path):
+    rep = _report(with_control=True)
+    rep.to_csv(tmp_path / "r.csv")
+    import pandas as pd
+
+    back = pd.read_csv(tmp_path / "r.csv", index_col="hook")
+    assert back.loc["blocks.2.mlp.hook_post", "normalized_loss"] == 4.0
+    assert "<table" in rep.to_html() and "toy" in rep.to_html()
+    assert SparsityReport.load(rep.save(tmp_path / "r.json")) == rep

