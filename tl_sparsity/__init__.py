@@ -19,6 +19,10 @@ _EXPORTS = {
     "sparsity_metrics": "metrics",
     "SparsityReport": "report",
     "ALIASES": "hooks",
+    "NeuronStats": "neurons",
+    "parameter_activation": "parameters",
+    "plot_parameter_activation": "parameters",
+    "StreamingCovariance": "controls",
 }
 __all__ = list(_EXPORTS)
 

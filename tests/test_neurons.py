@@ -1,0 +1,320 @@
+import json
+import math
+
+import pytest
+import torch
+
+from tl_sparsity.neurons import HeavyHitters, NeuronStats, _trigram_keys
+
+V, T = 50, 32
+TOKEN, TRIGRAM, POSITIONS = 3, (9, 8, 7), (10, 11, 12, 13)
+
+
+def _batch(seed: int, b: int = 64, n: int = 16):
+    """Tokens, mask and activations with planted neurons: 0 dead, 1 token 3, 2 trigram (9, 8, 7), 3 positions
+    10–13; the rest fire at random (rate ½). Returns (acts [b, T, n], tokens [b, T], mask [b, T])."""
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(0, V, (b, T), generator=g)
+    for row in range(b):  # plant the trigram at random places (token 7 also occurs elsewhere)
+        for start in torch.randint(1, T - 3, (2,), generator=g).tolist():
+            tok[row, start: start + 3] = torch.tensor(TRIGRAM)
+    keys = _trigram_keys(tok)
+    tri_key = int(_trigram_keys(torch.tensor([TRIGRAM]))[0, 2])
+    pos = torch.arange(T).expand(b, T)
+    fire = torch.rand(b, T, n, generator=g) < 0.5
+    fire[..., 0] = False
+    fire[..., 1] = tok == TOKEN
+    fire[..., 2] = keys == tri_key
+    fire[..., 3] = torch.isin(pos, torch.tensor(POSITIONS))
+    acts = torch.where(fire, torch.rand(b, T, n, generator=g) + 0.1, -torch.rand(b, T, n, generator=g))
+    mask = torch.ones(b, T, dtype=torch.bool)
+    mask[:, 0] = False  # BOS
+    mask[: b // 4, -5:] = False  # right padding
+    return acts, tok, mask
+
+
+def _stream(stats, seeds):
+    for s in seeds:
+        stats.update(*_batch(s))
+    return stats
+
+
+def test_planted_neurons_are_found_and_nothing_else_is_flagged():
+    df = _stream(NeuronStats(16, max_positions=T), [0, 1]).result()
+    assert df["kind"].tolist()[:4] == ["dead", "token", "trigram", "positional"]
+    assert (df["kind"][4:] == "other").all()
+    assert df["dead"].sum() == 1 and df["token_detector"].sum() == 1
+    assert df["trigram_detector"].sum() == 1 and df["positional"].sum() == 1
+    assert df.loc[1, "covering_tokens"] == [TOKEN] and df.loc[1, "covering_token_share"] == 1.0
+    assert df.loc[2, "covering_trigrams"] == [TRIGRAM]
+    assert df.loc[3, "position_mi"] > 0.3 and df["position_mi"][4:].max() < 0.02
+
+
+def test_summary_counts_and_dead_verdict_rest_on_token_count():
+    stats = _stream(NeuronStats(16, max_positions=T), [0])
+    _, _, mask = _batch(0)
+    s = stats.summary()
+    assert s["n_tokens_seen"] == int(mask.sum()) == stats.n_tokens
+    assert s["dead_rate_bound"] == pytest.approx(3 / s["n_tokens_seen"])
+    assert (s["n_dead"], s["dead_frac"], s["n_token_detectors"], s["n_trigram_detectors"], s["n_positional"]) == (
+        1, 1 / 16, 1, 1, 1)
+    freq = stats.result()["frequency"]
+    assert s["firing_rate_median"] == pytest.approx(float(freq.median()))
+    json.dumps(s)
+
+
+def test_firing_counts_equal_a_plain_count_over_masked_positions():
+    acts, tok, mask = _batch(3)
+    stats = NeuronStats(16, threshold=0.3).update(acts, tok, mask)
+    expect = ((acts > 0.3) & mask[..., None]).sum((0, 1))
+    assert torch.equal(stats.fire_count, expect)
+    assert torch.equal(stats.pos_fire.T, ((acts > 0.3) & mask[..., None]).sum(0))
+    assert torch.equal(stats.token_occ, torch.bincount(tok[mask], minlength=V))
+    absolute = NeuronStats(16, threshold=0.3, absolute=True).update(acts, tok, mask)
+    assert torch.equal(absolute.fire_count, ((acts.abs() > 0.3) & mask[..., None]).sum((0, 1)))
+
+
+def test_position_mi_matches_a_hand_computation():
+    acts = torch.tensor([[[1.0, -1], [1, 1], [-1, -1]], [[1, -1], [-1, 1], [-1, 1]]])  # [2 rows, 3 pos, 2 neurons]
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    stats = NeuronStats(2).update(acts, mask=mask)
+    active, n = (acts > 0)[mask], int(mask.sum())  # [5, 2]
+    positions = torch.arange(3).expand(2, 3)[mask].tolist()
+    for j in range(2):
+        mi = 0.0
+        for p in set(positions):
+            for a in (False, True):
+                joint = sum(1 for i in range(n) if positions[i] == p and bool(active[i, j]) == a) / n
+                if joint:
+                    p_pos = positions.count(p) / n
+                    p_a = sum(1 for i in range(n) if bool(active[i, j]) == a) / n
+                    mi += joint * math.log(joint / (p_pos * p_a))
+        assert stats.position_mi()[j].item() == pytest.approx(mi, abs=1e-12)
+
+
+def _canonical(stats):
+    """state_dict with the heavy-hitter slots of each row sorted by item id (slot order is arbitrary)."""
+    sd = stats.state_dict()
+    for p in ("tok", "tri"):
+        ids, order = sd[f"{p}_ids"].sort(dim=1)
+        sd[f"{p}_ids"] = ids
+        for k in ("cnt", "err"):
+            sd[f"{p}_{k}"] = sd[f"{p}_{k}"].gather(1, order)
+    return sd
+
+
+def test_merge_equals_one_stream_while_counts_are_exact():
+    opts = {"max_positions": T, "trigram_slots": 8192}
+    one = _stream(NeuronStats(16, **opts), [0, 1, 2])
+    merged = _stream(NeuronStats(16, **opts), [0, 2]).merge(_stream(NeuronStats(16, **opts), [1]))
+    a, b = _canonical(one), _canonical(merged)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k], k
+    assert one.summary()["exact"] and one.result().equals(merged.result())
+    assert merged.merge(NeuronStats(16, **opts)).n_tokens == one.n_tokens  # merging an empty one changes nothing
+
+
+def _exact_counts(keys, hits):
+    """{row: {key: count}} by plain loops."""
+    out = {}
+    for i in range(hits.shape[0]):
+        d = out.setdefault(i, {})
+        for j, key in enumerate(keys.tolist()):
+            if hits[i, j]:
+                d[key] = d.get(key, 0) + 1
+    return out
+
+
+def _random_stream(seed, n_items, n_rows=5, batches=6, width=300):
+    g = torch.Generator().manual_seed(seed)
+    zipf = 1 / torch.arange(1, n_items + 1, dtype=torch.float64)
+    for _ in range(batches):
+        keys = torch.multinomial(zipf, width, True, generator=g) * 7919  # sparse ids
+        yield keys, (torch.rand(n_rows, width, generator=g) < torch.rand(n_rows, 1, generator=g)).float()
+
+
+def test_heavy_hitter_counts_are_exact_when_distinct_items_fit_in_k():
+    hh, total = HeavyHitters(5, k=12), {}
+    for keys, hits in _random_stream(0, n_items=12):
+        hh.update(keys, hits)
+        for i, d in _exact_counts(keys, hits).items():
+            for key, c in d.items():
+                total.setdefault(i, {})[key] = total.get(i, {}).get(key, 0) + c
+    assert (hh.floor == 0).all() and (hh.err == 0).all()
+    for i in range(5):
+        got = {k: c for k, c in zip(hh.ids[i].tolist(), hh.cnt[i].tolist()) if k >= 0}
+        assert got == total[i]
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_heavy_hitter_bounds_hold_when_items_overflow(merge):
+    parts, total = [HeavyHitters(5, k=8), HeavyHitters(5, k=8)], {}
+    for b, (keys, hits) in enumerate(_random_stream(1, n_items=200, batches=8)):
+        parts[b % 2 if merge else 0].update(keys, hits)
+        for i, d in _exact_counts(keys, hits).items():
+            for key, c in d.items():
+                total.setdefault(i, {})[key] = total.get(i, {}).get(key, 0) + c
+    hh = parts[0].merge(parts[1]) if merge else parts[0]
+    assert (hh.floor > 0).any()
+    for i in range(5):
+        tracked = dict(zip(hh.ids[i].tolist(), zip(hh.cnt[i].tolist(), hh.err[i].tolist())))
+        for key, true in total[i].items():
+            if key in tracked:
+                cnt, err = tracked[key]
+                assert cnt - err <= true <= cnt
+            else:
+                assert true <= hh.floor[i]
+        top = max(total[i], key=total[i].get)
+        assert top in tracked  # the heaviest item survives
+
+
+def test_trigram_sketch_never_undercounts():
+    stats = NeuronStats(4, sketch_width=64, sketch_depth=2)  # tiny sketch: many collisions
+    acts, tok, mask = _batch(0, n=4)
+    stats.update(acts, tok, mask)
+    keys = _trigram_keys(tok)[mask]
+    uniq, counts = keys.unique(return_counts=True)
+    est = stats.sketch.gather(1, stats._buckets(uniq)).min(0).values
+    assert (est >= counts).all() and (est > counts).any()
+
+
+def test_coverage_uses_the_lower_bound_of_a_count():
+    from tl_sparsity.neurons import _detect
+
+    hh = HeavyHitters(1, k=5)
+    hh.ids[0, :2], hh.cnt[0, :2] = torch.tensor([7, 9]), torch.tensor([100, 3])
+    occ, fire = torch.tensor([[100, 3, 1, 1, 1]]), torch.tensor([103])
+    assert _detect(hh, occ, fire, 0.95, 0.95, 5)["items"] == [[7]]  # 100/100 covers, 3/3 too but is not needed
+    hh.err[0, 0] = 6  # 94 ≤ true ≤ 100 of 100 occurrences: maybe covered, maybe not -> not claimed
+    assert not _detect(hh, occ, fire, 0.95, 0.95, 5)["det"][0]
+    hh.err[0, 0] = 5
+    assert _detect(hh, occ, fire, 0.95, 0.95, 5)["det"][0]
+
+
+def test_small_heavy_hitter_summaries_never_invent_detectors():
+    big = _stream(NeuronStats(16, max_positions=T, trigram_slots=4096), [0, 1]).result()
+    small = _stream(NeuronStats(16, max_positions=T, token_slots=5, trigram_slots=50), [0, 1]).result()
+    for col in ("token_detector", "trigram_detector"):
+        assert not (small[col] & ~big[col]).any()
+
+
+def test_state_dict_round_trips_through_safetensors_and_json(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    stats = _stream(NeuronStats(16, max_positions=T), [0])
+    sd = stats.state_dict()
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    meta = json.dumps({k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)})
+    safetensors.save_file(tensors, tmp_path / "s.safetensors")
+    back = NeuronStats.from_state_dict({**json.loads(meta), **safetensors.load_file(tmp_path / "s.safetensors")})
+    assert back.result().equals(stats.result())
+    back.update(*_batch(1))
+    assert back.n_tokens > stats.n_tokens  # a loaded one keeps streaming
+    assert stats.state_bytes() == sum(v.numel() * v.element_size() for v in tensors.values())
+
+
+def test_positions_past_max_positions_are_pooled_into_the_last():
+    acts, tok, mask = _batch(0)
+    stats = NeuronStats(16, max_positions=8).update(acts, tok, mask)
+    assert stats.pos_count.numel() == 8 and int(stats.pos_count.sum()) == stats.n_tokens
+    assert torch.equal(stats.pos_fire[:, 7], ((acts > 0) & mask[..., None])[:, 7:].sum((0, 1)))
+
+
+def test_without_tokens_only_token_free_statistics_are_computed():
+    acts, _, mask = _batch(0)
+    df = NeuronStats(16).update(acts, mask=mask).result()
+    assert df["kind"].tolist()[:4] == ["dead", "other", "other", "positional"]
+    assert not df["token_detector"].any()
+
+
+def test_bad_inputs_raise_errors_that_name_the_fix():
+    acts, tok, mask = _batch(0)
+    stats = NeuronStats(16)
+    with pytest.raises(ValueError, match=r"acts must be \[batch, pos, 16\]"):
+        stats.update(acts[0])
+    with pytest.raises(ValueError, match="tokens must be"):
+        stats.update(acts, tok[:, :-1])
+    with pytest.raises(ValueError, match="integer ids"):
+        stats.update(acts, tok.float())
+    stats.update(acts, tok, mask)
+    with pytest.raises(ValueError, match="every update or with none"):
+        stats.update(acts, None, mask)
+    with pytest.raises(ValueError, match="different settings"):
+        stats.merge(NeuronStats(16, threshold=0.5))
+    with pytest.raises(ValueError, match="vocab_size"):
+        NeuronStats(16, vocab_size=10).update(acts, tok)
+    with pytest.raises(ValueError, match="token_slots"):
+        NeuronStats(16, token_slots=4)
+
+
+# --------------------------------------------------------------------------- a tiny TransformerLens model
+X, P_STAR = 5, (3, 7)
+
+
+def _set_planted_weights(model):
+    """Layer-0 MLP: neuron 0 never fires, neuron 1 fires on token X only, neuron 2 at positions P_STAR only; attention
+    output zeroed, so the MLP reads LN(W_E[token] + W_pos[pos]); every residual has mean 0, so LN only rescales."""
+    d, v, n_ctx, d_mlp = model.cfg.d_model, model.cfg.d_vocab, model.cfg.n_ctx, model.cfg.d_mlp
+    g = torch.Generator().manual_seed(0)
+    emb = torch.zeros(v, d)
+    emb[:, 4:] = torch.randn(v, d - 4, generator=g)
+    emb[:, 4:] -= emb[:, 4:].mean(1, keepdim=True)
+    emb[X] = 0
+    emb[X, 0], emb[X, 3] = 10.0, -10.0
+    pos = torch.zeros(n_ctx, d)
+    pos[list(P_STAR), 1], pos[list(P_STAR), 2] = 10.0, -10.0
+    w_in, b_in = torch.zeros(d, d_mlp), torch.zeros(d_mlp)
+    b_in[0] = -1.0
+    w_in[0, 1], b_in[1] = 1.0, -1.0
+    w_in[1, 2], b_in[2] = 1.0, -1.0
+    w_in[4:, 3:] = torch.randn(d - 4, d_mlp - 3, generator=g)
+    plan = {"embed.W_E": emb, "tok_embed.weight": emb, "pos_embed.W_pos": pos, "pos.weight": pos,
+            "blocks.0.mlp.W_in": w_in, "layers.0.mlp.fc_in.weight": w_in.T, "blocks.0.mlp.b_in": b_in,
+            "layers.0.mlp.fc_in.bias": b_in}
+    done = set()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            short = name.replace("._original_component", "")
+            if short in plan:
+                p.copy_(plan[short].view_as(p))
+                done.add(short)
+            elif short.startswith(("blocks.0.attn.W_O", "blocks.0.attn.b_O", "layers.0.attn.o.")):
+                p.zero_()
+                done.add("attn_out")
+            elif short.startswith(("blocks.0.ln2.", "layers.0.ln2.")):
+                p.fill_(1.0 if short.endswith((".w", ".weight")) else 0.0)
+                done.add("ln2")
+    assert len(done) == 6, f"weights not found on this model: {sorted(done)}"
+
+
+@pytest.mark.parametrize("kind", ["hooked", "bridge"])
+def test_tiny_transformerlens_model_with_planted_mlp_neurons(kind):
+    from conftest import make_model
+
+    model = make_model(kind)
+    model.eval()
+    _set_planted_weights(model)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(1, model.cfg.d_vocab, (64, 16), generator=g)
+    tokens[torch.rand(64, 16, generator=g) < 0.15] = X
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[:, 0] = False
+    name = "blocks.0.mlp.hook_post"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == name)
+    stats = NeuronStats(model.cfg.d_mlp, max_positions=16).update(cache[name], tokens, mask)
+    df = stats.result()
+    assert df["kind"].tolist()[:3] == ["dead", "token", "positional"]
+    assert df.loc[1, "covering_tokens"] == [X] and df.loc[1, "n_active"] == int((tokens == X)[mask].sum())
+    assert (df["kind"][3:] == "other").all() and df["frequency"][3:].between(0.1, 0.95).all()
+
+
+def test_trigram_slots_zero_skips_trigrams_and_keeps_token_verdicts():
+    with_tri = _stream(NeuronStats(16, max_positions=T), [0]).result()
+    stats = _stream(NeuronStats(16, max_positions=T, trigram_slots=0), [0])
+    df = stats.result()
+    assert not df["trigram_detector"].any() and "covering_trigrams" not in df
+    assert df["token_detector"].equals(with_tri["token_detector"]) and df["kind"][2:4].tolist() == ["other", "positional"]
+    assert "sketch" not in stats.state_dict()
+    merged = stats.merge(_stream(NeuronStats(16, max_positions=T, trigram_slots=0), [1]))
+    assert merged.result()["kind"].tolist()[:4] == ["dead", "token", "other", "positional"]
