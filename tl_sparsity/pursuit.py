@@ -7,7 +7,9 @@ codes are ``[n, m]`` and non-negative, and the objective has no ½:  ‖x − α
   it is the definition the fast path is tested against.
 * :func:`greedy_pursuit` — the same procedure for a batch, in correlation space (c = Φr, G = ΦΦᵀ): each step reads
   one row of G per sample, and finished samples are compacted out of the working set so a batch does not run as long
-  as its slowest sample.
+  as its slowest sample. On CUDA float32 inputs it dispatches to a fused Triton kernel
+  (:func:`tl_sparsity.kernels.greedy_pursuit_triton`: one program per row, half-precision G); elsewhere it runs the
+  batched torch loop.
 * :func:`lasso_pursuit` — the exact minimiser over α ≥ 0 by FISTA (projected, step 1/‖G‖₂), to a stated tolerance.
 """
 
@@ -19,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["greedy_pursuit", "greedy_pursuit_reference", "lasso_pursuit", "PursuitInfo", "default_max_steps"]
+__all__ = ["PursuitInfo", "default_max_steps", "greedy_pursuit", "greedy_pursuit_reference", "lasso_pursuit"]
 
 
 class PursuitInfo(NamedTuple):
@@ -107,6 +109,7 @@ def greedy_pursuit(
     return_info: bool = False,
     tol: float = STOP_TOL,
     compact_every: int = 8,
+    backend: str = "auto",
 ) -> Float[Tensor, "n m"] | tuple[Float[Tensor, "n m"], PursuitInfo]:
     """Batched greedy non-negative pursuit; same result as :func:`greedy_pursuit_reference`.
 
@@ -116,11 +119,28 @@ def greedy_pursuit(
     In exact arithmetic this is the reference procedure; in floating point the correlations drift by rounding, so
     a near-tie in the argmax may resolve differently (tests compare in float64, and in float32 with a tolerance).
 
+    ``backend``: ``"auto"`` (the Triton kernel for float32 CUDA tensors with m ≤ 32 768 when Triton imports, else
+    torch), ``"torch"``, or ``"triton"``. The kernel stores G in float16 and forms xΦᵀ from float16 operands with
+    float32 accumulation, so near-ties resolve differently more often than in float32: on trained dictionaries
+    (d = 576, 768; a ≤ 16) the support is identical on 86–99 % of rows, ‖Δα‖₁ ≤ 1 % of ‖α‖₁ on all, the per-row
+    objective within 4·10⁻³ relative; long noise-fitting pursuits (a = 32, ~200 steps) agree less
+    (:mod:`tl_sparsity.kernels`; use ``backend="torch"`` for the float32 loop). It never synchronises with the host
+    unless ``return_info=True``. A float32 ``gram`` is converted to float16 on every call.
+
     Returns α ``[n, m]`` ≥ 0, and with ``return_info=True`` also a :class:`PursuitInfo`.
     """
     _check(x, dictionary, lam)
     if int(compact_every) < 1:
         raise ValueError(f"compact_every must be a positive integer, got {compact_every!r}.")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}.")
+    if backend != "torch" and _use_triton(x, dictionary, backend):
+        from . import kernels
+
+        alpha, steps_t, capped_t = kernels.greedy_pursuit_triton(x, dictionary, lam, max_steps, gram, tol)
+        if not return_info:
+            return alpha
+        return alpha, PursuitInfo(steps_t.to(torch.int64).cpu(), int(capped_t.sum()))
     n, d = x.shape
     m = dictionary.shape[0]
     cap = default_max_steps(d) if max_steps is None else int(max_steps)
@@ -140,7 +160,7 @@ def greedy_pursuit(
             a = val - half
             a = torch.where(a > floor, a, torch.zeros_like(a))
             alpha.index_put_((live, idx), a, accumulate=True)
-            c.sub_(a.unsqueeze(1) * G[idx])
+            c.addcmul_(G.index_select(0, idx), a.unsqueeze(1), value=-1.0)
             steps.index_add_(0, live, (a > 0).to(torch.int64))
             k += 1
         val = c.max(dim=1).values
@@ -149,6 +169,18 @@ def greedy_pursuit(
             live, c = live[keep], c[keep]
     capped = int(live.numel()) if k >= cap else 0
     return (alpha, PursuitInfo(steps.cpu(), capped)) if return_info else alpha
+
+
+def _use_triton(x: Tensor, dictionary: Tensor, backend: str) -> bool:
+    ok = x.is_cuda and x.dtype == torch.float32 and dictionary.dtype == torch.float32
+    if ok:
+        from . import kernels
+
+        ok = kernels.available() and dictionary.shape[0] <= kernels.MAX_ATOMS
+    if backend == "triton" and not ok:
+        raise ValueError("backend='triton' needs float32 CUDA tensors, an importable triton and m ≤ 32768 atoms; "
+                         "use backend='auto' to fall back to torch.")
+    return ok
 
 
 @torch.no_grad()
