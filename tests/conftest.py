@@ -7,6 +7,12 @@ import warnings
 import pytest
 import torch
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and OpenMP spin-waits on 2 shared cores cost ~10x."""
+    torch.set_num_threads(1)
+
+
 TINY = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64, d_vocab=200, act_fn="gelu_new",
             normalization_type="LN")
 

@@ -179,3 +179,33 @@ def test_mask_of_the_wrong_shape_is_rejected(model):
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model.run_with_hooks(_tokens(), fwd_hooks=col.fwd_hooks(attention_mask=torch.ones(3, 3)))
     assert n_hooks(model) == 0
+
+
+def test_collector_sees_another_tool_s_in_place_patch_only_when_that_hook_runs_first(model):
+    # the order rule: hooks on one hook point run in the order they were added — fwd_hooks in list order, and
+    # hooks added by col.start() / col.attach() before a run_with_hooks call before that call's fwd_hooks
+    name = "blocks.0.hook_resid_post"
+    tokens = _tokens()
+
+    def patch(act, hook):
+        act[:, 2] += 1.0
+
+    _, cache = model.run_with_cache(tokens, names_filter=name)
+    clean = cache[name].clone()
+    patched = clean.clone()
+    patched[:, 2] += 1.0
+    for first, want in [(True, patched), (False, clean)]:
+        col = SparsityCollector(model, hooks=name, **OPTS)
+        got = _record(col)
+        hooks = [(name, patch)] + col.fwd_hooks() if first else col.fwd_hooks() + [(name, patch)]
+        model.run_with_hooks(tokens, fwd_hooks=hooks)
+        assert torch.equal(got[name][0], want[:, 1:].reshape(-1, 32)), first
+    col = SparsityCollector(model, hooks=name, **OPTS)
+    got = _record(col)
+    col.start()
+    try:
+        model.run_with_hooks(tokens, fwd_hooks=[(name, patch)])
+    finally:
+        col.stop()
+    assert torch.equal(got[name][0], clean[:, 1:].reshape(-1, 32))
+    assert n_hooks(model) == 0

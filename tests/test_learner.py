@@ -73,3 +73,31 @@ def test_bad_options_and_inputs_raise_clear_errors():
         c.partial_fit(torch.randn(10, 9))
     with pytest.raises(RuntimeError, match="no dictionary yet"):
         c.evaluate()
+    c = OnlineSparseCoder().partial_fit(torch.randn(3, 5))  # d_in inferred from the rows waiting for a batch
+    with pytest.raises(ValueError, match="d_in=5 but got rows of width 6"):
+        c.partial_fit(torch.randn(3, 6))
+
+
+def test_state_memory_equals_the_formula_whatever_the_tokens_seen():
+    from tl_sparsity.learner import state_bytes
+
+    d, m, reservoir, batch = 12, 36, 40, 64
+    c = OnlineSparseCoder(expansion=3, batch_size=batch, reservoir_size=reservoir, max_steps=8)
+    x = torch.randn(6000, d, generator=torch.Generator().manual_seed(0))
+    # small chunks, a chunk of many batches (its tail must not keep the whole chunk alive), single rows
+    for a, b in [(0, 100), (100, 170), (170, 2170), (2170, 2171), (2171, 6000)]:
+        c.partial_fit(x[a:b])
+        assert c.memory_bytes() == state_bytes(d, m, reservoir, c.n_pending_) == 4 * d * (
+            3 * m + 1 + reservoir + c.n_pending_)
+    assert c.n_tokens_ + c.n_heldout_ > 90 * batch
+    assert c.memory_bytes() <= state_bytes(d, m, reservoir, batch - 1)
+
+
+def test_rows_kept_for_the_next_batch_are_copies_not_the_caller_s_tensor():
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    clean = OnlineSparseCoder(expansion=2, batch_size=64, max_steps=8).partial_fit(x)
+    buf = x[:40].clone()
+    c = OnlineSparseCoder(expansion=2, batch_size=64, max_steps=8).partial_fit(buf)
+    buf.zero_()  # the caller reuses its buffer
+    c.partial_fit(x[40:])
+    assert torch.equal(c.dictionary_, clean.dictionary_) and torch.equal(c.heldout_, clean.heldout_)

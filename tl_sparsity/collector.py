@@ -8,13 +8,16 @@ TransformerLens is reached only through :mod:`tl_sparsity.hooks`.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import checkpoint as _ckpt
 from . import hooks as _hooks
 from .learner import OnlineSparseCoder
 from .report import SparsityReport
@@ -85,16 +88,23 @@ class SparsityCollector:
         if self.skip_bos and p > 0:
             first = keep.int().argmax(dim=1) if attention_mask is not None else torch.zeros(b, dtype=torch.long)
             keep[torch.arange(b, device=act.device), first.to(act.device)] = False
-        feats = act.reshape(b, p, -1)
+        feats = act.reshape(b, p, math.prod(act.shape[2:]))  # not -1: ambiguous for empty batches
         with torch.inference_mode(False):  # state built here must be usable outside inference mode too
             return feats[keep].to(torch.float32).clone()
 
-    def _hook_fn(self, name: str, attention_mask: Tensor | None = None, use_attribute: bool = False) -> Callable:
+    def _hook_fn(self, name: str, attention_mask: Tensor | None = None, use_attribute: bool = False,
+                 sink: dict[str, list[Tensor]] | None = None) -> Callable:
         learner = self.learners[name]
 
         def hook(activation: Tensor, hook: Any = None) -> None:
             mask = self.attention_mask if use_attribute else attention_mask
             rows = self.rows(activation, mask)
+            if learner.d_in is not None and rows.shape[0] and rows.shape[1] != learner.d_in:
+                raise ValueError(f"hook {name}: its learner has d_in={learner.d_in} but this activation has "
+                                 f"{rows.shape[1]} features per position (a different model or hook?).")
+            if sink is not None:  # fit(): kept until the forward completes, then fed to the learners
+                sink[name].append(rows)
+                return None
             with torch.inference_mode(False), torch.no_grad():
                 learner.partial_fit(rows)
             return None
@@ -113,11 +123,16 @@ class SparsityCollector:
     @contextlib.contextmanager
     def attach(self, attention_mask: Tensor | None = None) -> Iterator["SparsityCollector"]:
         """``with col.attach(): model(tokens)`` — hooks live exactly for the block, also when it raises."""
+        with self._attached(attention_mask):
+            yield self
+
+    @contextlib.contextmanager
+    def _attached(self, attention_mask: Tensor | None, sink: dict[str, list[Tensor]] | None = None) -> Iterator[None]:
         added: list[tuple[Any, list[Any]]] = []
         try:
             for name, hp in self.hook_points.items():
-                added.append((hp, _hooks.add_hook(hp, self._hook_fn(name, attention_mask), permanent=False)))
-            yield self
+                added.append((hp, _hooks.add_hook(hp, self._hook_fn(name, attention_mask, sink=sink), False)))
+            yield
         finally:
             for hp, handles in added:
                 _hooks.remove_hook(hp, handles)
@@ -141,16 +156,27 @@ class SparsityCollector:
 
     # ------------------------------------------------------------------ streaming loop
     def fit(self, token_batches: Iterable[Any] | Tensor, n_tokens: int | None = None, progress: bool = True,
+            checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
             **forward_kwargs: Any) -> "SparsityCollector":
         """Run the model over ``token_batches`` with the hooks attached, until they end or ``n_tokens`` rows
         (per hook, after BOS/padding removal) were collected.
 
         Each batch is a token tensor ``[batch, pos]``, a ``(tokens, attention_mask)`` pair or a dict with
         ``input_ids`` (and ``attention_mask``); a single 2-D tensor is one batch. Forwards stop after the last
-        hooked layer when every hook is inside a block.
+        hooked layer when every hook is inside a block. A batch's rows reach the learners only once its forward
+        has completed (until then each hook holds that one batch's rows), so an interrupted ``fit`` (Ctrl-C, an
+        error in any hook) leaves every learner holding exactly the batches before it, and ``report()`` usable.
+
+        Checkpoints: with ``checkpoint_dir``, a checkpoint is written there (atomically, see :meth:`save`) every
+        ``checkpoint_every`` batches — counted as batches taken from ``token_batches``, empty ones included — and
+        when ``fit`` ends. If ``checkpoint_dir`` already holds a checkpoint written by ``fit``, this collector's
+        state is replaced by it and the batches it had consumed are skipped: pass the same batches, in the same
+        order (the last consumed batch is checked against its sha256), to continue the interrupted run exactly.
         """
         if n_tokens is not None and int(n_tokens) <= 0:
             raise ValueError(f"n_tokens must be a positive integer or None, got {n_tokens!r}.")
+        if checkpoint_every is not None and (checkpoint_dir is None or int(checkpoint_every) < 1):
+            raise ValueError("checkpoint_every must be a positive number of batches, and needs checkpoint_dir.")
         if isinstance(token_batches, Tensor):
             token_batches = [token_batches]
         layers = [_hooks.parse_hook_name(n)[0] for n in self.hook_points]
@@ -160,27 +186,67 @@ class SparsityCollector:
             if n_layers is None or last < n_layers:
                 forward_kwargs["stop_at_layer"] = last
         forward_kwargs.setdefault("return_type", None)
+        batches = iter(token_batches)
+        done, start, last_fp = 0, self.n_tokens, None
+        if checkpoint_dir is not None and _ckpt.exists(checkpoint_dir):
+            done, start, last_fp = _ckpt.resume_fit(self, checkpoint_dir, batches)
+        saved_at = done
+        if n_tokens is not None and self.n_tokens - start >= n_tokens:
+            batches = iter(())  # a resumed run that had already reached n_tokens
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="tl_sparsity")
-        start = self.n_tokens
+            bar = tqdm(total=n_tokens, initial=self.n_tokens - start, unit="tok", unit_scale=True, desc="tl_sparsity")
         try:
             with torch.no_grad():
-                for batch in token_batches:
+                for batch in batches:
                     tokens, mask = _split_batch(batch)
                     before = self.n_tokens
-                    with self.attach(attention_mask=mask):
-                        self.model.run_with_hooks(tokens, fwd_hooks=[], **forward_kwargs)
+                    self._fit_batch(tokens, mask, forward_kwargs)
+                    done += 1
+                    last_fp = None if checkpoint_dir is None else _ckpt.fingerprint(tokens, mask)
                     if bar is not None:
                         bar.update(self.n_tokens - before)
+                    if checkpoint_every and done % int(checkpoint_every) == 0:
+                        saved_at = self._checkpoint(checkpoint_dir, done, start, last_fp)
                     if n_tokens is not None and self.n_tokens - start >= n_tokens:
                         break
+            if checkpoint_dir is not None and saved_at != done:
+                self._checkpoint(checkpoint_dir, done, start, last_fp)
         finally:
             if bar is not None:
                 bar.close()
         return self
+
+    def _fit_batch(self, tokens: Any, mask: Tensor | None, forward_kwargs: dict[str, Any]) -> None:
+        if isinstance(tokens, Tensor) and tokens.numel() == 0:
+            return  # an empty batch: nothing to run
+        sink: dict[str, list[Tensor]] = {name: [] for name in self.hook_points}
+        with self._attached(mask, sink):
+            self.model.run_with_hooks(tokens, fwd_hooks=[], **forward_kwargs)
+        with _ckpt.defer_interrupts(), torch.inference_mode(False):
+            for name, chunks in sink.items():
+                for rows in chunks:
+                    self.learners[name].partial_fit(rows)
+
+    def _checkpoint(self, root: str | Path, done: int, start: int, fp: str | None) -> int:
+        _ckpt.save_collector(self, root, fit={"batches_done": done, "start_tokens": start, "last_batch_sha256": fp})
+        return done
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | Path) -> Path:
+        """Checkpoint every learner's full state under ``path`` (safetensors + a JSON manifest naming the model,
+        hooks, widths and options, with the sha256 of every file); written atomically beside the previous one,
+        which is kept. Returns the new checkpoint's folder. See :mod:`tl_sparsity.checkpoint` for the layout."""
+        return _ckpt.save_collector(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any, device: str | torch.device | None = None) -> "SparsityCollector":
+        """A collector on ``model`` restored from :meth:`save` (``path``: the folder given to ``save`` or ``fit``,
+        or one ``ckpt-*`` folder). Raises :class:`tl_sparsity.checkpoint.CheckpointError` naming the difference
+        when ``model``, the hooks or their widths do not match, or when a file is damaged."""
+        return _ckpt.load_collector(cls, path, model, device)
 
     # ------------------------------------------------------------------ results
     def report(self) -> SparsityReport:

@@ -15,17 +15,28 @@ adaptive rule), then freeze it; take ``phi_steps`` Adam steps on Φ with the clo
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from . import checkpoint as _ckpt
+from .checkpoint import defer_interrupts
 from .metrics import MetricAccumulator
 from .pursuit import default_max_steps, greedy_pursuit, lasso_pursuit
 
-__all__ = ["OnlineSparseCoder"]
+__all__ = ["OnlineSparseCoder", "state_bytes"]
 
 _SOLVERS = ("greedy", "lasso")
+
+
+def state_bytes(d: int, m: int, reservoir_size: int, n_pending: int = 0) -> int:
+    """Bytes of tensors an initialised learner keeps, whatever the number of tokens seen (float32):
+    4·d·(3m + 1 + reservoir_size + n_pending) — dictionary, two Adam moments [m, d], mean [d], the held-out
+    reservoir and pending rows (n_pending < batch_size) — plus the CPU generator's 5056-byte state, held outside.
+    Each batch also allocates, transiently, O(batch_size·m + m² + m·d) floats (codes, correlations, Gram matrix)."""
+    return 4 * d * (3 * m + 1 + reservoir_size + n_pending)
 
 
 class OnlineSparseCoder:
@@ -50,7 +61,8 @@ class OnlineSparseCoder:
             ``"random"`` draws them uniformly on the sphere.
 
     Learned state (trailing underscore, as in scikit-learn): ``dictionary_`` [m, d], ``mean_`` [d], ``scale_``,
-    ``lam_``, ``n_tokens_`` (rows trained on), ``n_heldout_`` (held-out rows seen), ``n_steps_``, ``capped_``.
+    ``lam_``, ``n_tokens_`` (rows trained on), ``n_heldout_`` (held-out rows seen), ``n_steps_``, ``capped_``,
+    ``n_dropped_`` (non-finite rows). Its size is bounded by :func:`state_bytes`; :meth:`save` / :meth:`load`.
     """
 
     def __init__(
@@ -72,9 +84,7 @@ class OnlineSparseCoder:
         init: str = "data",
     ) -> None:
         if init not in ("data", "random"):
-            raise ValueError(
-                f"init must be 'data' (random normalised rows of the first batch) or 'random', got {init!r}."
-            )
+            raise ValueError(f"init must be 'data' (random normalised first-batch rows) or 'random', got {init!r}.")
         if solver not in _SOLVERS:
             raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}.")
         if d_in is not None and int(d_in) < 1:
@@ -96,25 +106,15 @@ class OnlineSparseCoder:
         self.d_in = None if d_in is None else int(d_in)
         self.expansion = expansion
         self.lam = None if lam is None else float(lam)
-        self.solver = solver
-        self.seed = int(seed)
-        self.batch_size = int(batch_size)
-        self.lr = lr
+        self.solver, self.seed, self.batch_size, self.lr = solver, int(seed), int(batch_size), lr
         self.warmup_tokens = int(warmup_tokens)
         self.lam_ratio = float(lam_ratio)
         self.holdout_frac = float(holdout_frac)
         self.reservoir_size = int(reservoir_size)
-        self.max_steps = max_steps
-        self.phi_steps = int(phi_steps)
-        self.device = device
-        self.init = init
+        self.max_steps, self.phi_steps, self.device, self.init = max_steps, int(phi_steps), device, init
         self._pending: list[Tensor] = []
         self._n_pending = 0
-        self.n_tokens_ = 0
-        self.n_heldout_ = 0
-        self.n_steps_ = 0
-        self.n_dropped_ = 0
-        self.capped_ = 0
+        self.n_tokens_ = self.n_heldout_ = self.n_steps_ = self.n_dropped_ = self.capped_ = 0
         self.dictionary_: Tensor | None = None
 
     # ------------------------------------------------------------------ public API
@@ -137,25 +137,32 @@ class OnlineSparseCoder:
     def partial_fit(self, x: Float[Tensor, "n d"]) -> "OnlineSparseCoder":
         """Feed rows ``x`` [n, d]; every full batch of ``batch_size`` rows is processed at once.
 
-        Rows containing NaN or ±Inf are dropped and counted in ``n_dropped_``.
+        Rows containing NaN or ±Inf are dropped and counted in ``n_dropped_``. Rows left for the next batch are
+        copied (the caller may reuse ``x``). A Ctrl-C arriving while a batch is processed is delivered when that
+        batch is done, so the state is always that of whole batches.
         """
         x = self._as_rows(x)
-        if x.shape[0] == 0:
-            return self
         finite = torch.isfinite(x).all(dim=1)
         if not bool(finite.all()):
             self.n_dropped_ += int((~finite).sum())
             x = x[finite]
-        self._pending.append(x)
-        self._n_pending += x.shape[0]
-        if self._n_pending >= self.batch_size:
-            buf = torch.cat(self._pending)
-            n_full = buf.shape[0] // self.batch_size * self.batch_size
-            for start in range(0, n_full, self.batch_size):
-                self._process(buf[start : start + self.batch_size])
-            rest = buf[n_full:]
-            self._pending = [rest] if rest.shape[0] else []
-            self._n_pending = rest.shape[0]
+        n, size = x.shape[0], self.batch_size
+        if n == 0:
+            return self
+        done = size - self._n_pending  # rows of x that complete the pending batch
+        if done > n:
+            self._pending.append(x.clone())
+            self._n_pending += n
+            return self
+        with defer_interrupts():
+            self._process(torch.cat([*self._pending, x[:done]]))
+            self._pending, self._n_pending = [], 0
+        while n - done >= size:
+            with defer_interrupts():
+                self._process(x[done : done + size])
+            done += size
+        rest = x[done:]  # copied below, so a view of its tail does not keep a large x alive
+        self._pending, self._n_pending = ([rest.clone()], rest.shape[0]) if rest.shape[0] else ([], 0)
         return self
 
     @torch.no_grad()
@@ -190,15 +197,42 @@ class OnlineSparseCoder:
         self._require_init()
         return self._reservoir[: self._res_fill]
 
+    # ------------------------------------------------------------------ state, checkpoints, memory
+    def state_dict(self) -> dict:
+        """The full state, copied, as ``{"tensors": {name: Tensor}, "meta": JSON-able dict}``: parameters,
+        dictionary, Adam moments, normaliser, λ, counters, reservoir, pending rows, RNG state (:mod:`.checkpoint`)."""
+        tensors, meta = _ckpt.learner_state(self)
+        return {"tensors": tensors, "meta": meta}
+
+    def load_state_dict(self, state: dict, device: str | torch.device | None = None) -> "OnlineSparseCoder":
+        """Restore :meth:`state_dict` output; this learner's parameters must equal the saved ones."""
+        return _ckpt.restore_learner(self, state["tensors"], state["meta"], device)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the full state to one safetensors file at ``path``, atomically; :meth:`load` reads it back."""
+        return _ckpt.save_learner(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> "OnlineSparseCoder":
+        """A learner from :meth:`save`'s file; continuing it gives bit-for-bit what the saved one would give."""
+        return _ckpt.load_learner(path, device)
+
+    def memory_bytes(self) -> int:
+        """Bytes of tensor storage this learner holds (distinct storages); equals :func:`state_bytes`."""
+        tensors = [v for v in vars(self).values() if isinstance(v, Tensor)] + list(self._pending)
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
     # ------------------------------------------------------------------ internals
     def _as_rows(self, x: Tensor) -> Tensor:
         x = torch.as_tensor(x)
         if x.ndim != 2:
             raise ValueError(f"expected rows [n, d], got shape {tuple(x.shape)}; flatten with x.reshape(-1, d).")
         d = self.d_in if self.dictionary_ is None else self.dictionary_.shape[1]
+        d = self._pending[0].shape[1] if d is None and self._pending else d
         if d is not None and x.shape[1] != d:
             raise ValueError(f"this learner has d_in={d} but got rows of width {x.shape[1]}.")
-        dev = self.dictionary_.device if self.dictionary_ is not None else (self.device or x.device)
+        first = self._pending[0].device if self._pending else x.device  # before init: where the first rows are
+        dev = self.dictionary_.device if self.dictionary_ is not None else (self.device or first)
         return x.to(device=dev, dtype=torch.float32)
 
     def _require_init(self) -> None:

@@ -1,0 +1,256 @@
+import json
+import os
+import struct
+
+import pytest
+import torch
+
+from conftest import TINY, n_hooks
+from tl_sparsity import OnlineSparseCoder, SparsityCollector
+from tl_sparsity import checkpoint as ckpt
+from tl_sparsity.checkpoint import CheckpointError
+
+# one learner batch per forward (4 sequences × 16 positions after BOS), short pursuits: fast on 2 CPU cores
+OPTS = dict(batch_size=64, warmup_tokens=256, reservoir_size=48, expansion=2, max_steps=32)
+HOOKS = "blocks.0.hook_resid_post,blocks.1.mlp.hook_post"
+TRANSIENT = {"_last_capped"}  # written by every pursuit call before it is read; not state
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on shared cores OpenMP waits make them ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def assert_same_learner(a: OnlineSparseCoder, b: OnlineSparseCoder) -> None:
+    """Every attribute equal, bit for bit — read from the objects, not through the checkpoint code."""
+    va = {k: v for k, v in vars(a).items() if k not in TRANSIENT}
+    vb = {k: v for k, v in vars(b).items() if k not in TRANSIENT}
+    assert va.keys() == vb.keys()
+    for k in va:
+        x, y = va[k], vb[k]
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and x.device == y.device and torch.equal(x, y), k
+        elif isinstance(x, torch.Generator):
+            assert torch.equal(x.get_state(), y.get_state()), k
+        elif k == "_pending":  # the same rows, however they are chunked
+            assert torch.equal(torch.cat(x) if x else torch.zeros(0), torch.cat(y) if y else torch.zeros(0))
+        else:
+            assert type(x) is type(y) and x == y, (k, x, y)
+
+
+def assert_same_collector(a: SparsityCollector, b: SparsityCollector) -> None:
+    assert list(a.learners) == list(b.learners)
+    for name in a.learners:
+        assert_same_learner(a.learners[name], b.learners[name])
+
+
+def _tokens(seed, b=4, p=17):
+    return torch.randint(1, 200, (b, p), generator=torch.Generator().manual_seed(seed))
+
+
+BATCHES = [_tokens(s) for s in range(6)]
+
+
+def _interrupting(batches, at):
+    """Yield ``batches`` and raise KeyboardInterrupt instead of batch ``at`` (Ctrl-C between batches)."""
+    for i, b in enumerate(batches):
+        if i == at:
+            raise KeyboardInterrupt
+        yield b
+
+
+# ------------------------------------------------------------------------------------------------- learner
+@pytest.mark.parametrize("k", [0, 100, 256, 700, 1111, 2999])
+def test_learner_resumed_from_a_file_at_any_row_continues_bit_identically(tmp_path, k):
+    # k: fresh; before the first batch (pending rows only); exactly one batch; inside warm-up; warm-up just over;
+    # late, with the reservoir full and replacing
+    x = torch.randn(4000, 16, generator=torch.Generator().manual_seed(0))
+    opts = dict(expansion=4, seed=7, batch_size=256, reservoir_size=300, warmup_tokens=1000, max_steps=16)
+    whole = OnlineSparseCoder(**opts).partial_fit(x)
+    first = OnlineSparseCoder(**opts).partial_fit(x[:k])
+    path = first.save(tmp_path / "learner.safetensors")
+    resumed = OnlineSparseCoder.load(path)
+    assert_same_learner(first, resumed)
+    resumed.partial_fit(x[k:])
+    assert_same_learner(whole, resumed)
+    assert whole.evaluate() == resumed.evaluate()
+
+
+def test_state_dict_round_trip_copies_and_checks_parameters():
+    x = torch.randn(700, 8, generator=torch.Generator().manual_seed(1))
+    a = OnlineSparseCoder(expansion=2, batch_size=128, lam=0.3).partial_fit(x)
+    b = OnlineSparseCoder(expansion=2, batch_size=128, lam=0.3).load_state_dict(a.state_dict())
+    assert_same_learner(a, b)
+    a.partial_fit(x)  # training the original must not move the restored copy
+    assert not torch.equal(a.dictionary_, b.dictionary_)
+    with pytest.raises(CheckpointError, match=r"expansion: saved 2, here 4"):
+        OnlineSparseCoder(expansion=4, batch_size=128, lam=0.3).load_state_dict(a.state_dict())
+
+
+def test_learner_file_is_plain_safetensors_with_a_json_header(tmp_path):
+    from safetensors import safe_open
+
+    c = OnlineSparseCoder(expansion=2, batch_size=64).partial_fit(torch.randn(150, 8))
+    path = c.save(tmp_path / "c.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["tl_sparsity"])
+        names = set(f.keys())
+    assert meta["format"] == "tl_sparsity.learner" and meta["version"] == 1
+    assert meta["params"]["d_in"] == 8 and meta["state"]["n_tokens_"] + meta["state"]["n_heldout_"] == 128
+    assert names == {"dictionary", "mean", "adam_m", "adam_v", "reservoir", "rng_state", "pending"}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_learner_file_is_rejected_with_its_name(tmp_path, damage):
+    c = OnlineSparseCoder(expansion=2, batch_size=64).partial_fit(torch.randn(150, 8))
+    path = c.save(tmp_path / "c.safetensors")
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[:-7]
+    else:
+        data[-3] ^= 0x10  # one bit of the last tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"c\.safetensors.*(corrupt|truncated)"):
+        OnlineSparseCoder.load(path)
+
+
+# ------------------------------------------------------------------------------------------------- collector
+def test_fit_interrupted_then_resumed_from_its_checkpoint_equals_an_uninterrupted_fit(model, tmp_path):
+    whole = SparsityCollector(model, hooks=HOOKS, **OPTS).fit(BATCHES, progress=False)
+    col = SparsityCollector(model, hooks=HOOKS, **OPTS)
+    with pytest.raises(KeyboardInterrupt):
+        col.fit(_interrupting(BATCHES, 5), progress=False, checkpoint_dir=tmp_path, checkpoint_every=2)
+    assert n_hooks(model) == 0
+    assert_same_collector(col, SparsityCollector(model, hooks=HOOKS, **OPTS).fit(BATCHES[:5], progress=False))
+    assert json.loads((tmp_path / "LATEST").read_text())["checkpoint"] == "ckpt-000002"  # after batches 2 and 4
+    col.report()  # usable after the interrupt
+    fresh = SparsityCollector(model, hooks=HOOKS, **OPTS)
+    fresh.fit(BATCHES, progress=False, checkpoint_dir=tmp_path, checkpoint_every=2)
+    assert_same_collector(whole, fresh)
+    assert whole.report() == fresh.report()
+    # the finished run left a final checkpoint; fitting the same stream again resumes at its end: a no-op
+    again = SparsityCollector(model, hooks=HOOKS, **OPTS).fit(BATCHES, progress=False, checkpoint_dir=tmp_path)
+    assert_same_collector(whole, again)
+
+
+def test_resume_honours_n_tokens_of_the_interrupted_run(model, tmp_path):
+    kw = dict(progress=False, n_tokens=200, checkpoint_dir=tmp_path, checkpoint_every=1)
+    whole = SparsityCollector(model, hooks=HOOKS, **OPTS).fit(BATCHES, progress=False, n_tokens=200)
+    assert whole.n_tokens == 4 * 64  # stops after the batch that reaches 200 rows
+    with pytest.raises(KeyboardInterrupt):
+        SparsityCollector(model, hooks=HOOKS, **OPTS).fit(_interrupting(BATCHES, 2), **kw)
+    resumed = SparsityCollector(model, hooks=HOOKS, **OPTS).fit(BATCHES, **kw)
+    assert_same_collector(whole, resumed)
+
+
+def test_save_then_load_gives_the_same_collector_and_report(model, tmp_path):
+    col = SparsityCollector(model, hooks=HOOKS, **OPTS).fit(BATCHES[:3], progress=False)
+    folder = col.save(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["hooks"] == col.hook_names and manifest["d_in"] == {HOOKS.split(",")[0]: 32,
+                                                                         HOOKS.split(",")[1]: 64}
+    assert manifest["model"]["n_layers"] == 2 and manifest["options"] == OPTS
+    back = SparsityCollector.load(tmp_path, model)
+    assert_same_collector(col, back)
+    assert back.report() == col.report()
+    col.fit(BATCHES[3:], progress=False)
+    back.fit(BATCHES[3:], progress=False)
+    assert_same_collector(col, back)
+
+
+def test_damaged_checkpoint_is_rejected_and_the_previous_one_is_intact(model, tmp_path):
+    col = SparsityCollector(model, hooks=HOOKS, **OPTS).fit(BATCHES[:4], progress=False, checkpoint_dir=tmp_path,
+                                                             checkpoint_every=2)
+    two = SparsityCollector(model, hooks=HOOKS, **OPTS).fit(BATCHES[:2], progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["LATEST", "ckpt-000001", "ckpt-000002"]
+    latest = tmp_path / "ckpt-000002"
+    f0 = latest / "hook_000.safetensors"
+    f0.write_bytes(f0.read_bytes()[:-100])  # truncated
+    with pytest.raises(CheckpointError, match=r"hook_000\.safetensors.*corrupt or truncated.*ckpt-000001"):
+        SparsityCollector.load(tmp_path, model)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):  # fit does not resume from it either
+        col.fit(BATCHES, progress=False, checkpoint_dir=tmp_path)
+    assert_same_collector(col, SparsityCollector(model, hooks=HOOKS, **OPTS).fit(BATCHES[:4], progress=False))
+    assert_same_collector(two, SparsityCollector.load(tmp_path / "ckpt-000001", model))
+    manifest = latest / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"skip_bos": true', '"skip_bos": false'))
+    with pytest.raises(CheckpointError, match=r"manifest\.json is corrupt"):
+        SparsityCollector.load(tmp_path, model)
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_checkpoint_current(model, tmp_path, monkeypatch):
+    col = SparsityCollector(model, hooks=HOOKS, **OPTS).fit(BATCHES[:2], progress=False)
+    col.save(tmp_path)
+    before = SparsityCollector.load(tmp_path, model)
+    col.fit(BATCHES[2:4], progress=False)
+    real, calls = ckpt._write, []
+
+    def disk_full_on_second_file(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(ckpt, "_write", disk_full_on_second_file)
+    with pytest.raises(OSError, match="No space"):
+        col.save(tmp_path)
+    monkeypatch.setattr(ckpt, "_write", real)
+    assert sorted(os.listdir(tmp_path)) == ["LATEST", "ckpt-000001"]  # no half-written folder left behind
+    assert_same_collector(before, SparsityCollector.load(tmp_path, model))
+    # a crash after the new folder is complete but before LATEST moves: LATEST still names the previous one
+    monkeypatch.setattr(ckpt, "_write_atomic", lambda path, data: (_ for _ in ()).throw(OSError("crash")))
+    with pytest.raises(OSError, match="crash"):
+        col.save(tmp_path)
+    assert_same_collector(before, SparsityCollector.load(tmp_path, model))
+
+
+def _bridge(**changes):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        from transformer_lens.config import TransformerBridgeConfig
+    except ImportError:  # older 3.x layout
+        from transformer_lens.model_bridge import TransformerBridgeConfig
+    torch.manual_seed(0)
+    return TransformerBridge.boot_native(TransformerBridgeConfig(**{**TINY, **changes}))
+
+
+def test_loading_into_another_model_hook_set_width_options_or_stream_names_the_mismatch(tmp_path):
+    model = _bridge()
+    SparsityCollector(model, hooks=HOOKS, **OPTS).fit(BATCHES[:2], progress=False, checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointError, match=r"n_layers: expected 2 \(checkpoint\), found 3 \(this model\)"):
+        SparsityCollector.load(tmp_path, _bridge(n_layers=3))
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.mlp\.hook_post has d_in=64.*d_mlp is 48"):
+        SparsityCollector.load(tmp_path, _bridge(d_mlp=48))
+    other_hooks = SparsityCollector(model, hooks="blocks.0.hook_resid_post", **OPTS)
+    with pytest.raises(CheckpointError, match=r"another hook set.*missing \['blocks\.1\.mlp\.hook_post'\]"):
+        other_hooks.fit(BATCHES, progress=False, checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointError, match=r"expansion: saved 2, here 4"):
+        SparsityCollector(model, hooks=HOOKS, **{**OPTS, "expansion": 4}).fit(BATCHES, progress=False,
+                                                                              checkpoint_dir=tmp_path)
+    col = SparsityCollector(model, hooks=HOOKS, **OPTS)
+    with pytest.raises(CheckpointError, match=r"batch 1 of this stream differs"):
+        col.fit(BATCHES[::-1], progress=False, checkpoint_dir=tmp_path)
+    assert col.n_tokens == 0  # nothing was changed by the failed resume
+
+
+def test_fit_checkpoint_options_are_validated(model, tmp_path):
+    col = SparsityCollector(model, hooks=HOOKS, **OPTS)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        col.fit(BATCHES, checkpoint_every=2)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        col.fit(BATCHES, checkpoint_dir=tmp_path, checkpoint_every=0)
+
+
+def test_header_of_a_learner_file_is_json_under_a_length_prefix(tmp_path):
+    # what other tools (and a human with a hex editor) see: safetensors' 8-byte length, then JSON
+    path = OnlineSparseCoder(expansion=2, batch_size=64).partial_fit(torch.randn(64, 4)).save(tmp_path / "a")
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    assert set(header) >= {"__metadata__", "dictionary", "rng_state"}
+    assert header["dictionary"]["dtype"] == "F32" and header["dictionary"]["shape"] == [8, 4]

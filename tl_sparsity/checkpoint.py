@@ -1,0 +1,446 @@
+"""Checkpoints of learners and collectors — safetensors for tensors, JSON for the rest, no pickle — written
+atomically and verified on load; and :func:`defer_interrupts`, which keeps a Ctrl-C from landing mid-update.
+
+Learner file (``*.safetensors``): tensors ``dictionary``, ``mean``, ``adam_m``, ``adam_v``, ``reservoir`` (the filled
+rows), ``rng_state`` (the learner's CPU generator), ``pending`` (rows of the unfinished batch); the header's metadata
+key ``tl_sparsity`` holds JSON: format marker, version, constructor parameters, counters, scalars (scale, λ, Adam
+learning rate, step cap) and the sha256 of the tensors' bytes.
+
+Collector checkpoint root (the ``dir`` of ``col.save(dir)`` and of ``col.fit(..., checkpoint_dir=dir)``)::
+
+    dir/LATEST                     {"checkpoint": "ckpt-000007", "manifest_sha256": "..."}
+    dir/ckpt-000007/manifest.json  model identity, hooks, d_in per hook, options, fit progress, sha256 of each file
+    dir/ckpt-000007/hook_000.safetensors ...
+    dir/ckpt-000006/...            the previous checkpoint
+
+A new checkpoint is written into a temporary folder beside the others, every file fsynced, renamed into place, and
+only then does ``LATEST`` (replaced atomically) point to it; the two newest are kept. A crash at any moment leaves
+the previous checkpoint loadable, and a damaged file fails its sha256 check with an error that names it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["learner_state", "restore_learner", "save_learner", "load_learner", "save_collector", "read_collector",
+           "load_collector", "resume_fit", "check_model", "defer_interrupts", "fingerprint", "CheckpointError"]
+
+LEARNER_FORMAT, COLLECTOR_FORMAT, VERSION = "tl_sparsity.learner", "tl_sparsity.collector", 1
+_COUNTERS = ("n_tokens_", "n_heldout_", "n_steps_", "n_dropped_", "capped_")
+_IDENTITY = ("model_class", "model_name", "n_layers", "d_model")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, damaged, or does not fit the model / collector it is loaded into."""
+
+
+# ---------------------------------------------------------------------------------------------------- learners
+def learner_state(lr: Any, copy: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(tensors, meta)``: a learner's full state; ``meta`` is JSON-able. ``copy=False`` shares the live tensors."""
+    state: dict[str, Any] = {k: getattr(lr, k) for k in _COUNTERS}
+    tensors: dict[str, Tensor] = {}
+    if lr._n_pending:
+        tensors["pending"] = torch.cat(lr._pending)
+    if lr.initialized:
+        state.update(scale_=lr.scale_, lam_=lr.lam_, lr_=lr._lr, cap=lr._cap, res_fill=lr._res_fill,
+                     lam_frozen=lr.lam is not None or lr.n_tokens_ >= lr.warmup_tokens,
+                     device=str(lr.dictionary_.device))
+        tensors.update(dictionary=lr.dictionary_, mean=lr.mean_, adam_m=lr._adam_m, adam_v=lr._adam_v,
+                       reservoir=lr._reservoir[: lr._res_fill], rng_state=lr._gen.get_state())
+    tensors = {k: (v.detach().clone() if copy else v.detach()) for k, v in tensors.items()}
+    device = None if lr.device is None else str(lr.device)
+    return tensors, {"format": LEARNER_FORMAT, "version": VERSION, "params": lr.get_params(), "device": device,
+                     "state": state}
+
+
+def restore_learner(lr: Any, tensors: dict[str, Tensor], meta: dict[str, Any],
+                    device: str | torch.device | None = None) -> Any:
+    """Overwrite ``lr``'s state with a saved one. Its parameters must equal the saved ones (``d_in`` may be None)."""
+    _check_params(lr, meta, "restore")
+    saved, st = meta["params"], meta["state"]
+    dev = torch.device(device or lr.device or st.get("device") or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"the learner state lives on {dev}, and CUDA is not available: pass device='cpu'.")
+    on = {k: v.to(dev, copy=True) for k, v in tensors.items() if k != "rng_state"}  # never share the caller's
+    lr.d_in = saved["d_in"]
+    for k in _COUNTERS:
+        setattr(lr, k, int(st[k]))
+    lr._pending = [on["pending"]] if "pending" in on else []
+    lr._n_pending = on["pending"].shape[0] if "pending" in on else 0
+    lr.dictionary_ = None
+    if "dictionary" in on:
+        lr.dictionary_, lr.mean_, lr._adam_m, lr._adam_v = on["dictionary"], on["mean"], on["adam_m"], on["adam_v"]
+        lr.scale_, lr.lam_, lr._lr, lr._cap = st["scale_"], st["lam_"], st["lr_"], int(st["cap"])
+        lr._res_fill = int(st["res_fill"])
+        lr._reservoir = torch.zeros(lr.reservoir_size, lr.d_in, device=dev)
+        lr._reservoir[: lr._res_fill] = on["reservoir"]
+        lr._gen = torch.Generator(device="cpu")
+        lr._gen.set_state(tensors["rng_state"].cpu())
+    return lr
+
+
+def _tensors_sha(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def learner_bytes(lr: Any) -> bytes:
+    """A learner's state as the bytes of one safetensors file (its JSON in the header's metadata)."""
+    from safetensors.torch import save
+
+    tensors, meta = learner_state(lr, copy=False)
+    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
+    meta["tensors_sha256"] = _tensors_sha(tensors)
+    return save(tensors, metadata={"tl_sparsity": json.dumps(meta)})
+
+
+def learner_from_bytes(data: bytes, where: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Parse and verify :func:`learner_bytes` output; ``where`` names the file in errors."""
+    from safetensors.torch import load
+
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+        meta = json.loads(header["__metadata__"]["tl_sparsity"])
+        tensors = load(data)
+    except Exception as e:  # noqa: BLE001 — any parse failure means the same thing to the user
+        raise CheckpointError(f"{where} is not a readable tl_sparsity learner file (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from e
+    if _tensors_sha(tensors) != meta.get("tensors_sha256"):
+        raise CheckpointError(f"{where} is corrupt: its tensors do not match the sha256 recorded when it was saved.")
+    return tensors, meta
+
+
+def save_learner(lr: Any, path: str | Path) -> Path:
+    """Write ``lr`` to ``path`` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    _write_atomic(path, learner_bytes(lr))
+    return path
+
+
+def load_learner(path: str | Path, device: str | torch.device | None = None) -> Any:
+    """A new :class:`OnlineSparseCoder` from a file written by :func:`save_learner`."""
+    from .learner import OnlineSparseCoder
+
+    path = Path(path)
+    tensors, meta = learner_from_bytes(_read(path), str(path))
+    lr = OnlineSparseCoder(**meta["params"], device=device or meta.get("device"))
+    return restore_learner(lr, tensors, meta, device)
+
+
+# ---------------------------------------------------------------------------------------------------- collectors
+def save_collector(col: Any, root: str | Path, fit: dict[str, Any] | None = None, keep: int = 2) -> Path:
+    """Write a checkpoint of ``col`` under ``root`` (see the module docstring); returns its folder."""
+    from . import hooks as _hooks
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    seq = max([_seq(p) for p in root.glob("ckpt-*")] + [0]) + 1
+    final = root / f"ckpt-{seq:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        files = {}
+        for i, (name, lr) in enumerate(col.learners.items()):
+            data = learner_bytes(lr)
+            files[name] = {"file": f"hook_{i:03d}.safetensors", "sha256": _sha(data), "bytes": len(data)}
+            _write(tmp / files[name]["file"], data)
+        opts = {k: (str(v) if k == "device" and v is not None else v) for k, v in col.learner_options.items()}
+        manifest = {"format": COLLECTOR_FORMAT, "version": VERSION, "model": _hooks.model_info(col.model),
+                    "hooks": list(col.learners), "d_in": {n: lr.d_in for n, lr in col.learners.items()},
+                    "skip_bos": col.skip_bos, "options": opts, "fit": fit, "files": files}
+        mbytes = json.dumps(manifest, indent=1).encode()
+        _write(tmp / "manifest.json", mbytes)
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_atomic(root / "LATEST", json.dumps({"checkpoint": final.name, "manifest_sha256": _sha(mbytes)}).encode())
+    for old in sorted(root.glob("ckpt-*"), key=_seq)[: -max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".ckpt-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def exists(root: str | Path) -> bool:
+    """Whether ``root`` holds a collector checkpoint (a root with checkpoints, or one checkpoint folder)."""
+    root = Path(root)
+    return (root / "manifest.json").is_file() or (root / "LATEST").is_file() or any(root.glob("ckpt-*"))
+
+
+def read_collector(root: str | Path) -> tuple[dict[str, Any], dict[str, bytes], Path]:
+    """``(manifest, {hook: learner file bytes}, folder)`` of the newest checkpoint under ``root`` (or of the
+    checkpoint folder ``root``), every file verified against its sha256."""
+    root = Path(root)
+    want = None
+    if (root / "manifest.json").is_file():
+        folder = root
+    elif (root / "LATEST").is_file():
+        latest = _json(root / "LATEST")
+        folder, want = root / latest["checkpoint"], latest.get("manifest_sha256")
+    else:
+        found = sorted(root.glob("ckpt-*"), key=_seq)
+        if not found:
+            raise CheckpointError(f"no checkpoint in {root} (expected LATEST, ckpt-* folders or manifest.json).")
+        folder = found[-1]
+    hint = _previous_hint(folder)
+    mpath = folder / "manifest.json"
+    mbytes = _read(mpath)
+    if want is not None and _sha(mbytes) != want:
+        raise CheckpointError(f"{mpath} is corrupt or truncated (its sha256 differs from the one in LATEST).{hint}")
+    manifest = _json(mpath, mbytes)
+    if manifest.get("format") != COLLECTOR_FORMAT:
+        raise CheckpointError(f"{mpath} is not a tl_sparsity collector checkpoint (format {manifest.get('format')!r}).")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(f"{mpath}: checkpoint version {manifest.get('version')} is not supported "
+                              f"(this tl_sparsity reads version {VERSION}).")
+    blobs = {}
+    for name, f in manifest["files"].items():
+        data = _read(folder / f["file"])
+        if len(data) != f["bytes"] or _sha(data) != f["sha256"]:
+            raise CheckpointError(
+                f"{folder / f['file']} (hook {name}) is corrupt or truncated: {len(data)} bytes with sha256 "
+                f"{_sha(data)[:12]}…, the manifest records {f['bytes']} bytes with sha256 {f['sha256'][:12]}…."
+                f"{hint}")
+        blobs[name] = data
+    return manifest, blobs, folder
+
+
+def check_model(manifest: dict[str, Any], model: Any, where: str) -> None:
+    """Raise :class:`CheckpointError` naming each difference between the checkpoint's model and ``model``; also
+    check every hook exists in ``model`` and, where the config gives it, has the saved width."""
+    import warnings
+
+    from . import hooks as _hooks
+
+    saved, found = manifest["model"], _hooks.model_info(model)
+    diff = [f"{k}: expected {saved.get(k)!r} (checkpoint), found {found.get(k)!r} (this model)"
+            for k in _IDENTITY if saved.get(k) != found.get(k)]
+    if diff:
+        raise CheckpointError(f"{where} was saved from a different model — " + "; ".join(diff) + ".")
+    soft = [f"{k}: {saved.get(k)!r} → {found.get(k)!r}" for k in ("compatibility_mode", "dtype")
+            if saved.get(k) != found.get(k)]
+    if soft:
+        warnings.warn(f"{where}: the model differs from the saved one in " + ", ".join(soft) + "; activations will "
+                      "differ from those the dictionaries were learned on.", stacklevel=3)
+    names = dict(model.hook_dict)
+    missing = [n for n in manifest["hooks"] if n not in names]
+    if missing:
+        raise CheckpointError(f"{where}: hook(s) {missing} of the checkpoint do not exist in this model.")
+    cfg = getattr(model, "cfg", None)
+    for n, d in manifest["d_in"].items():
+        site = _hooks.parse_hook_name(n)[1]
+        key = "d_mlp" if site in ("mlp_pre", "mlp_post") else "d_model" if site in (
+            "resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out", "embed") else None
+        width = getattr(cfg, key, None) if key else None
+        if d is not None and width is not None and int(width) != int(d):
+            raise CheckpointError(f"{where}: hook {n} has d_in={d} in the checkpoint but this model's {key} is "
+                                  f"{width}.")
+
+
+def _parsed(manifest: dict[str, Any], blobs: dict[str, bytes], folder: Path, learners: dict[str, Any]) -> dict:
+    """Parse every learner file and check it against the manifest and ``learners``, before anything is changed."""
+    out = {}
+    for name, data in blobs.items():
+        tensors, meta = learner_from_bytes(data, str(folder / manifest["files"][name]["file"]))
+        if meta["params"]["d_in"] != manifest["d_in"][name]:
+            raise CheckpointError(f"{folder}: hook {name} has d_in={manifest['d_in'][name]} in the manifest but "
+                                  f"{meta['params']['d_in']} in its learner file.")
+        _check_params(learners[name], meta, f"{folder}, hook {name}")
+        out[name] = (tensors, meta)
+    return out
+
+
+def _check_params(lr: Any, meta: dict[str, Any], where: str) -> None:
+    if meta.get("format") != LEARNER_FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{where}: not a version-{VERSION} tl_sparsity learner state "
+                              f"(format {meta.get('format')!r}, version {meta.get('version')!r}).")
+    saved, mine = meta["params"], lr.get_params()
+    diff = [f"{k}: saved {saved.get(k)!r}, here {v!r}" for k, v in mine.items()
+            if saved.get(k) != v and not (k == "d_in" and v is None)]
+    if diff:
+        raise CheckpointError(f"{where}: the learner was saved with other options — " + "; ".join(diff) + ".")
+
+
+def load_collector(cls: Any, path: str | Path, model: Any, device: str | torch.device | None) -> Any:
+    """A new collector of class ``cls`` on ``model`` from the checkpoint at ``path`` (``SparsityCollector.load``)."""
+    manifest, blobs, folder = read_collector(path)
+    check_model(manifest, model, f"checkpoint {folder}")
+    opts = dict(manifest["options"])
+    if device is not None:
+        opts["device"] = device
+    col = cls(model, hooks=manifest["hooks"], skip_bos=manifest["skip_bos"], **opts)
+    for name, (tensors, meta) in _parsed(manifest, blobs, folder, col.learners).items():
+        restore_learner(col.learners[name], tensors, meta, device)
+    return col
+
+
+def resume_fit(col: Any, root: str | Path, batches: Iterator[Any]) -> tuple[int, int, str | None]:
+    """Restore ``col`` from the checkpoint under ``root`` and skip the batches of ``batches`` it had consumed;
+    returns ``(batches_done, start_tokens, last_batch_sha256)``. Nothing is changed if a check fails."""
+    import warnings
+
+    manifest, blobs, folder = read_collector(root)
+    where = f"checkpoint {folder}"
+    check_model(manifest, col.model, where)
+    mine, saved = list(col.learners), manifest["hooks"]
+    if mine != saved:
+        raise CheckpointError(f"{where} has another hook set: expected {saved} (checkpoint), found {mine} (this "
+                              f"collector); missing {sorted(set(saved) - set(mine))}, extra "
+                              f"{sorted(set(mine) - set(saved))}. Use another checkpoint_dir for a new run.")
+    if manifest["skip_bos"] != col.skip_bos:
+        raise CheckpointError(f"{where} was written with skip_bos={manifest['skip_bos']}, this collector has "
+                              f"skip_bos={col.skip_bos}.")
+    parsed = _parsed(manifest, blobs, folder, col.learners)
+    fit = manifest.get("fit") or {}
+    done, want = int(fit.get("batches_done", 0)), fit.get("last_batch_sha256")
+    got = None
+    for i in range(done):
+        batch = next(batches, None)
+        if batch is None:
+            warnings.warn(f"{where} had consumed {done} batches but the stream ended after {i}; nothing is left "
+                          "to fit.", stacklevel=3)
+            break
+        if i == done - 1 and want is not None:
+            from .collector import _split_batch
+
+            got = fingerprint(*_split_batch(batch))
+            if got != want:
+                raise CheckpointError(f"batch {i} of this stream differs from the one {where} was written after "
+                                      "(sha256 mismatch): pass the same batches in the same order to resume, or "
+                                      "use a new checkpoint_dir.")
+    if col.n_tokens:
+        warnings.warn(f"fit: resuming from {where}; the {col.n_tokens} tokens this collector held are replaced by "
+                      "the checkpoint's state.", stacklevel=3)
+    for name, (tensors, meta) in parsed.items():
+        restore_learner(col.learners[name], tensors, meta)
+    start = int(fit["start_tokens"]) if "start_tokens" in fit else col.n_tokens
+    return done, start, want
+
+
+def fingerprint(tokens: Any, mask: Any = None) -> str:
+    """sha256 of a batch (tokens and mask), to check a resumed stream is the one the checkpoint saw."""
+    h = hashlib.sha256()
+    for part in (tokens, mask):
+        if isinstance(part, Tensor):
+            t = part.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode() + t.view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- interrupts
+_deferring = threading.local()
+
+
+@contextlib.contextmanager
+def defer_interrupts() -> Iterator[None]:
+    """Hold back SIGINT (Ctrl-C) until the block ends, then deliver it — so the block's state updates complete.
+
+    A no-op outside the main thread, and when nested. The block should be short (one batch of one learner).
+    """
+    if getattr(_deferring, "on", False) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    except (ValueError, OSError):  # not the main interpreter, or signals unavailable
+        yield
+        return
+    old = signal.default_int_handler if old is None else old  # None: a handler not installed from Python
+    _deferring.on = True
+    try:
+        yield
+    finally:
+        _deferring.on = False
+        signal.signal(signal.SIGINT, old)
+        if got:
+            if callable(old):
+                old(signal.SIGINT, None)
+            elif old == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
+
+
+# ---------------------------------------------------------------------------------------------------- file helpers
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _seq(p: Path) -> int:
+    try:
+        return int(p.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _previous_hint(folder: Path) -> str:
+    prev = [p for p in sorted(folder.parent.glob("ckpt-*"), key=_seq) if _seq(p) < _seq(folder)]
+    if not prev:
+        return ""
+    return (f" The previous checkpoint {prev[-1]} is untouched: load it with SparsityCollector.load('{prev[-1]}', "
+            f"model), or delete {folder} and {folder.parent / 'LATEST'} to resume from it.")
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint file {path} is missing.{_previous_hint(path.parent)}") from e
+
+
+def _json(path: Path, data: bytes | None = None) -> dict[str, Any]:
+    try:
+        return json.loads(_read(path) if data is None else data)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is corrupt or truncated (not valid JSON: {e}).") from e
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        _write(Path(tmp), data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
