@@ -31,6 +31,13 @@ __all__ = ["OnlineSparseCoder", "state_bytes"]
 _SOLVERS = ("greedy", "lasso")
 
 
+def _fast_path(x: Tensor, phi: Tensor) -> bool:
+    """The CUDA kernels of :mod:`.kernels` apply (float32 CUDA tensors, Triton importable, m ≤ 32 768)."""
+    from . import kernels
+
+    return x.dtype == torch.float32 and kernels.available() and phi.shape[0] <= kernels.MAX_ATOMS
+
+
 def state_bytes(d: int, m: int, reservoir_size: int, n_pending: int = 0) -> int:
     """Bytes of tensors an initialised learner keeps, whatever the number of tokens seen (float32):
     4·d·(3m + 1 + reservoir_size + n_pending) — dictionary, two Adam moments [m, d], mean [d], the held-out
@@ -272,9 +279,27 @@ class OnlineSparseCoder:
             self.lam_ = self.lam_ratio * float((xn0 @ self.dictionary_.T).max(dim=1).values.clamp_min(0).mean())
             self.lam_ = max(self.lam_, 1e-6)
 
+    @property
+    def capped_(self) -> int:
+        """Rows that stopped at ``max_steps`` (on CUDA counted on the device; reading this syncs once)."""
+        if self._capped_dev is not None:
+            self._capped += int(self._capped_dev)
+            self._capped_dev = None
+        return self._capped
+
+    @capped_.setter
+    def capped_(self, value: int) -> None:
+        self._capped, self._capped_dev = int(value), None
+
     def _code(self, xn: Tensor) -> Tensor:
         if self.solver == "lasso":
             return lasso_pursuit(xn, self.dictionary_, self.lam_)
+        if xn.is_cuda and _fast_path(xn, self.dictionary_):  # one kernel launch, no host sync
+            from .kernels import greedy_pursuit_triton
+
+            alpha, _, capped = greedy_pursuit_triton(xn, self.dictionary_, self.lam_, max_steps=self._cap)
+            self._last_capped = capped.sum()  # a device tensor: counted without a sync
+            return alpha
         alpha, info = greedy_pursuit(xn, self.dictionary_, self.lam_, max_steps=self._cap, return_info=True)
         self._last_capped = info.capped
         return alpha
@@ -283,14 +308,20 @@ class OnlineSparseCoder:
         if self.dictionary_ is None:
             self._init_state(batch)
         xn = (batch - self.mean_) / self.scale_
-        u = torch.rand(xn.shape[0], generator=self._gen).to(xn.device)
-        held = u < self.holdout_frac
-        self._add_heldout(xn[held])
-        x = xn[~held]
+        held = torch.rand(xn.shape[0], generator=self._gen) < self.holdout_frac  # on the CPU: no device sync
+        n_held = int(held.sum())
+        idx = torch.cat([held.nonzero().squeeze(1), (~held).nonzero().squeeze(1)])
+        idx = idx.pin_memory().to(xn.device, non_blocking=True) if xn.is_cuda else idx
+        self._add_heldout(xn.index_select(0, idx[:n_held]))
+        x = xn.index_select(0, idx[n_held:])
         if x.shape[0] == 0:
             return
         alpha = self._code(x)
-        self.capped_ += self._last_capped if self.solver == "greedy" else 0
+        if self.solver == "greedy":
+            if isinstance(self._last_capped, Tensor):
+                self._capped_dev = self._last_capped + (0 if self._capped_dev is None else self._capped_dev)
+            else:
+                self._capped += self._last_capped
         if self.lam is None and self.n_tokens_ < self.warmup_tokens:
             mean_max = float(alpha.max(dim=1).values.mean())
             if mean_max > 0:
@@ -302,6 +333,13 @@ class OnlineSparseCoder:
 
     def _phi_step(self, x: Tensor, alpha: Tensor) -> None:
         phi = self.dictionary_
+        if phi.is_cuda and _fast_path(x, phi):  # bf16 products (fp32 accumulation) + one fused Adam kernel
+            from .kernels import adam_sphere_step, phi_products
+
+            _, grad = phi_products(x, alpha, phi)
+            self.n_steps_ += 1
+            adam_sphere_step(phi, grad, self._adam_m, self._adam_v, self._lr, self.n_steps_)
+            return
         resid = x - alpha @ phi
         grad = (-2.0 / x.shape[0]) * (alpha.T @ resid)  # ∇Φ of mean ‖x − αΦ‖², rows [m, d]
         grad -= (grad * phi).sum(1, keepdim=True) * phi  # tangent to the unit sphere
@@ -333,5 +371,9 @@ class OnlineSparseCoder:
             return
         idx = torch.arange(seen + take, seen + k, dtype=torch.float64) + 1  # 1-based index of each newcomer
         slot = (torch.rand(rest.shape[0], generator=self._gen, dtype=torch.float64) * idx).long()
-        for j in torch.nonzero(slot < self.reservoir_size).squeeze(1).tolist():  # sequential: later rows win
-            self._reservoir[int(slot[j])] = rest[j]
+        slot = slot.pin_memory().to(rows.device, non_blocking=True) if rows.is_cuda else slot
+        r = self.reservoir_size  # vectorised Algorithm R: the last newcomer aimed at a slot wins it, as sequentially
+        last = torch.full((r + 1,), -1, dtype=torch.long, device=rows.device)  # entry r collects the misses
+        last.scatter_reduce_(0, slot.clamp_max(r), torch.arange(rest.shape[0], device=rows.device), reduce="amax")
+        src = last[:r]
+        self._reservoir.copy_(torch.where((src >= 0)[:, None], rest[src.clamp_min(0)], self._reservoir))
