@@ -76,3 +76,16 @@ def test_csv_html_and_json_round_trip(tmp_path):
     assert back.loc["blocks.2.mlp.hook_post", "normalized_loss"] == 4.0
     assert "<table" in rep.to_html() and "toy" in rep.to_html()
     assert SparsityReport.load(rep.save(tmp_path / "r.json")) == rep
+
+
+def test_tables_round_trip_and_neurons_view(tmp_path):
+    rep = _report()
+    rep.tables["neurons/blocks.0.mlp.hook_post"] = [{"neuron": 0, "frequency": 0.0, "kind": "dead"},
+                                                   {"neuron": 1, "frequency": 0.25, "kind": "token"}]
+    rep.tables["parameter_activation"] = [{"layer": 0, "share": 0.5}]
+    back = SparsityReport.load(rep.save(tmp_path / "r.json"))
+    assert back == rep
+    assert back.neurons("blocks.0.mlp.hook_post").loc[1, "kind"] == "token"
+    assert back.table("parameter_activation")["share"].tolist() == [0.5]
+    with pytest.raises(KeyError, match="no neuron statistics"):
+        back.neurons("blocks.1.mlp.hook_post")

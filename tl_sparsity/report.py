@@ -20,11 +20,36 @@ _FORMAT_VERSION = 1
 
 
 class SparsityReport:
-    """Per-hook sparsity metrics. ``rows`` are dicts with :data:`COLUMNS`; ``meta`` describes the run."""
+    """Per-hook sparsity metrics. ``rows`` are dicts with :data:`COLUMNS`; ``meta`` describes the run.
 
-    def __init__(self, rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> None:
+    ``tables`` holds further named tables as lists of records (JSON-able dicts), e.g. ``"neurons/<hook>"`` (one row
+    per neuron, see :meth:`neurons`) or ``"parameter_activation"`` (see :meth:`table`); they round-trip through
+    :meth:`save` / :meth:`load` with the rows.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]], meta: dict[str, Any] | None = None,
+                 tables: dict[str, list[dict[str, Any]]] | None = None) -> None:
         self.rows = [dict(r) for r in rows]
         self.meta = dict(meta or {})
+        self.tables = {k: [dict(r) for r in v] for k, v in (tables or {}).items()}
+
+    def table(self, name: str):
+        """A stored table as a pandas DataFrame (``report.tables`` lists the names)."""
+        import pandas as pd
+
+        if name not in self.tables:
+            raise KeyError(f"no table {name!r} in this report; it has {sorted(self.tables) or 'none'}.")
+        return pd.DataFrame(self.tables[name])
+
+    def neurons(self, hook: str):
+        """Per-neuron statistics of ``hook`` (firing frequency, kind, covering tokens), when they were collected
+        (``SparsityCollector(..., neurons=...)``)."""
+        if f"neurons/{hook}" not in self.tables:
+            have = [k.split("/", 1)[1] for k in self.tables if k.startswith("neurons/")]
+            raise KeyError(f"no neuron statistics for {hook!r}; this report has them for {have or 'no hook'} "
+                           "(collect them with SparsityCollector(..., neurons=True) or on mlp_post hooks).")
+        df = self.table(f"neurons/{hook}")
+        return df.set_index("neuron") if "neuron" in df.columns else df
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -155,7 +180,8 @@ class SparsityReport:
 
     # ------------------------------------------------------------------ storage
     def to_dict(self) -> dict[str, Any]:
-        return {"format": "tl_sparsity.report", "version": _FORMAT_VERSION, "meta": self.meta, "rows": self.rows}
+        return {"format": "tl_sparsity.report", "version": _FORMAT_VERSION, "meta": self.meta, "rows": self.rows,
+                "tables": self.tables}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SparsityReport":
@@ -164,7 +190,7 @@ class SparsityReport:
         if data.get("version") != _FORMAT_VERSION:
             raise ValueError(f"report format version {data.get('version')} is not supported (this is "
                              f"{_FORMAT_VERSION}); upgrade tl_sparsity.")
-        return cls(data["rows"], data.get("meta"))
+        return cls(data["rows"], data.get("meta"), data.get("tables"))
 
     def save(self, path: str | Path) -> Path:
         """Write the report as JSON to ``path``; returns the path."""
