@@ -42,10 +42,28 @@ def assert_same_learner(a: OnlineSparseCoder, b: OnlineSparseCoder) -> None:
             assert type(x) is type(y) and x == y, (k, x, y)
 
 
+def assert_same_extras(a: SparsityCollector, b: SparsityCollector) -> None:
+    """Covariances and neuron statistics equal bit for bit (heavy-hitter slots in the same order, too)."""
+    assert list(a.extras) == list(b.extras)
+    for name in a.extras:
+        x, y = a.extras[name], b.extras[name]
+        assert (x.cov is None) == (y.cov is None) and (x.neurons is None) == (y.neurons is None), name
+        if x.cov is not None:
+            assert x.cov.n == y.cov.n and torch.equal(x.cov.mean, y.cov.mean), name
+            assert torch.equal(x.cov.scatter, y.cov.scatter), name
+        if x.neurons is not None:
+            sa, sb = x.neurons.state_dict(), y.neurons.state_dict()
+            assert sa.keys() == sb.keys()
+            for k in sa:
+                assert torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k], (name, k)
+
+
 def assert_same_collector(a: SparsityCollector, b: SparsityCollector) -> None:
+    """Learners and side statistics equal bit for bit."""
     assert list(a.learners) == list(b.learners)
     for name in a.learners:
         assert_same_learner(a.learners[name], b.learners[name])
+    assert_same_extras(a, b)
 
 
 def _tokens(seed, b=4, p=17):
@@ -154,6 +172,8 @@ def test_save_then_load_gives_the_same_collector_and_report(model, tmp_path):
     assert manifest["hooks"] == col.hook_names and manifest["d_in"] == {HOOKS.split(",")[0]: 32,
                                                                          HOOKS.split(",")[1]: 64}
     assert manifest["model"]["n_layers"] == 2 and manifest["options"] == OPTS
+    assert manifest["neurons"] == [HOOKS.split(",")[1]] and manifest["controls"] is False  # mlp_post: on by default
+    assert list(manifest["extras"]) == [HOOKS.split(",")[1]]
     back = SparsityCollector.load(tmp_path, model)
     assert_same_collector(col, back)
     assert back.report() == col.report()

@@ -209,3 +209,16 @@ def test_collector_sees_another_tool_s_in_place_patch_only_when_that_hook_runs_f
         col.stop()
     assert torch.equal(got[name][0], clean[:, 1:].reshape(-1, 32))
     assert n_hooks(model) == 0
+
+
+def test_keep_mask_marks_exactly_the_positions_rows_keeps(model):
+    col = SparsityCollector(model, hooks="blocks.0.hook_resid_post", **OPTS)
+    act = torch.randn(3, 5, 2, 4)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    keep = col.keep_mask(act, mask)
+    want = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)  # BOS, padding dropped
+    assert torch.equal(keep, want)
+    assert torch.equal(col.rows(act, mask), act.reshape(3, 5, 8)[want])
+    assert torch.equal(col.rows(act, keep=keep), col.rows(act, mask))
+    no_bos = SparsityCollector(model, hooks="blocks.0.hook_resid_post", skip_bos=False, **OPTS)
+    assert torch.equal(no_bos.keep_mask(act, mask), mask.bool()) and no_bos.keep_mask(act).all()

@@ -9,8 +9,11 @@ learning rate, step cap) and the sha256 of the tensors' bytes.
 Collector checkpoint root (the ``dir`` of ``col.save(dir)`` and of ``col.fit(..., checkpoint_dir=dir)``)::
 
     dir/LATEST                     {"checkpoint": "ckpt-000007", "manifest_sha256": "..."}
-    dir/ckpt-000007/manifest.json  model identity, hooks, d_in per hook, options, fit progress, sha256 of each file
+    dir/ckpt-000007/manifest.json  model identity, hooks, d_in per hook, options (learner, controls, neurons,
+                                   neuron_options), fit progress, sha256 of each file
     dir/ckpt-000007/hook_000.safetensors ...
+    dir/ckpt-000007/extra_000.safetensors ...  per hook with side statistics: covariance (``cov.mean``,
+                                   ``cov.scatter``) and neuron-statistics tensors (``neurons.*``); JSON as for learners
     dir/ckpt-000006/...            the previous checkpoint
 
 A new checkpoint is written into a temporary folder beside the others, every file fsynced, renamed into place, and
@@ -39,7 +42,8 @@ from torch import Tensor
 __all__ = ["learner_state", "restore_learner", "save_learner", "load_learner", "save_collector", "read_collector",
            "load_collector", "resume_fit", "check_model", "defer_interrupts", "fingerprint", "CheckpointError"]
 
-LEARNER_FORMAT, COLLECTOR_FORMAT, VERSION = "tl_sparsity.learner", "tl_sparsity.collector", 1
+LEARNER_FORMAT, COLLECTOR_FORMAT, EXTRAS_FORMAT, VERSION = ("tl_sparsity.learner", "tl_sparsity.collector",
+                                                            "tl_sparsity.extras", 1)
 _COUNTERS = ("n_tokens_", "n_heldout_", "n_steps_", "n_dropped_", "capped_")
 _IDENTITY = ("model_class", "model_name", "n_layers", "d_model")
 
@@ -102,18 +106,16 @@ def _tensors_sha(tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def learner_bytes(lr: Any) -> bytes:
-    """A learner's state as the bytes of one safetensors file (its JSON in the header's metadata)."""
+def _pack(tensors: dict[str, Tensor], meta: dict[str, Any]) -> bytes:
+    """One safetensors file's bytes: ``tensors`` (CPU) and ``meta`` as JSON with their sha256 in the header."""
     from safetensors.torch import save
 
-    tensors, meta = learner_state(lr, copy=False)
-    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
-    meta["tensors_sha256"] = _tensors_sha(tensors)
-    return save(tensors, metadata={"tl_sparsity": json.dumps(meta)})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return save(tensors, metadata={"tl_sparsity": json.dumps({**meta, "tensors_sha256": _tensors_sha(tensors)})})
 
 
-def learner_from_bytes(data: bytes, where: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Parse and verify :func:`learner_bytes` output; ``where`` names the file in errors."""
+def _unpack(data: bytes, where: str, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Parse and verify :func:`_pack` output; ``where`` names the file and ``what`` its kind in errors."""
     from safetensors.torch import load
 
     try:
@@ -122,11 +124,21 @@ def learner_from_bytes(data: bytes, where: str) -> tuple[dict[str, Tensor], dict
         meta = json.loads(header["__metadata__"]["tl_sparsity"])
         tensors = load(data)
     except Exception as e:  # noqa: BLE001 — any parse failure means the same thing to the user
-        raise CheckpointError(f"{where} is not a readable tl_sparsity learner file (truncated or corrupt?): "
+        raise CheckpointError(f"{where} is not a readable tl_sparsity {what} file (truncated or corrupt?): "
                               f"{type(e).__name__}: {e}") from e
     if _tensors_sha(tensors) != meta.get("tensors_sha256"):
         raise CheckpointError(f"{where} is corrupt: its tensors do not match the sha256 recorded when it was saved.")
     return tensors, meta
+
+
+def learner_bytes(lr: Any) -> bytes:
+    """A learner's state as the bytes of one safetensors file (its JSON in the header's metadata)."""
+    return _pack(*learner_state(lr, copy=False))
+
+
+def learner_from_bytes(data: bytes, where: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Parse and verify :func:`learner_bytes` output; ``where`` names the file in errors."""
+    return _unpack(data, where, "learner")
 
 
 def save_learner(lr: Any, path: str | Path) -> Path:
@@ -157,15 +169,21 @@ def save_collector(col: Any, root: str | Path, fit: dict[str, Any] | None = None
     final = root / f"ckpt-{seq:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
-        files = {}
+        files, extras = {}, {}
         for i, (name, lr) in enumerate(col.learners.items()):
             data = learner_bytes(lr)
             files[name] = {"file": f"hook_{i:03d}.safetensors", "sha256": _sha(data), "bytes": len(data)}
             _write(tmp / files[name]["file"], data)
-        opts = {k: (str(v) if k == "device" and v is not None else v) for k, v in col.learner_options.items()}
+            ex = col.extras[name]
+            if ex.cov is not None or ex.neurons is not None:
+                tensors, meta = ex.state()
+                data = _pack(tensors, {"format": EXTRAS_FORMAT, "version": VERSION, **meta})
+                extras[name] = {"file": f"extra_{i:03d}.safetensors", "sha256": _sha(data), "bytes": len(data)}
+                _write(tmp / extras[name]["file"], data)
         manifest = {"format": COLLECTOR_FORMAT, "version": VERSION, "model": _hooks.model_info(col.model),
                     "hooks": list(col.learners), "d_in": {n: lr.d_in for n, lr in col.learners.items()},
-                    "skip_bos": col.skip_bos, "options": opts, "fit": fit, "files": files}
+                    "skip_bos": col.skip_bos, "options": _options(col.learner_options), **_side_config(col),
+                    "fit": fit, "files": files, "extras": extras}
         mbytes = json.dumps(manifest, indent=1).encode()
         _write(tmp / "manifest.json", mbytes)
         _fsync_dir(tmp)
@@ -189,8 +207,8 @@ def exists(root: str | Path) -> bool:
 
 
 def read_collector(root: str | Path) -> tuple[dict[str, Any], dict[str, bytes], Path]:
-    """``(manifest, {hook: learner file bytes}, folder)`` of the newest checkpoint under ``root`` (or of the
-    checkpoint folder ``root``), every file verified against its sha256."""
+    """``(manifest, {file name: bytes}, folder)`` of the newest checkpoint under ``root`` (or of the checkpoint
+    folder ``root``), every learner and extras file verified against its sha256."""
     root = Path(root)
     want = None
     if (root / "manifest.json").is_file():
@@ -215,14 +233,14 @@ def read_collector(root: str | Path) -> tuple[dict[str, Any], dict[str, bytes], 
         raise CheckpointError(f"{mpath}: checkpoint version {manifest.get('version')} is not supported "
                               f"(this tl_sparsity reads version {VERSION}).")
     blobs = {}
-    for name, f in manifest["files"].items():
+    for name, f in [*manifest["files"].items(), *manifest.get("extras", {}).items()]:
         data = _read(folder / f["file"])
         if len(data) != f["bytes"] or _sha(data) != f["sha256"]:
             raise CheckpointError(
                 f"{folder / f['file']} (hook {name}) is corrupt or truncated: {len(data)} bytes with sha256 "
                 f"{_sha(data)[:12]}…, the manifest records {f['bytes']} bytes with sha256 {f['sha256'][:12]}…."
                 f"{hint}")
-        blobs[name] = data
+        blobs[f["file"]] = data
     return manifest, blobs, folder
 
 
@@ -258,16 +276,67 @@ def check_model(manifest: dict[str, Any], model: Any, where: str) -> None:
                                   f"{width}.")
 
 
-def _parsed(manifest: dict[str, Any], blobs: dict[str, bytes], folder: Path, learners: dict[str, Any]) -> dict:
-    """Parse every learner file and check it against the manifest and ``learners``, before anything is changed."""
+def _parsed(manifest: dict[str, Any], blobs: dict[str, bytes], folder: Path, col: Any) -> tuple[dict, dict]:
+    """Parse every learner and extras file and check them against the manifest and ``col``, before anything is
+    changed: ``({hook: (tensors, meta)} of learners, {hook: (tensors, meta)} of side statistics)``."""
     out = {}
-    for name, data in blobs.items():
-        tensors, meta = learner_from_bytes(data, str(folder / manifest["files"][name]["file"]))
+    for name, f in manifest["files"].items():
+        tensors, meta = learner_from_bytes(blobs[f["file"]], str(folder / f["file"]))
         if meta["params"]["d_in"] != manifest["d_in"][name]:
             raise CheckpointError(f"{folder}: hook {name} has d_in={manifest['d_in'][name]} in the manifest but "
                                   f"{meta['params']['d_in']} in its learner file.")
-        _check_params(learners[name], meta, f"{folder}, hook {name}")
+        _check_params(col.learners[name], meta, f"{folder}, hook {name}")
         out[name] = (tensors, meta)
+    extras = {}
+    for name, f in manifest.get("extras", {}).items():
+        where = str(folder / f["file"])
+        tensors, meta = _unpack(blobs[f["file"]], where, "extras")
+        if meta.get("format") != EXTRAS_FORMAT or meta.get("version") != VERSION or meta.get("hook") != name:
+            raise CheckpointError(f"{where}: not a version-{VERSION} tl_sparsity extras file of hook {name} "
+                                  f"(format {meta.get('format')!r}, version {meta.get('version')!r}, hook "
+                                  f"{meta.get('hook')!r}).")
+        ex = col.extras.get(name)
+        if ex is None or (meta["covariance"] is not None and not ex.want_cov) or (
+                meta["neurons"] is not None and not ex.want_neurons):
+            raise CheckpointError(f"{where}: holds statistics of hook {name} that this collector does not keep.")
+        diff = ex.config_diff(meta)
+        if diff:
+            raise CheckpointError(f"{where}: the neuron statistics were saved with other settings — "
+                                  + "; ".join(diff) + ".")
+        extras[name] = (tensors, meta)
+    return out, extras
+
+
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: (str(v) if k == "device" and v is not None else v) for k, v in options.items()}
+
+
+def _side_config(col: Any) -> dict[str, Any]:
+    """What a collector keeps beside its learners, as the manifest records it."""
+    return {"controls": col.controls, "neurons": list(col.neuron_hooks), "neuron_options": _options(col.neuron_options)}
+
+
+def _check_side_config(manifest: dict[str, Any], col: Any, where: str) -> None:
+    saved = {"controls": manifest.get("controls", False), "neurons": manifest.get("neurons", []),
+             "neuron_options": manifest.get("neuron_options", {})}
+    mine = _side_config(col)
+    for cfg in (saved, mine):
+        cfg["neuron_options"] = {k: v for k, v in cfg["neuron_options"].items() if k != "device"}
+    diff = [f"{k}: saved {saved[k]!r}, here {mine[k]!r}" for k in saved if saved[k] != mine[k]]
+    if diff:
+        raise CheckpointError(f"{where} was written by a collector built with other side statistics — "
+                              + "; ".join(diff) + ". Build the collector with the same controls=, neurons= and "
+                              "neuron_options=, or use another checkpoint_dir for a new run.")
+
+
+def _loaded_extras(col: Any, extras: dict[str, tuple], device: str | torch.device | None, where: str) -> dict:
+    """``{hook: (covariance, neuron stats)}`` rebuilt for every hook of ``col`` (None where none were saved)."""
+    out = {}
+    for name, ex in col.extras.items():
+        try:
+            out[name] = ex.loaded(*extras.get(name, ({}, None)), device)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{where}, hook {name}: its side statistics cannot be restored: {e}") from e
     return out
 
 
@@ -289,9 +358,17 @@ def load_collector(cls: Any, path: str | Path, model: Any, device: str | torch.d
     opts = dict(manifest["options"])
     if device is not None:
         opts["device"] = device
-    col = cls(model, hooks=manifest["hooks"], skip_bos=manifest["skip_bos"], **opts)
-    for name, (tensors, meta) in _parsed(manifest, blobs, folder, col.learners).items():
+    nopts = dict(manifest.get("neuron_options", {}))
+    if device is not None and "device" in nopts:
+        nopts["device"] = device
+    col = cls(model, hooks=manifest["hooks"], skip_bos=manifest["skip_bos"], controls=manifest.get("controls", False),
+              neurons=manifest.get("neurons", []), neuron_options=nopts, **opts)
+    _check_side_config(manifest, col, f"checkpoint {folder}")
+    learners, extras = _parsed(manifest, blobs, folder, col)
+    extras = _loaded_extras(col, extras, device, f"checkpoint {folder}")
+    for name, (tensors, meta) in learners.items():
         restore_learner(col.learners[name], tensors, meta, device)
+        col.extras[name].restore(extras[name])
     return col
 
 
@@ -311,7 +388,9 @@ def resume_fit(col: Any, root: str | Path, batches: Iterator[Any]) -> tuple[int,
     if manifest["skip_bos"] != col.skip_bos:
         raise CheckpointError(f"{where} was written with skip_bos={manifest['skip_bos']}, this collector has "
                               f"skip_bos={col.skip_bos}.")
-    parsed = _parsed(manifest, blobs, folder, col.learners)
+    _check_side_config(manifest, col, where)
+    parsed, extras = _parsed(manifest, blobs, folder, col)
+    extras = _loaded_extras(col, extras, None, where)
     fit = manifest.get("fit") or {}
     done, want = int(fit.get("batches_done", 0)), fit.get("last_batch_sha256")
     got = None
@@ -334,6 +413,7 @@ def resume_fit(col: Any, root: str | Path, batches: Iterator[Any]) -> tuple[int,
                       "the checkpoint's state.", stacklevel=3)
     for name, (tensors, meta) in parsed.items():
         restore_learner(col.learners[name], tensors, meta)
+        col.extras[name].restore(extras[name])
     start = int(fit["start_tokens"]) if "start_tokens" in fit else col.n_tokens
     return done, start, want
 

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Bool
 from torch import Tensor
 
 from . import checkpoint as _ckpt
+from . import extras as _extras
 from . import hooks as _hooks
 from .learner import OnlineSparseCoder
 from .report import SparsityReport
@@ -34,6 +36,14 @@ class SparsityCollector:
             name, glob, filter function, comma-separated string or list of these.
         skip_bos: drop the first position of each sequence (the first attended one when an ``attention_mask`` is
             given). BOS/[CLS] activations have outsized norms; set False if your inputs carry no BOS.
+        controls: keep each hook's streamed mean and covariance (float64, d × d) of the rows its learner gets, so that
+            ``report()`` adds ``control_normalized_loss``, ``control_normalized_loss_se`` and ``sparsity_ratio`` (the
+            same learner trained on a Gaussian with that mean and covariance; as costly as the learning itself).
+        neurons: neuron statistics (:class:`~tl_sparsity.neurons.NeuronStats`: dead neurons, firing rates, token /
+            trigram detectors, positional neurons) — None: on for ``mlp_post`` hooks; False: off; True: every hook;
+            or hook names / aliases / globs among ``hooks``. Token detectors need token ids: ``fit`` passes them,
+            ``fwd_hooks`` / ``attach`` take ``tokens=``, ``start()`` reads ``col.tokens``.
+        neuron_options: keyword arguments of ``NeuronStats`` (``threshold``, ``absolute``, ``trigram_slots``, ...).
         **learner_options: passed to every :class:`OnlineSparseCoder` (``expansion``, ``lam``, ``seed``, ...).
 
     Use ``model.run_with_hooks(tokens, fwd_hooks=col.fwd_hooks() + others)``, ``with col.attach(): model(tokens)``,
@@ -41,6 +51,7 @@ class SparsityCollector:
     """
 
     def __init__(self, model: Any, hooks: _hooks.HookSpec = "resid_post", *, skip_bos: bool = True,
+                 controls: bool = False, neurons: Any = None, neuron_options: dict[str, Any] | None = None,
                  **learner_options: Any) -> None:
         self.model = model
         self.hook_points = _hooks.resolve_hooks(model, hooks)
@@ -50,7 +61,15 @@ class SparsityCollector:
         self.learners: dict[str, OnlineSparseCoder] = {
             name: OnlineSparseCoder(**self.learner_options) for name in self.hook_points
         }
+        if not isinstance(controls, bool):
+            raise TypeError(f"controls must be True or False, got {controls!r}.")
+        self.controls = controls
+        self.neuron_hooks = _extras.neuron_hooks(model, self.hook_points, neurons)
+        self.neuron_options = _extras.check_neuron_options(neuron_options)
+        self.extras = {name: _extras.HookExtras(name, controls, name in self.neuron_hooks, self.neuron_options)
+                       for name in self.hook_points}  # per hook: covariance and neuron statistics
         self.attention_mask: Tensor | None = None  # used by hooks added with start()
+        self.tokens: Tensor | None = None  # token ids [batch, pos] used by hooks added with start()
         self._persistent: dict[str, list[Any]] = {}
 
     def __repr__(self) -> str:
@@ -70,68 +89,93 @@ class SparsityCollector:
         return lr.n_tokens_ + lr.n_heldout_ + lr.n_pending_
 
     # ------------------------------------------------------------------ hook functions
-    def rows(self, activation: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """The rows a hook keeps from ``activation`` ``[batch, pos, ...]``: a float32 copy ``[n_kept, features]``."""
+    def keep_mask(self, activation: Tensor, attention_mask: Tensor | None = None) -> Bool[Tensor, "batch pos"]:
+        """The positions a hook keeps of ``activation`` ``[batch, pos, ...]``: attended (``attention_mask``), minus
+        BOS (the first attended position) when ``skip_bos``. A new tensor, on the activation's device."""
+        if activation.ndim < 2:
+            raise ValueError(f"expected an activation [batch, pos, ...], got shape {tuple(activation.shape)}.")
+        (b, p), dev = activation.shape[:2], activation.device
+        with torch.inference_mode(False):  # usable outside inference mode too
+            keep = torch.ones(b, p, dtype=torch.bool, device=dev)
+            if attention_mask is not None:
+                mask = torch.as_tensor(attention_mask).to(dev)
+                if tuple(mask.shape) != (b, p):
+                    raise ValueError(
+                        f"attention_mask has shape {tuple(mask.shape)} but the activation is [batch={b}, pos={p}, "
+                        "...]; pass the mask of the tokens of this forward."
+                    )
+                keep &= mask.bool()
+            if self.skip_bos and p > 0:
+                first = keep.int().argmax(dim=1) if attention_mask is not None else torch.zeros(b, dtype=torch.long)
+                keep[torch.arange(b, device=dev), first.to(dev)] = False
+        return keep
+
+    def rows(self, activation: Tensor, attention_mask: Tensor | None = None,
+             keep: Bool[Tensor, "batch pos"] | None = None) -> Tensor:
+        """The rows a hook keeps from ``activation`` ``[batch, pos, ...]``: a float32 copy ``[n_kept, features]`` of
+        the positions of ``keep`` (default :meth:`keep_mask`)."""
         act = activation.detach()
-        if act.ndim < 2:
-            raise ValueError(f"expected an activation [batch, pos, ...], got shape {tuple(act.shape)}.")
-        b, p = act.shape[:2]
-        keep = torch.ones(b, p, dtype=torch.bool, device=act.device)
-        if attention_mask is not None:
-            mask = torch.as_tensor(attention_mask).to(act.device)
-            if tuple(mask.shape) != (b, p):
-                raise ValueError(
-                    f"attention_mask has shape {tuple(mask.shape)} but the activation is [batch={b}, pos={p}, ...];"
-                    " pass the mask of the tokens of this forward."
-                )
-            keep &= mask.bool()
-        if self.skip_bos and p > 0:
-            first = keep.int().argmax(dim=1) if attention_mask is not None else torch.zeros(b, dtype=torch.long)
-            keep[torch.arange(b, device=act.device), first.to(act.device)] = False
-        feats = act.reshape(b, p, math.prod(act.shape[2:]))  # not -1: ambiguous for empty batches
+        keep = self.keep_mask(act, attention_mask) if keep is None else keep
+        feats = act.reshape(*act.shape[:2], math.prod(act.shape[2:]))  # not -1: ambiguous for empty batches
         with torch.inference_mode(False):  # state built here must be usable outside inference mode too
             return feats[keep].to(torch.float32).clone()
 
     def _hook_fn(self, name: str, attention_mask: Tensor | None = None, use_attribute: bool = False,
-                 sink: dict[str, list[Tensor]] | None = None) -> Callable:
-        learner = self.learners[name]
+                 sink: dict[str, list[tuple]] | None = None, tokens: Tensor | None = None) -> Callable:
+        # sink: fit()'s, whose tokens are implicit (dropped for neuron statistics started without tokens)
+        learner, extras = self.learners[name], self.extras[name]
 
         def hook(activation: Tensor, hook: Any = None) -> None:
             mask = self.attention_mask if use_attribute else attention_mask
-            rows = self.rows(activation, mask)
+            act = activation.detach()
+            keep = self.keep_mask(act, mask)
+            rows = self.rows(act, keep=keep)
             if learner.d_in is not None and rows.shape[0] and rows.shape[1] != learner.d_in:
                 raise ValueError(f"hook {name}: its learner has d_in={learner.d_in} but this activation has "
                                  f"{rows.shape[1]} features per position (a different model or hook?).")
+            acts = act.reshape(*act.shape[:2], rows.shape[1]) if extras.want_neurons else None
+            toks = None if acts is None else extras.check(acts, self.tokens if use_attribute else tokens, keep,
+                                                          rows.shape[0], implicit=sink is not None)
             if sink is not None:  # fit(): kept until the forward completes, then fed to the learners
-                sink[name].append(rows)
+                if acts is not None:
+                    with torch.inference_mode(False):
+                        acts = acts.clone()  # raw dtype; no reference to the model's tensor is kept
+                sink[name].append((rows, acts, toks, keep))
                 return None
             with torch.inference_mode(False), torch.no_grad():
                 learner.partial_fit(rows)
+                extras.update(rows, acts, toks, keep)
             return None
 
         hook.__name__ = f"tl_sparsity[{name}]"
         return hook
 
     # ------------------------------------------------------------------ ways to attach
-    def fwd_hooks(self, attention_mask: Tensor | None = None) -> list[tuple[str, Callable]]:
+    def fwd_hooks(self, attention_mask: Tensor | None = None, tokens: Tensor | None = None
+                  ) -> list[tuple[str, Callable]]:
         """``[(name, fn), ...]`` for ``model.run_with_hooks(..., fwd_hooks=col.fwd_hooks() + others)``.
 
-        ``attention_mask`` ``[batch, pos]`` (1 = real token) of the tokens of that call excludes padding.
+        ``attention_mask`` ``[batch, pos]`` (1 = real token) of the tokens of that call excludes padding;
+        ``tokens`` ``[batch, pos]`` (the token ids of that call) feed the neuron statistics' token detectors.
         """
-        return [(name, self._hook_fn(name, attention_mask)) for name in self.hook_points]
+        return [(name, self._hook_fn(name, attention_mask, tokens=tokens)) for name in self.hook_points]
 
     @contextlib.contextmanager
-    def attach(self, attention_mask: Tensor | None = None) -> Iterator["SparsityCollector"]:
-        """``with col.attach(): model(tokens)`` — hooks live exactly for the block, also when it raises."""
-        with self._attached(attention_mask):
+    def attach(self, attention_mask: Tensor | None = None, tokens: Tensor | None = None
+               ) -> Iterator["SparsityCollector"]:
+        """``with col.attach(): model(tokens)`` — hooks live exactly for the block, also when it raises.
+        ``attention_mask`` and ``tokens`` as in :meth:`fwd_hooks`."""
+        with self._attached(attention_mask, tokens=tokens):
             yield self
 
     @contextlib.contextmanager
-    def _attached(self, attention_mask: Tensor | None, sink: dict[str, list[Tensor]] | None = None) -> Iterator[None]:
+    def _attached(self, attention_mask: Tensor | None, sink: dict[str, list[tuple]] | None = None,
+                  tokens: Tensor | None = None) -> Iterator[None]:
         added: list[tuple[Any, list[Any]]] = []
         try:
             for name, hp in self.hook_points.items():
-                added.append((hp, _hooks.add_hook(hp, self._hook_fn(name, attention_mask, sink=sink), False)))
+                fn = self._hook_fn(name, attention_mask, sink=sink, tokens=tokens)
+                added.append((hp, _hooks.add_hook(hp, fn, False)))
             yield
         finally:
             for hp, handles in added:
@@ -140,7 +184,8 @@ class SparsityCollector:
     def start(self) -> "SparsityCollector":
         """Keep hooks attached across calls (and ``model.reset_hooks()``) until :meth:`stop`.
 
-        Padding is excluded through ``col.attention_mask``, which you may set before each forward.
+        Padding is excluded through ``col.attention_mask``, and token ids reach the neuron statistics through
+        ``col.tokens``; set them before each forward.
         """
         for name, hp in self.hook_points.items():
             if name not in self._persistent:
@@ -163,9 +208,10 @@ class SparsityCollector:
 
         Each batch is a token tensor ``[batch, pos]``, a ``(tokens, attention_mask)`` pair or a dict with
         ``input_ids`` (and ``attention_mask``); a single 2-D tensor is one batch. Forwards stop after the last
-        hooked layer when every hook is inside a block. A batch's rows reach the learners only once its forward
-        has completed (until then each hook holds that one batch's rows), so an interrupted ``fit`` (Ctrl-C, an
-        error in any hook) leaves every learner holding exactly the batches before it, and ``report()`` usable.
+        hooked layer when every hook is inside a block; integer token tensors also feed the neuron statistics. A
+        batch reaches the learners, covariances and neuron statistics only once its forward has completed (until
+        then each hook holds a copy of that one batch), so an interrupted ``fit`` (Ctrl-C, an error in any hook)
+        leaves every one of them holding exactly the batches before it, and ``report()`` usable.
 
         Checkpoints: with ``checkpoint_dir``, a checkpoint is written there (atomically, see :meth:`save`) every
         ``checkpoint_every`` batches — counted as batches taken from ``token_batches``, empty ones included — and
@@ -222,13 +268,15 @@ class SparsityCollector:
     def _fit_batch(self, tokens: Any, mask: Tensor | None, forward_kwargs: dict[str, Any]) -> None:
         if isinstance(tokens, Tensor) and tokens.numel() == 0:
             return  # an empty batch: nothing to run
-        sink: dict[str, list[Tensor]] = {name: [] for name in self.hook_points}
-        with self._attached(mask, sink):
+        sink: dict[str, list[tuple]] = {name: [] for name in self.hook_points}
+        ids = tokens if isinstance(tokens, Tensor) and not tokens.is_floating_point() else None
+        with self._attached(mask, sink, tokens=ids):
             self.model.run_with_hooks(tokens, fwd_hooks=[], **forward_kwargs)
-        with _ckpt.defer_interrupts(), torch.inference_mode(False):
+        with _ckpt.defer_interrupts(), torch.inference_mode(False):  # learners and statistics: all or nothing
             for name, chunks in sink.items():
-                for rows in chunks:
+                for rows, acts, toks, keep in chunks:
                     self.learners[name].partial_fit(rows)
+                    self.extras[name].update(rows, acts, toks, keep)
 
     def _checkpoint(self, root: str | Path, done: int, start: int, fp: str | None) -> int:
         _ckpt.save_collector(self, root, fit={"batches_done": done, "start_tokens": start, "last_batch_sha256": fp})
@@ -236,8 +284,9 @@ class SparsityCollector:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> Path:
-        """Checkpoint every learner's full state under ``path`` (safetensors + a JSON manifest naming the model,
-        hooks, widths and options, with the sha256 of every file); written atomically beside the previous one,
+        """Checkpoint every learner's full state and the side statistics (covariances, neuron statistics) under
+        ``path`` (safetensors + a JSON manifest naming the model, hooks, widths and options, with the sha256 of
+        every file); written atomically beside the previous one,
         which is kept. Returns the new checkpoint's folder. See :mod:`tl_sparsity.checkpoint` for the layout."""
         return _ckpt.save_collector(self, path)
 
@@ -249,8 +298,17 @@ class SparsityCollector:
         return _ckpt.load_collector(cls, path, model, device)
 
     # ------------------------------------------------------------------ results
-    def report(self) -> SparsityReport:
-        """Evaluate every learner on its held-out rows with its final dictionary; one row per hook."""
+    def report(self, controls: bool | None = None) -> SparsityReport:
+        """Evaluate every learner on its held-out rows with its final dictionary; one row per hook.
+
+        With ``controls=True`` collectors, also the control columns (``report(controls=False)`` skips them: training
+        the controls costs as much as the learning; they are computed once per hook and row count). With neuron
+        statistics, their columns (:data:`tl_sparsity.extras.NEURON_COLUMNS`, None/NaN on hooks without) and one
+        table per hook, ``report.neurons(hook)``.
+        """
+        if controls and not self.controls:
+            raise ValueError("this collector keeps no covariances: build it with SparsityCollector(..., "
+                             "controls=True) to get control columns.")
         rows = []
         for name, learner in self.learners.items():
             layer, site = _hooks.parse_hook_name(name)
@@ -265,9 +323,10 @@ class SparsityCollector:
         for row in rows:
             if row["status"] != "ok":
                 warnings.warn(f"{row['hook']}: {row['status']}", stacklevel=2)
-        meta = {"model": _hooks.model_info(self.model), "options": self.learners_params(),
-                "skip_bos": self.skip_bos}
-        return SparsityReport(rows, meta)
+        meta: dict[str, Any] = {"model": _hooks.model_info(self.model), "options": self.learners_params(),
+                                "skip_bos": self.skip_bos}
+        tables = _extras.add_to_report(self, rows, meta, self.controls if controls is None else bool(controls))
+        return SparsityReport(rows, meta, tables)
 
     def learners_params(self) -> dict[str, Any]:
         return next(iter(self.learners.values())).get_params() if self.learners else {}

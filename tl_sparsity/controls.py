@@ -22,22 +22,28 @@ __all__ = ["StreamingCovariance", "control_metrics"]
 
 class StreamingCovariance:
     """Mean and covariance of a stream of rows in float64, updated chunk by chunk (Chan et al.'s pairwise
-    update, so the result does not depend on how the stream was chunked beyond float64 rounding) and mergeable."""
+    update, so the result does not depend on how the stream was chunked beyond float64 rounding) and mergeable.
+    ``device`` holds the state and does the updates (a CUDA device keeps rows on the GPU); ``state_dict`` is on the CPU.
+    """
 
-    def __init__(self, d: int) -> None:
+    def __init__(self, d: int, device: str | torch.device = "cpu") -> None:
         if int(d) < 1:
             raise ValueError(f"d must be a positive integer, got {d!r}.")
         self.d = int(d)
         self.n = 0
-        self.mean = torch.zeros(self.d, dtype=torch.float64)
-        self.scatter = torch.zeros(self.d, self.d, dtype=torch.float64)  # Σ (x − mean)(x − mean)ᵀ
+        self.mean = torch.zeros(self.d, dtype=torch.float64, device=device)
+        self.scatter = torch.zeros(self.d, self.d, dtype=torch.float64, device=device)  # Σ (x − mean)(x − mean)ᵀ
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
 
     def update(self, x: Float[Tensor, "n d"]) -> "StreamingCovariance":
         if x.ndim != 2 or x.shape[1] != self.d:
             raise ValueError(f"expected rows [n, {self.d}], got {tuple(x.shape)}.")
         if x.shape[0] == 0:
             return self
-        x = x.detach().to("cpu", torch.float64)
+        x = x.detach().to(self.device, torch.float64)
         mean_b = x.mean(0)
         xc = x - mean_b
         self._combine(x.shape[0], mean_b, xc.T @ xc)
@@ -47,7 +53,7 @@ class StreamingCovariance:
         if other.d != self.d:
             raise ValueError(f"cannot merge covariances of different sizes ({self.d} vs {other.d}).")
         if other.n:
-            self._combine(other.n, other.mean, other.scatter)
+            self._combine(other.n, other.mean.to(self.device), other.scatter.to(self.device))
         return self
 
     def _combine(self, n_b: int, mean_b: Tensor, scatter_b: Tensor) -> None:
@@ -64,14 +70,15 @@ class StreamingCovariance:
         return self.scatter / (self.n - 1)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "mean": self.mean.clone(), "scatter": self.scatter.clone()}
+        return {"n": self.n, "mean": self.mean.to("cpu", copy=True), "scatter": self.scatter.to("cpu", copy=True)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mean, scatter = torch.as_tensor(state["mean"]), torch.as_tensor(state["scatter"])
         if mean.shape != (self.d,) or scatter.shape != (self.d, self.d):
             raise ValueError(f"state is for d={mean.shape[0]}, this covariance has d={self.d}.")
         self.n = int(state["n"])
-        self.mean, self.scatter = mean.to(torch.float64).clone(), scatter.to(torch.float64).clone()
+        self.mean = mean.to(self.device, torch.float64, copy=True)
+        self.scatter = scatter.to(self.device, torch.float64, copy=True)
 
 
 def control_metrics(stats: StreamingCovariance, learner_params: dict[str, Any], n_rows: int, seed: int = 0,
@@ -84,7 +91,7 @@ def control_metrics(stats: StreamingCovariance, learner_params: dict[str, Any], 
 
     if n_rows < 1:
         raise ValueError(f"n_rows must be positive, got {n_rows}.")
-    src = CovarianceMatchedGaussian(stats.mean, stats.cov(), seed=seed)
+    src = CovarianceMatchedGaussian(stats.mean.cpu(), stats.cov().cpu(), seed=seed)
     coder = OnlineSparseCoder(**learner_params)
     device = learner_params.get("device")
     for x in src.batches(n_rows, chunk=chunk):

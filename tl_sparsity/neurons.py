@@ -193,24 +193,12 @@ class NeuronStats:
                mask: Bool[Tensor, "batch pos"] | None = None) -> NeuronStats:
         """Count one batch. ``mask`` marks the positions to count (default all); ``tokens`` (given with every update,
         or never) enable the token/trigram detectors. Thresholding runs on ``acts``'s device, the rest on ``device``."""
-        if acts.ndim != 3 or acts.shape[-1] != self.n_neurons:
-            raise ValueError(f"acts must be [batch, pos, {self.n_neurons}], got {tuple(acts.shape)}.")
+        self.check_update(tuple(acts.shape), tokens, mask)
         b, t, n = acts.shape
-        for name, x in (("tokens", tokens), ("mask", mask)):
-            if x is not None and tuple(x.shape) != (b, t):
-                raise ValueError(f"{name} must be [batch, pos] = {(b, t)} like acts, got {tuple(x.shape)}.")
-        if tokens is not None and (tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool
-                                   or (tokens.numel() and (tokens.min() < 0 or tokens.max() >= 2**_BITS - 1))):
-            raise ValueError(f"tokens must be integer ids in [0, {2**_BITS - 2}].")
-        if self.vocab_size is not None and tokens is not None and tokens.numel() and tokens.max() >= self.vocab_size:
-            raise ValueError(f"token id {int(tokens.max())} ≥ vocab_size {self.vocab_size}.")
         if self.track_tokens is None:
             self.track_tokens = False
             if tokens is not None:
                 self._start_tokens()
-        elif self.track_tokens != (tokens is not None):
-            raise ValueError("pass tokens with every update or with none: this NeuronStats was started "
-                             f"{'with' if self.track_tokens else 'without'} tokens.")
         active = (acts.abs() if self.absolute else acts) > self.threshold
         hits = torch.empty(n, b * t, device=self.device).copy_(active.reshape(b * t, n).T)  # [n, N] 0/1
         mask = torch.ones(b, t, dtype=torch.bool, device=self.device) if mask is None else mask.to(self.device).bool()
@@ -230,6 +218,24 @@ class NeuronStats:
                 self.sketch.view(-1).index_add_(0, cols.view(-1), torch.ones_like(cols.view(-1), dtype=torch.int32))
                 self._hh["tri"].update(keys, hits)
         return self
+
+    def check_update(self, shape: tuple[int, ...], tokens: Tensor | None = None, mask: Tensor | None = None) -> None:
+        """Raise the ``ValueError`` that :meth:`update` would raise for acts of ``shape`` with these ``tokens`` and
+        ``mask``, changing nothing (callers that must update several statistics all-or-nothing check first)."""
+        if len(shape) != 3 or shape[-1] != self.n_neurons:
+            raise ValueError(f"acts must be [batch, pos, {self.n_neurons}], got {tuple(shape)}.")
+        b, t = shape[:2]
+        for name, x in (("tokens", tokens), ("mask", mask)):
+            if x is not None and tuple(x.shape) != (b, t):
+                raise ValueError(f"{name} must be [batch, pos] = {(b, t)} like acts, got {tuple(x.shape)}.")
+        if tokens is not None and (tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool
+                                   or (tokens.numel() and (tokens.min() < 0 or tokens.max() >= 2**_BITS - 1))):
+            raise ValueError(f"tokens must be integer ids in [0, {2**_BITS - 2}].")
+        if self.vocab_size is not None and tokens is not None and tokens.numel() and tokens.max() >= self.vocab_size:
+            raise ValueError(f"token id {int(tokens.max())} ≥ vocab_size {self.vocab_size}.")
+        if self.track_tokens is not None and self.track_tokens != (tokens is not None):
+            raise ValueError("pass tokens with every update or with none: this NeuronStats was started "
+                             f"{'with' if self.track_tokens else 'without'} tokens.")
 
     def _count_positions(self, per_fire: Tensor, per_pos: Tensor) -> None:  # [n, t], [t]
         p = self.max_positions
