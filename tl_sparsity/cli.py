@@ -37,15 +37,16 @@ def _parser() -> argparse.ArgumentParser:
                    "directory of text files, or a Hugging Face dataset name")
     r.add_argument("--hooks", default="resid_post", help="comma-separated aliases (resid_pre, resid_mid, resid_post, "
                    "mlp_pre, mlp_post, mlp_out, attn_out, embed), HT-style names or globs")
-    r.add_argument("--tokens", type=int, default=20_000, help="tokens per hook to collect (after dropping BOS)")
+    r.add_argument("--tokens", type=int, default=8192, help="tokens per hook to collect (after dropping BOS)")
     r.add_argument("--ctx-len", type=int, default=128, help="tokens per window, BOS included")
     r.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    r.add_argument("--layers", default=None, help="layers for the aliases in --hooks: comma-separated indices "
+                   "(0,5,10) or a range start:stop[:step] (0:30:5); default every layer")
     r.add_argument("--max-layers", type=int, default=None, help="only hooks in the first N layers (runs stop there)")
     r.add_argument("--expansion", type=int, default=8, help="dictionary size m = expansion x d")
     r.add_argument("--lam", type=float, default=None, help="fixed lambda (default: the paper's adaptive rule)")
     r.add_argument("--solver", default="greedy", choices=("greedy", "lasso"), help="coding algorithm")
-    r.add_argument("--learner-batch-size", type=int, default=None, help="rows per dictionary step (default: the "
-                   "learner's)")
+    r.add_argument("--learner-batch-size", type=int, default=1024, help="rows per dictionary step")
     r.add_argument("--warmup-tokens", type=int, default=None, help="rows over which lambda adapts before it is frozen "
                    "(default: half of --tokens)")
     r.add_argument("--seed", type=int, default=0)
@@ -53,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="float32", choices=_DTYPES, help="model dtype (learners always use float32)")
     r.add_argument("--out", default=None, help="output folder (default: runs/<model>)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--controls", action="store_true", help="also train each hook's learner on a Gaussian with the "
+                   "hook's mean and covariance: adds control_normalized_loss and sparsity_ratio (about 2x the time)")
+    r.add_argument("--neurons", default="auto", help="neuron statistics (dead, token/trigram detectors, positional): "
+                   "auto (mlp_post hooks), all, none, or comma-separated hooks/aliases")
+    r.add_argument("--param-activation", type=int, default=0, metavar="N",
+                   help="also compute parameter activation (Wang et al. 2024) over N text windows; writes "
+                   "param_activation.png")
 
     s = sub.add_parser("show", help="print a saved report")
     s.add_argument("report", help="a report.json written by `tl-sparsity run` or SparsityReport.save")
@@ -77,22 +85,46 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def hook_spec(hooks: str, n_layers: int, max_layers: int | None) -> list[str]:
-    """Expand ``--hooks`` for ``--max-layers``: aliases become per-layer names below the limit; other names and
-    globs pass through (and are checked by the collector)."""
-    from .hooks import ALIASES
-
+def parse_layers(spec: str | None, n_layers: int, max_layers: int | None = None) -> list[int]:
+    """``"0,5,10"`` or ``"0:30:5"`` (Python slice syntax) → layer indices, checked against ``n_layers`` and cut at
+    ``max_layers``; None → every layer."""
     if max_layers is not None and max_layers < 1:
         raise ValueError(f"--max-layers must be >= 1, got {max_layers}.")
+    if spec is None or not spec.strip():
+        layers = list(range(n_layers))
+    elif ":" in spec:
+        try:
+            layers = list(range(n_layers))[slice(*[int(v) if v.strip() else None for v in spec.split(":")])]
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--layers {spec!r} is not start:stop[:step] (e.g. 0:30:5).") from e
+    else:
+        try:
+            layers = sorted({int(v) for v in spec.split(",") if v.strip()})
+        except ValueError as e:
+            raise ValueError(f"--layers {spec!r} is not a comma-separated list of integers (e.g. 0,5,10).") from e
+        bad = [v for v in layers if not 0 <= v < n_layers]
+        if bad:
+            raise ValueError(f"--layers {bad} out of range: this model has layers 0..{n_layers - 1}.")
+    layers = [v for v in layers if max_layers is None or v < max_layers]
+    if not layers:
+        raise ValueError(f"--layers {spec!r} / --max-layers {max_layers} select no layer of 0..{n_layers - 1}.")
+    return layers
+
+
+def hook_spec(hooks: str, n_layers: int, max_layers: int | None = None, layers: str | None = None) -> list[str]:
+    """Expand ``--hooks`` for ``--layers`` / ``--max-layers``: per-layer aliases become names at those layers;
+    other aliases, names and globs pass through (and are checked by the collector)."""
+    from .hooks import ALIASES
+
     parts = [h.strip() for h in hooks.split(",") if h.strip()]
     if not parts:
         raise ValueError("--hooks is empty; give e.g. --hooks resid_post,mlp_post.")
-    limit = n_layers if max_layers is None else min(n_layers, max_layers)
+    chosen = parse_layers(layers, n_layers, max_layers)
     out: list[str] = []
     for h in parts:
         template = ALIASES.get(h)
         if template is not None and "{L}" in template:
-            out += [template.format(L=layer) for layer in range(limit)]
+            out += [template.format(L=layer) for layer in chosen]
         else:
             out.append(h)
     return out
@@ -104,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     from . import models, text
     from .collector import SparsityCollector
 
-    for name in ("tokens", "ctx_len", "batch_size", "expansion"):
+    for name in ("tokens", "ctx_len", "batch_size", "expansion", "learner_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     if args.ctx_len < 2:
@@ -114,28 +146,36 @@ def _run(args: argparse.Namespace) -> int:
     model, tokenizer = models.load_model(args.model, backend=args.backend, device=args.device,
                                          dtype=getattr(torch, args.dtype))
     t_load = time.perf_counter() - t0
-    texts = text.load_texts(args.text)
-    n_seq = -(-args.tokens // (args.ctx_len - 1))
+    local = args.text == "pydoc" or Path(args.text).exists()  # small enough to shuffle windows across documents
+    texts = text.load_texts(args.text) if local else text.iter_texts(args.text)
     batches = list(text.token_windows(tokenizer, texts, ctx_len=args.ctx_len, batch_size=args.batch_size,
-                                      max_tokens=n_seq * args.ctx_len, seed=args.seed))
-    available = sum(int(b.numel() if torch.is_tensor(b) else b[1].sum()) for b in batches) - sum(
-        int(b.shape[0] if torch.is_tensor(b) else b[0].shape[0]) for b in batches)
+                                      max_tokens=args.tokens, seed=args.seed if local else None))
+    available = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
     if available < args.tokens:
         logging.getLogger("tl_sparsity").warning(
-            "the text gives %d tokens (after one BOS per window), fewer than --tokens %d: using them all.",
-            available, args.tokens)
+            "%s gives %d tokens in windows of %d (one BOS each), fewer than --tokens %d: using them all.",
+            args.text, available, args.ctx_len, args.tokens)
     options: dict[str, Any] = dict(expansion=args.expansion, lam=args.lam, solver=args.solver, seed=args.seed,
+                                   batch_size=args.learner_batch_size,
                                    warmup_tokens=args.warmup_tokens or max(1, min(args.tokens, available) // 2))
-    if args.learner_batch_size is not None:
-        options["batch_size"] = args.learner_batch_size
     if args.device != "cpu":
         options["device"] = args.device
-    hooks = hook_spec(args.hooks, int(model.cfg.n_layers), args.max_layers)
-    col = SparsityCollector(model, hooks=hooks, **options)
+    hooks = hook_spec(args.hooks, int(model.cfg.n_layers), args.max_layers, args.layers)
+    neurons = {"auto": None, "all": True, "none": False}.get(args.neurons, args.neurons)
+    if isinstance(neurons, str):
+        neurons = [h.strip() for h in neurons.split(",") if h.strip()]
+    col = SparsityCollector(model, hooks=hooks, controls=args.controls, neurons=neurons, **options)
     t1 = time.perf_counter()
     col.fit(batches, n_tokens=args.tokens, progress=not args.no_progress)
     t_fit = time.perf_counter() - t1
     report = col.report()
+    if args.param_activation:
+        from .parameters import parameter_activation
+
+        windows = torch.cat(batches)[: args.param_activation]
+        pa = parameter_activation(model, windows.to(args.device))
+        report.tables["parameter_activation"] = [{k: _plain(v) for k, v in r.items()} for r in pa.to_dict("records")]
+        report.meta["parameter_activation"] = {k: _plain(v) for k, v in pa.attrs.items() if k != "unused"}
     report.meta["run"] = {"command": "tl-sparsity " + " ".join(args.argv),
                           "text": args.text, "ctx_len": args.ctx_len, "batch_size": args.batch_size,
                           "tokens_requested": args.tokens, "load_seconds": round(t_load, 1),
@@ -157,11 +197,26 @@ def write_outputs(report: Any, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     report.save(out / "report.json")
+    if "parameter_activation" in report.tables:
+        import pandas as pd
+
+        from .parameters import plot_parameter_activation
+
+        df = pd.DataFrame(report.tables["parameter_activation"])
+        df.attrs.update(report.meta.get("parameter_activation", {}))
+        ax = plot_parameter_activation(df)
+        ax.figure.savefig(out / "param_activation.png", dpi=120)
+        plt.close(ax.figure)
     report.to_csv(out / "report.csv")
     (out / "report.html").write_text(report.to_html())
     ax = report.plot()
     ax.figure.savefig(out / "profile.png", dpi=120)
     plt.close(ax.figure)
+
+
+def _plain(v: Any) -> Any:
+    """numpy / torch scalars → Python numbers (JSON-able)."""
+    return v.item() if hasattr(v, "item") else v
 
 
 def _show(args: argparse.Namespace) -> int:

@@ -77,9 +77,15 @@ class SparsityReport:
         cols = list(dict.fromkeys(cols))
         return pd.DataFrame([{c: r.get(c) for c in cols} for r in self.rows], columns=cols).set_index("hook")
 
-    def to_markdown(self, columns: tuple[str, ...] = ("hook", "layer", "site", "d_in", "n_tokens", "lam",
-                                                      "normalized_loss", "coef_norm", "nnz", "fvu")) -> str:
-        """A Markdown table; normalized loss is shown as ``value ± se``."""
+    def to_markdown(self, columns: tuple[str, ...] | None = None) -> str:
+        """A Markdown table; normalized loss is shown as ``value ± se``. Default columns add the control ratio and
+        the dead-neuron fraction when the report has them."""
+        if columns is None:
+            columns = ("hook", "layer", "site", "d_in", "n_tokens", "lam", "normalized_loss", "coef_norm", "nnz",
+                       "fvu")
+            for extra in ("sparsity_ratio", "dead_frac", "n_token_detectors"):
+                if any(_num_or_none(r.get(extra)) is not None for r in self.rows):
+                    columns += (extra,)
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for r in self.rows:
             cells = []
@@ -207,6 +213,10 @@ def _jsonable(v: Any) -> Any:
     if hasattr(v, "item"):
         return v.item()
     return str(v)
+
+
+def _num_or_none(v: Any) -> float | None:
+    return None if v is None or _isnan(v) else v
 
 
 def _num(v: Any) -> float:
