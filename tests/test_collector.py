@@ -222,3 +222,19 @@ def test_keep_mask_marks_exactly_the_positions_rows_keeps(model):
     assert torch.equal(col.rows(act, keep=keep), col.rows(act, mask))
     no_bos = SparsityCollector(model, hooks="blocks.0.hook_resid_post", skip_bos=False, **OPTS)
     assert torch.equal(no_bos.keep_mask(act, mask), mask.bool()) and no_bos.keep_mask(act).all()
+
+
+def test_fit_passes_the_padding_mask_to_the_model_so_left_padding_does_not_change_real_tokens(model):
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randint(1, 200, (1, 10), generator=gen), torch.randint(1, 200, (1, 6), generator=gen)
+    padded = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], dim=1)])  # b left-padded
+    mask = torch.ones_like(padded)
+    mask[1, :4] = 0
+    together = SparsityCollector(model, hooks="blocks.1.hook_resid_post", batch_size=4096, neurons=False)
+    together.fit([(padded, mask)], progress=False)
+    alone = SparsityCollector(model, hooks="blocks.1.hook_resid_post", batch_size=4096, neurons=False)
+    alone.fit([a, b], progress=False)
+    got = torch.cat(together.learners["blocks.1.hook_resid_post"]._pending)
+    want = torch.cat(alone.learners["blocks.1.hook_resid_post"]._pending)
+    assert got.shape == want.shape == (9 + 5, 32)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

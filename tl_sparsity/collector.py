@@ -8,6 +8,7 @@ TransformerLens is reached only through :mod:`tl_sparsity.hooks`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -226,7 +227,8 @@ class SparsityCollector:
         if isinstance(token_batches, Tensor):
             token_batches = [token_batches]
         layers = [_hooks.parse_hook_name(n)[0] for n in self.hook_points]
-        if all(layer is not None for layer in layers) and "stop_at_layer" not in forward_kwargs:
+        if (all(layer is not None for layer in layers) and "stop_at_layer" not in forward_kwargs
+                and "stop_at_layer" in _forward_params(self.model)):  # HookedEncoder has no stop_at_layer
             n_layers = getattr(self.model.cfg, "n_layers", None)
             last = max(layers) + 1  # type: ignore[type-var]
             if n_layers is None or last < n_layers:
@@ -270,8 +272,12 @@ class SparsityCollector:
             return  # an empty batch: nothing to run
         sink: dict[str, list[tuple]] = {name: [] for name in self.hook_points}
         ids = tokens if isinstance(tokens, Tensor) and not tokens.is_floating_point() else None
+        kwargs = dict(forward_kwargs)
+        key = _mask_keyword(self.model) if mask is not None else None
+        if key is not None and key not in kwargs:
+            kwargs[key] = mask  # padding must not be attended to (bidirectional models, left padding)
         with self._attached(mask, sink, tokens=ids):
-            self.model.run_with_hooks(tokens, fwd_hooks=[], **forward_kwargs)
+            self.model.run_with_hooks(tokens, fwd_hooks=[], **kwargs)
         with _ckpt.defer_interrupts(), torch.inference_mode(False):  # learners and statistics: all or nothing
             for name, chunks in sink.items():
                 for rows, acts, toks, keep in chunks:
@@ -369,3 +375,16 @@ def _split_batch(batch: Any) -> tuple[Any, Tensor | None]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Tensor):
         return batch[0], batch[1]
     return batch, None
+
+
+def _forward_params(model: Any) -> Any:
+    try:
+        return inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+def _mask_keyword(model: Any) -> str | None:
+    """``attention_mask`` (HookedTransformer, bridge) or ``one_zero_attention_mask`` (HookedEncoder)."""
+    params = _forward_params(model)
+    return next((k for k in ("attention_mask", "one_zero_attention_mask") if k in params), None)
