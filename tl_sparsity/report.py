@@ -140,8 +140,8 @@ class SparsityReport:
             ticks = [t for t in ax.get_xticks() if float(t).is_integer() and t >= 0]
             ax.set_xticks([-1, *ticks], ["emb", *[str(int(t)) for t in ticks]])
         m = self.meta.get("model", {})
-        ax.set_title(title if title is not None else f"{m.get('model_name') or m.get('model_class') or 'model'}: "
-                     f"{column.replace('_', ' ')} by layer")
+        name = str(m.get("model_name") or m.get("model_class") or "model").split(" (")[0]  # drop provenance
+        ax.set_title(title if title is not None else f"{name}: {column.replace('_', ' ')} by layer", fontsize=11)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         return ax
