@@ -92,3 +92,16 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys):
     assert "--tokens must be >= 1" in capsys.readouterr().err
     assert cli.main(["show", str(tmp_path / "nope.json")]) == 2
     assert "nope.json" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _has_bridge(), reason="needs TransformerBridge (TransformerLens >= 3)")
+def test_neuron_profile_example_runs_on_a_local_model(tiny_folder, capsys):
+    import runpy
+    from pathlib import Path
+
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "neuron_profile.py"))
+    rows, pa = mod["main"](["--model", str(tiny_folder), "--tokens", "600", "--ctx-len", "32", "--param-samples",
+                            "2", "--site", "post"])
+    assert [r["layer"] for r in rows] == [0, 1] and all(r["n_tokens_seen"] >= 600 for r in rows)
+    assert list(pa["layer"]) == [0, 1]
+    assert capsys.readouterr().out.count("| 1 |") == 2  # one neuron row and one parameter row for layer 1
