@@ -16,15 +16,6 @@ HOOKS = "blocks.0.hook_resid_post,blocks.1.mlp.hook_post"
 TRANSIENT = {"_last_capped"}  # written by every pursuit call before it is read; not state
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on shared cores OpenMP waits make them ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def assert_same_learner(a: OnlineSparseCoder, b: OnlineSparseCoder) -> None:
     """Every attribute equal, bit for bit — read from the objects, not through the checkpoint code."""
     va = {k: v for k, v in vars(a).items() if k not in TRANSIENT}

@@ -11,15 +11,6 @@ from test_checkpoint import BATCHES, HOOKS, OPTS, assert_same_collector, assert_
 from tl_sparsity import OnlineSparseCoder, SparsityCollector
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on shared cores OpenMP waits make them ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tokens(seed, b=6, p=17):
     return torch.randint(1, 200, (b, p), generator=torch.Generator().manual_seed(seed))
 

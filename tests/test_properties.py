@@ -16,15 +16,6 @@ from tl_sparsity.pursuit import STOP_TOL  # noqa: E402
 FEW = settings(max_examples=25, deadline=None, database=None)  # no .hypothesis folder left behind
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on shared cores OpenMP waits make them ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _collector(skip_bos):
     return SparsityCollector(StubModel(), hooks="blocks.0.hook_resid_post", skip_bos=skip_bos)
 
