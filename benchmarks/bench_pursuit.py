@@ -16,11 +16,10 @@ a fresh batch of ``--n`` normalised rows is coded by each path:
 * ``kernel:G../c../r../w..`` — the kernel alone (G and xΦᵀ precomputed): G's dtype, xΦᵀ's operand dtype, rows and
   warps per program; ``--variants all`` adds a precision and launch-shape grid;
 * ``gram:*``, ``xPhiT:*`` — the two products around the kernel, in several precisions;
-* ``phi-step``   — the learner's Φ-step as shipped (float32 products) and the proposed one (``ProposedCoder``:
-  bfloat16 operands, ``tl_sparsity.kernels.phi_products``);
-* ``train:*``    — pursuit + Φ-step per batch of rows (G and xΦᵀ included): ``shipped`` = ``greedy_pursuit`` +
-  ``OnlineSparseCoder._phi_step``; ``proposed`` = ``ProposedCoder`` (the learner diff in the report);
-* ``learner:*``  — ``partial_fit`` on ``--learner-batches`` fresh batches (held-out split, reservoir, host syncs
+* ``phi-step``   — the learner's Φ-step (on CUDA: bfloat16 products with float32 accumulation,
+  ``tl_sparsity.kernels.phi_products``, and the fused Adam kernel; float32 elsewhere);
+* ``train``      — pursuit + Φ-step per batch of rows, as the learner runs them (G and xΦᵀ included);
+* ``learner``    — ``partial_fit`` on ``--learner-batches`` fresh batches (held-out split, reservoir, host syncs
   included): the per-hook throughput a collector sees.
 
 Bytes model of the kernel (fraction of HBM bandwidth, measured by a device-to-device copy): per row the kernel reads
@@ -102,84 +101,6 @@ def agreement(fast, ref, lam):
 
 def objective(x, phi, alpha, lam):
     return ((x - alpha @ phi) ** 2).sum(1) + lam * alpha.sum(1)
-
-
-class ProposedCoder(OnlineSparseCoder):
-    """``OnlineSparseCoder`` with the learner diff proposed in the report, on CUDA: the pursuit runs the Triton kernel
-    without a host sync (capped rows counted on the device); the Φ-step's products take bfloat16 operands
-    (``kernels.phi_products``) and its tangent projection + Adam + renormalisation run as one kernel
-    (``kernels.adam_sphere_step``); the held-out split is indexed from the CPU mask (pinned, non-blocking copy) and
-    the reservoir update is vectorised. Same random numbers, same semantics; on the CPU it is the shipped learner."""
-
-    def _process(self, batch):
-        if not batch.is_cuda:
-            return super()._process(batch)
-        if self.dictionary_ is None:
-            self._init_state(batch)
-        xn = (batch - self.mean_) / self.scale_
-        held = torch.rand(xn.shape[0], generator=self._gen) < self.holdout_frac  # CPU, as shipped
-        n_held = int(held.sum())
-        idx = torch.cat([held.nonzero().squeeze(1), (~held).nonzero().squeeze(1)]).pin_memory()
-        idx = idx.to(xn.device, non_blocking=True)
-        self._add_heldout(xn.index_select(0, idx[:n_held]))
-        x = xn.index_select(0, idx[n_held:])
-        if x.shape[0] == 0:
-            return
-        alpha = self._code(x)
-        if self.lam is None and self.n_tokens_ < self.warmup_tokens:
-            mean_max = float(alpha.max(dim=1).values.mean())
-            if mean_max > 0:
-                self.lam_ = self.lam_ratio * mean_max
-                alpha = self._code(x)
-        for _ in range(self.phi_steps):
-            self._phi_step(x, alpha)
-        self.n_tokens_ += x.shape[0]
-
-    def _code(self, xn):
-        if self.solver != "greedy" or not xn.is_cuda:
-            return super()._code(xn)
-        from tl_sparsity.kernels import greedy_pursuit_triton
-
-        alpha, _, capped = greedy_pursuit_triton(xn, self.dictionary_, self.lam_, max_steps=self._cap)
-        prev = getattr(self, "_capped_dev", None)  # add to capped_ when reported
-        self._capped_dev = capped.sum() + (0 if prev is None else prev)
-        self._last_capped = 0
-        return alpha
-
-    def _phi_step(self, x, alpha):
-        if not x.is_cuda:
-            return super()._phi_step(x, alpha)
-        from tl_sparsity.kernels import adam_sphere_step, phi_products
-
-        _, grad = phi_products(x, alpha, self.dictionary_)
-        self.n_steps_ += 1
-        adam_sphere_step(self.dictionary_, grad, self._adam_m, self._adam_v, self._lr, self.n_steps_)
-
-    def _add_heldout(self, rows):
-        """Reservoir sampling as shipped (same random numbers, same result: later rows win a slot), vectorised:
-        no Python loop over rows and no host sync."""
-        k = rows.shape[0]
-        if k == 0:
-            return
-        seen = self.n_heldout_
-        self.n_heldout_ += k
-        free = max(0, self.reservoir_size - self._res_fill)
-        take = min(free, k)
-        if take:
-            self._reservoir[self._res_fill : self._res_fill + take] = rows[:take]
-            self._res_fill += take
-        rest = rows[take:]
-        if rest.shape[0] == 0 or self.reservoir_size == 0:
-            return
-        idx = torch.arange(seen + take, seen + k, dtype=torch.float64) + 1
-        slot = (torch.rand(rest.shape[0], generator=self._gen, dtype=torch.float64) * idx).long()
-        slot = slot.pin_memory().to(rows.device, non_blocking=True) if rows.is_cuda else slot
-        r = self.reservoir_size
-        j = torch.arange(rest.shape[0], device=rows.device)
-        last = torch.full((r + 1,), -1, dtype=torch.long, device=rows.device)  # slot r collects the misses
-        last.scatter_reduce_(0, slot.clamp_max(r), j, reduce="amax")  # the last row aimed at each slot wins
-        src = last[:r]
-        self._reservoir.copy_(torch.where((src >= 0)[:, None], rest[src.clamp_min(0)], self._reservoir))
 
 
 def train_dictionary(d, a, dev, args):
@@ -297,27 +218,19 @@ def bench_config(d, a, dev, args, bw, rows):
 
     # Φ-step and pursuit + Φ-step, on copies of the learner (they move the dictionary)
     c1 = copy.deepcopy(coder)
-    add("phi-step:shipped", timeit(lambda: c1._phi_step(x, alpha), dev, reps=args.reps), n)
-    add("train:shipped", timeit(lambda: c1._phi_step(x, greedy_pursuit(x, c1.dictionary_, lam)), dev,
-                                reps=args.reps), n)
-    if dev.type == "cuda":
-        c2 = copy.deepcopy(coder)
-        c2.__class__ = ProposedCoder
-        add("phi-step:proposed", timeit(lambda: c2._phi_step(x, alpha), dev, reps=args.reps), n)
-        add("train:proposed", timeit(lambda: c2._phi_step(x, c2._code(x)), dev, reps=args.reps), n)
-        # the learners end to end (partial_fit: held-out split, reservoir, syncs included), per row fed
-        sampler = DeviceSampler(src, dev, seed=3)
-        feed = [sampler(n) for _ in range(args.learner_batches + 1)]
-        for name, cls in [("learner:shipped", OnlineSparseCoder), ("learner:proposed", ProposedCoder)]:
-            lc = copy.deepcopy(coder)
-            lc.__class__ = cls
-            lc.partial_fit(feed[0])
-            sync(dev)
-            t = time.perf_counter()
-            for b in feed[1:]:
-                lc.partial_fit(b)
-            sync(dev)
-            add(name, (time.perf_counter() - t), n * args.learner_batches)
+    add("phi-step", timeit(lambda: c1._phi_step(x, alpha), dev, reps=args.reps), n)
+    add("train", timeit(lambda: c1._phi_step(x, c1._code(x)), dev, reps=args.reps), n)
+    # the learner end to end (partial_fit: held-out split, reservoir, syncs included), per row fed
+    sampler = DeviceSampler(src, dev, seed=3)
+    feed = [sampler(n) for _ in range(args.learner_batches + 1)]
+    lc = copy.deepcopy(coder)
+    lc.partial_fit(feed[0])
+    sync(dev)
+    t = time.perf_counter()
+    for b in feed[1:]:
+        lc.partial_fit(b)
+    sync(dev)
+    add("learner", (time.perf_counter() - t), n * args.learner_batches)
     if args.sklearn:
         add_sklearn(coder, src, d, m, lam, args, add)
 
@@ -412,8 +325,7 @@ def print_table(rows):
 
 
 def print_summary(rows):
-    paths = ["reference", "torch", "fast", "train:shipped", "train:proposed", "learner:shipped", "learner:proposed",
-             "sklearn:partial_fit", "ours:partial_fit"]
+    paths = ["reference", "torch", "fast", "train", "learner", "sklearn:partial_fit", "ours:partial_fit"]
     keys = sorted({(r["d"], r["a"]) for r in rows})
     present = [p for p in paths if any(r["path"] == p for r in rows)]
     print("| d | a | steps | " + " | ".join(present) + " |")
