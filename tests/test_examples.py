@@ -40,3 +40,11 @@ def test_true_dictionary_example_runs_and_noise_free_data_sits_near_truth():
     rows = mod["main"](["--d", "64", "--a", "4", "--n", "512"])
     clean = [r for r in rows if r["sigma"] == 0.0][0]
     assert 1.5 < clean["normalized_loss"] < 3.0  # truth a/2 = 2
+
+
+def test_distributed_example_runs_under_torchrun_with_two_cpu_processes():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "examples" / "distributed.py"), "--tokens", "2048"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "# 2 ranks, hooks owned per rank: [2, 2]" in out.stdout and out.stdout.count("| blocks.") == 4

@@ -23,6 +23,7 @@ _EXPORTS = {
     "parameter_activation": "parameters",
     "plot_parameter_activation": "parameters",
     "StreamingCovariance": "controls",
+    "HookParallelCollector": "distributed",
 }
 __all__ = list(_EXPORTS)
 

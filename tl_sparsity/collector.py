@@ -279,10 +279,14 @@ class SparsityCollector:
         with self._attached(mask, sink, tokens=ids):
             self.model.run_with_hooks(tokens, fwd_hooks=[], **kwargs)
         with _ckpt.defer_interrupts(), torch.inference_mode(False):  # learners and statistics: all or nothing
-            for name, chunks in sink.items():
-                for rows, acts, toks, keep in chunks:
-                    self.learners[name].partial_fit(rows)
-                    self.extras[name].update(rows, acts, toks, keep)
+            self._feed(sink)
+
+    def _feed(self, sink: dict[str, list[tuple]]) -> None:
+        """Hand one completed forward's kept rows (and neuron inputs) to the learners and side statistics."""
+        for name, chunks in sink.items():
+            for rows, acts, toks, keep in chunks:
+                self.learners[name].partial_fit(rows)
+                self.extras[name].update(rows, acts, toks, keep)
 
     def _checkpoint(self, root: str | Path, done: int, start: int, fp: str | None) -> int:
         _ckpt.save_collector(self, root, fit={"batches_done": done, "start_tokens": start, "last_batch_sha256": fp})

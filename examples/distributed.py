@@ -1,0 +1,70 @@
+"""Hook-parallel sparsity measurement with torch.distributed: each rank runs the model on its own shard of the text,
+and each hook's learner lives on one rank.
+
+    torchrun --nproc_per_node=2 examples/distributed.py                          # tiny random model, CPU (gloo)
+    torchrun --nproc_per_node=2 examples/distributed.py --model smollm2-135m --hooks resid_post --layers 0:30:5
+    torchrun --nproc_per_node=4 examples/distributed.py --model smollm2-135m --device cuda   # NCCL, one GPU per rank
+
+Rank 0 prints the report, which equals that of one process fed the shards interleaved batch by batch
+(``tests/test_distributed.py`` checks it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+
+from tl_sparsity.distributed import HookParallelCollector
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="a tl_sparsity.models name or folder (default: tiny random model)")
+    p.add_argument("--hooks", default="resid_post,mlp_post")
+    p.add_argument("--layers", default=None, help="as in tl-sparsity run, e.g. 0:30:5")
+    p.add_argument("--tokens", type=int, default=8192, help="tokens over all ranks")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+
+    cuda = args.device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+    torch.set_num_threads(1)
+    try:
+        if args.model is None:
+            import sys
+            from pathlib import Path
+
+            sys.path.insert(0, str(Path(__file__).parent))
+            from quickstart import tiny_model
+
+            model = tiny_model()
+            gen = torch.Generator().manual_seed(0)
+            batches = [torch.randint(1, 1000, (8, 64), generator=gen) for _ in range(max(1, args.tokens // 504))]
+        else:
+            from tl_sparsity import models, text
+
+            model, tok = models.load_model(args.model, device=device)
+            batches = list(text.token_windows(tok, text.load_texts("pydoc"), ctx_len=128, batch_size=8,
+                                              max_tokens=args.tokens, seed=0))
+        from tl_sparsity.cli import hook_spec
+
+        shard = batches[rank::world][: len(batches) // world]  # the same number of batches on every rank
+        hooks = hook_spec(args.hooks, int(model.cfg.n_layers), layers=args.layers)
+        col = HookParallelCollector(model, hooks=hooks, batch_size=512, **({"device": device} if cuda else {}))
+        col.fit([b.to(device) for b in shard], progress=rank == 0)
+        report = col.report()
+        if rank == 0:
+            print(f"# {world} ranks, hooks owned per rank: "
+                  f"{[sum(1 for r in col.owner.values() if r == k) for k in range(world)]}")
+            print(report.to_markdown())
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
