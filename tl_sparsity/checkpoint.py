@@ -1,5 +1,7 @@
 """Checkpoints of learners and collectors — safetensors for tensors, JSON for the rest, no pickle — written
-atomically and verified on load; and :func:`defer_interrupts`, which keeps a Ctrl-C from landing mid-update.
+atomically and verified on load. One learner's file is built by :mod:`tl_sparsity.state_io`; crash-safe writes and
+:func:`defer_interrupts` (re-exported here), which keeps a Ctrl-C from landing mid-update, are in
+:mod:`tl_sparsity.safe_io`.
 
 Learner file (``*.safetensors``): tensors ``dictionary``, ``mean``, ``adam_m``, ``adam_v``, ``reservoir`` (the filled
 rows), ``rng_state`` (the learner's CPU generator), ``pending`` (rows of the unfinished batch); the header's metadata
@@ -23,15 +25,11 @@ the previous checkpoint loadable, and a damaged file fails its sha256 check with
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import signal
-import struct
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,106 +37,29 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .safe_io import defer_interrupts
+from .safe_io import fsync_dir as _fsync_dir
+from .safe_io import sha256 as _sha
+from .safe_io import write_atomic as _write_atomic
+from .safe_io import write_synced as _write
+from .state_io import (
+    COLLECTOR_FORMAT,
+    EXTRAS_FORMAT,
+    VERSION,
+    CheckpointError,
+    _check_params,
+    _pack,
+    _unpack,
+    learner_bytes,
+    learner_from_bytes,
+    learner_state,
+    restore_learner,
+)
+
 __all__ = ["learner_state", "restore_learner", "save_learner", "load_learner", "save_collector", "read_collector",
            "load_collector", "resume_fit", "check_model", "defer_interrupts", "fingerprint", "CheckpointError"]
 
-LEARNER_FORMAT, COLLECTOR_FORMAT, EXTRAS_FORMAT, VERSION = ("tl_sparsity.learner", "tl_sparsity.collector",
-                                                            "tl_sparsity.extras", 1)
-_COUNTERS = ("n_tokens_", "n_heldout_", "n_steps_", "n_dropped_", "capped_")
 _IDENTITY = ("model_class", "model_name", "n_layers", "d_model")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is unreadable, damaged, or does not fit the model / collector it is loaded into."""
-
-
-# ---------------------------------------------------------------------------------------------------- learners
-def learner_state(lr: Any, copy: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """``(tensors, meta)``: a learner's full state; ``meta`` is JSON-able. ``copy=False`` shares the live tensors."""
-    state: dict[str, Any] = {k: getattr(lr, k) for k in _COUNTERS}
-    tensors: dict[str, Tensor] = {}
-    if lr._n_pending:
-        tensors["pending"] = torch.cat(lr._pending)
-    if lr.initialized:
-        state.update(scale_=lr.scale_, lam_=lr.lam_, lr_=lr._lr, cap=lr._cap, res_fill=lr._res_fill,
-                     lam_frozen=lr.lam is not None or lr.n_tokens_ >= lr.warmup_tokens,
-                     device=str(lr.dictionary_.device))
-        tensors.update(dictionary=lr.dictionary_, mean=lr.mean_, adam_m=lr._adam_m, adam_v=lr._adam_v,
-                       reservoir=lr._reservoir[: lr._res_fill], rng_state=lr._gen.get_state())
-    tensors = {k: (v.detach().clone() if copy else v.detach()) for k, v in tensors.items()}
-    device = None if lr.device is None else str(lr.device)
-    return tensors, {"format": LEARNER_FORMAT, "version": VERSION, "params": lr.get_params(), "device": device,
-                     "state": state}
-
-
-def restore_learner(lr: Any, tensors: dict[str, Tensor], meta: dict[str, Any],
-                    device: str | torch.device | None = None) -> Any:
-    """Overwrite ``lr``'s state with a saved one. Its parameters must equal the saved ones (``d_in`` may be None)."""
-    _check_params(lr, meta, "restore")
-    saved, st = meta["params"], meta["state"]
-    dev = torch.device(device or lr.device or st.get("device") or "cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"the learner state lives on {dev}, and CUDA is not available: pass device='cpu'.")
-    on = {k: v.to(dev, copy=True) for k, v in tensors.items() if k != "rng_state"}  # never share the caller's
-    lr.d_in = saved["d_in"]
-    for k in _COUNTERS:
-        setattr(lr, k, int(st[k]))
-    lr._pending = [on["pending"]] if "pending" in on else []
-    lr._n_pending = on["pending"].shape[0] if "pending" in on else 0
-    lr.dictionary_ = None
-    if "dictionary" in on:
-        lr.dictionary_, lr.mean_, lr._adam_m, lr._adam_v = on["dictionary"], on["mean"], on["adam_m"], on["adam_v"]
-        lr.scale_, lr.lam_, lr._lr, lr._cap = st["scale_"], st["lam_"], st["lr_"], int(st["cap"])
-        lr._res_fill = int(st["res_fill"])
-        lr._reservoir = torch.zeros(lr.reservoir_size, lr.d_in, device=dev)
-        lr._reservoir[: lr._res_fill] = on["reservoir"]
-        lr._gen = torch.Generator(device="cpu")
-        lr._gen.set_state(tensors["rng_state"].cpu())
-    return lr
-
-
-def _tensors_sha(tensors: dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        t = tensors[k].detach().cpu().contiguous()
-        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _pack(tensors: dict[str, Tensor], meta: dict[str, Any]) -> bytes:
-    """One safetensors file's bytes: ``tensors`` (CPU) and ``meta`` as JSON with their sha256 in the header."""
-    from safetensors.torch import save
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return save(tensors, metadata={"tl_sparsity": json.dumps({**meta, "tensors_sha256": _tensors_sha(tensors)})})
-
-
-def _unpack(data: bytes, where: str, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Parse and verify :func:`_pack` output; ``where`` names the file and ``what`` its kind in errors."""
-    from safetensors.torch import load
-
-    try:
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + n])
-        meta = json.loads(header["__metadata__"]["tl_sparsity"])
-        tensors = load(data)
-    except Exception as e:  # noqa: BLE001 — any parse failure means the same thing to the user
-        raise CheckpointError(f"{where} is not a readable tl_sparsity {what} file (truncated or corrupt?): "
-                              f"{type(e).__name__}: {e}") from e
-    if _tensors_sha(tensors) != meta.get("tensors_sha256"):
-        raise CheckpointError(f"{where} is corrupt: its tensors do not match the sha256 recorded when it was saved.")
-    return tensors, meta
-
-
-def learner_bytes(lr: Any) -> bytes:
-    """A learner's state as the bytes of one safetensors file (its JSON in the header's metadata)."""
-    return _pack(*learner_state(lr, copy=False))
-
-
-def learner_from_bytes(data: bytes, where: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Parse and verify :func:`learner_bytes` output; ``where`` names the file in errors."""
-    return _unpack(data, where, "learner")
 
 
 def save_learner(lr: Any, path: str | Path) -> Path:
@@ -340,17 +261,6 @@ def _loaded_extras(col: Any, extras: dict[str, tuple], device: str | torch.devic
     return out
 
 
-def _check_params(lr: Any, meta: dict[str, Any], where: str) -> None:
-    if meta.get("format") != LEARNER_FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{where}: not a version-{VERSION} tl_sparsity learner state "
-                              f"(format {meta.get('format')!r}, version {meta.get('version')!r}).")
-    saved, mine = meta["params"], lr.get_params()
-    diff = [f"{k}: saved {saved.get(k)!r}, here {v!r}" for k, v in mine.items()
-            if saved.get(k) != v and not (k == "d_in" and v is None)]
-    if diff:
-        raise CheckpointError(f"{where}: the learner was saved with other options — " + "; ".join(diff) + ".")
-
-
 def load_collector(cls: Any, path: str | Path, model: Any, device: str | torch.device | None) -> Any:
     """A new collector of class ``cls`` on ``model`` from the checkpoint at ``path`` (``SparsityCollector.load``)."""
     manifest, blobs, folder = read_collector(path)
@@ -430,44 +340,7 @@ def fingerprint(tokens: Any, mask: Any = None) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------------------------------------------- interrupts
-_deferring = threading.local()
-
-
-@contextlib.contextmanager
-def defer_interrupts() -> Iterator[None]:
-    """Hold back SIGINT (Ctrl-C) until the block ends, then deliver it — so the block's state updates complete.
-
-    A no-op outside the main thread, and when nested. The block should be short (one batch of one learner).
-    """
-    if getattr(_deferring, "on", False) or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-    try:
-        old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
-    except (ValueError, OSError):  # not the main interpreter, or signals unavailable
-        yield
-        return
-    old = signal.default_int_handler if old is None else old  # None: a handler not installed from Python
-    _deferring.on = True
-    try:
-        yield
-    finally:
-        _deferring.on = False
-        signal.signal(signal.SIGINT, old)
-        if got:
-            if callable(old):
-                old(signal.SIGINT, None)
-            elif old == signal.SIG_DFL:
-                signal.raise_signal(signal.SIGINT)
-
-
 # ---------------------------------------------------------------------------------------------------- file helpers
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _seq(p: Path) -> int:
     try:
         return int(p.name.split("-", 1)[1])
@@ -495,32 +368,3 @@ def _json(path: Path, data: bytes | None = None) -> dict[str, Any]:
         return json.loads(_read(path) if data is None else data)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is corrupt or truncated (not valid JSON: {e}).") from e
-
-
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        _write(Path(tmp), data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

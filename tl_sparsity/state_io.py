@@ -1,0 +1,126 @@
+"""A learner's full state as one safetensors file — tensors, plus JSON (format marker, version, constructor
+parameters, counters, scalars, sha256 of the tensors) in the header — and back. No pickle. Collector checkpoints
+(:mod:`tl_sparsity.checkpoint`) are built from these files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["CheckpointError", "learner_state", "restore_learner", "learner_bytes", "learner_from_bytes"]
+
+LEARNER_FORMAT, COLLECTOR_FORMAT, EXTRAS_FORMAT, VERSION = ("tl_sparsity.learner", "tl_sparsity.collector",
+                                                            "tl_sparsity.extras", 1)
+_COUNTERS = ("n_tokens_", "n_heldout_", "n_steps_", "n_dropped_", "capped_")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, damaged, or does not fit the model / collector it is loaded into."""
+
+
+
+def learner_state(lr: Any, copy: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(tensors, meta)``: a learner's full state; ``meta`` is JSON-able. ``copy=False`` shares the live tensors."""
+    state: dict[str, Any] = {k: getattr(lr, k) for k in _COUNTERS}
+    tensors: dict[str, Tensor] = {}
+    if lr._n_pending:
+        tensors["pending"] = torch.cat(lr._pending)
+    if lr.initialized:
+        state.update(scale_=lr.scale_, lam_=lr.lam_, lr_=lr._lr, cap=lr._cap, res_fill=lr._res_fill,
+                     lam_frozen=lr.lam is not None or lr.n_tokens_ >= lr.warmup_tokens,
+                     device=str(lr.dictionary_.device))
+        tensors.update(dictionary=lr.dictionary_, mean=lr.mean_, adam_m=lr._adam_m, adam_v=lr._adam_v,
+                       reservoir=lr._reservoir[: lr._res_fill], rng_state=lr._gen.get_state())
+    tensors = {k: (v.detach().clone() if copy else v.detach()) for k, v in tensors.items()}
+    device = None if lr.device is None else str(lr.device)
+    return tensors, {"format": LEARNER_FORMAT, "version": VERSION, "params": lr.get_params(), "device": device,
+                     "state": state}
+
+
+def restore_learner(lr: Any, tensors: dict[str, Tensor], meta: dict[str, Any],
+                    device: str | torch.device | None = None) -> Any:
+    """Overwrite ``lr``'s state with a saved one. Its parameters must equal the saved ones (``d_in`` may be None)."""
+    _check_params(lr, meta, "restore")
+    saved, st = meta["params"], meta["state"]
+    dev = torch.device(device or lr.device or st.get("device") or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"the learner state lives on {dev}, and CUDA is not available: pass device='cpu'.")
+    on = {k: v.to(dev, copy=True) for k, v in tensors.items() if k != "rng_state"}  # never share the caller's
+    lr.d_in = saved["d_in"]
+    for k in _COUNTERS:
+        setattr(lr, k, int(st[k]))
+    lr._pending = [on["pending"]] if "pending" in on else []
+    lr._n_pending = on["pending"].shape[0] if "pending" in on else 0
+    lr.dictionary_ = None
+    if "dictionary" in on:
+        lr.dictionary_, lr.mean_, lr._adam_m, lr._adam_v = on["dictionary"], on["mean"], on["adam_m"], on["adam_v"]
+        lr.scale_, lr.lam_, lr._lr, lr._cap = st["scale_"], st["lam_"], st["lr_"], int(st["cap"])
+        lr._res_fill = int(st["res_fill"])
+        lr._reservoir = torch.zeros(lr.reservoir_size, lr.d_in, device=dev)
+        lr._reservoir[: lr._res_fill] = on["reservoir"]
+        lr._gen = torch.Generator(device="cpu")
+        lr._gen.set_state(tensors["rng_state"].cpu())
+    return lr
+
+
+def _tensors_sha(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _pack(tensors: dict[str, Tensor], meta: dict[str, Any]) -> bytes:
+    """One safetensors file's bytes: ``tensors`` (CPU) and ``meta`` as JSON with their sha256 in the header."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return save(tensors, metadata={"tl_sparsity": json.dumps({**meta, "tensors_sha256": _tensors_sha(tensors)})})
+
+
+def _unpack(data: bytes, where: str, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Parse and verify :func:`_pack` output; ``where`` names the file and ``what`` its kind in errors."""
+    from safetensors.torch import load
+
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+        meta = json.loads(header["__metadata__"]["tl_sparsity"])
+        tensors = load(data)
+    except Exception as e:  # noqa: BLE001 — any parse failure means the same thing to the user
+        raise CheckpointError(f"{where} is not a readable tl_sparsity {what} file (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from e
+    if _tensors_sha(tensors) != meta.get("tensors_sha256"):
+        raise CheckpointError(f"{where} is corrupt: its tensors do not match the sha256 recorded when it was saved.")
+    return tensors, meta
+
+
+def learner_bytes(lr: Any) -> bytes:
+    """A learner's state as the bytes of one safetensors file (its JSON in the header's metadata)."""
+    return _pack(*learner_state(lr, copy=False))
+
+
+def learner_from_bytes(data: bytes, where: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Parse and verify :func:`learner_bytes` output; ``where`` names the file in errors."""
+    return _unpack(data, where, "learner")
+
+
+def _check_params(lr: Any, meta: dict[str, Any], where: str) -> None:
+    if meta.get("format") != LEARNER_FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{where}: not a version-{VERSION} tl_sparsity learner state "
+                              f"(format {meta.get('format')!r}, version {meta.get('version')!r}).")
+    saved, mine = meta["params"], lr.get_params()
+    diff = [f"{k}: saved {saved.get(k)!r}, here {v!r}" for k, v in mine.items()
+            if saved.get(k) != v and not (k == "d_in" and v is None)]
+    if diff:
+        raise CheckpointError(f"{where}: the learner was saved with other options — " + "; ".join(diff) + ".")
+
+
