@@ -22,20 +22,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from . import checkpoint as _ckpt
-from .checkpoint import defer_interrupts
+from .safe_io import defer_interrupts
 from .metrics import MetricAccumulator
-from .pursuit import default_max_steps, greedy_pursuit, lasso_pursuit
+from .pursuit import default_max_steps, greedy_pursuit, lasso_pursuit, triton_applies
 
 __all__ = ["OnlineSparseCoder", "state_bytes"]
 
 _SOLVERS = ("greedy", "lasso")
-
-
-def _fast_path(x: Tensor, phi: Tensor) -> bool:
-    """The CUDA kernels of :mod:`.kernels` apply (float32 CUDA tensors, Triton importable, m ≤ 32 768)."""
-    from . import kernels
-
-    return x.dtype == torch.float32 and kernels.available() and phi.shape[0] <= kernels.MAX_ATOMS
 
 
 def state_bytes(d: int, m: int, reservoir_size: int, n_pending: int = 0) -> int:
@@ -294,7 +287,7 @@ class OnlineSparseCoder:
     def _code(self, xn: Tensor) -> Tensor:
         if self.solver == "lasso":
             return lasso_pursuit(xn, self.dictionary_, self.lam_)
-        if xn.is_cuda and _fast_path(xn, self.dictionary_):  # one kernel launch, no host sync
+        if triton_applies(xn, self.dictionary_):  # one kernel launch, no host sync
             from .kernels import greedy_pursuit_triton
 
             alpha, _, capped = greedy_pursuit_triton(xn, self.dictionary_, self.lam_, max_steps=self._cap)
@@ -333,7 +326,7 @@ class OnlineSparseCoder:
 
     def _phi_step(self, x: Tensor, alpha: Tensor) -> None:
         phi = self.dictionary_
-        if phi.is_cuda and _fast_path(x, phi):  # bf16 products (fp32 accumulation) + one fused Adam kernel
+        if triton_applies(x, phi):  # bf16 products (fp32 accumulation) + one fused Adam kernel
             from .kernels import adam_sphere_step, phi_products
 
             _, grad = phi_products(x, alpha, phi)

@@ -171,12 +171,17 @@ def greedy_pursuit(
     return (alpha, PursuitInfo(steps.cpu(), capped)) if return_info else alpha
 
 
-def _use_triton(x: Tensor, dictionary: Tensor, backend: str) -> bool:
-    ok = x.is_cuda and x.dtype == torch.float32 and dictionary.dtype == torch.float32
-    if ok:
-        from . import kernels
+def triton_applies(x: Tensor, dictionary: Tensor) -> bool:
+    """The CUDA kernels of :mod:`tl_sparsity.kernels` apply: float32 CUDA tensors, Triton importable, m ≤ 32 768."""
+    if not (x.is_cuda and x.dtype == torch.float32 and dictionary.dtype == torch.float32):
+        return False
+    from . import kernels
 
-        ok = kernels.available() and dictionary.shape[0] <= kernels.MAX_ATOMS
+    return kernels.available() and dictionary.shape[0] <= kernels.MAX_ATOMS
+
+
+def _use_triton(x: Tensor, dictionary: Tensor, backend: str) -> bool:
+    ok = triton_applies(x, dictionary)
     if backend == "triton" and not ok:
         raise ValueError("backend='triton' needs float32 CUDA tensors, an importable triton and m ≤ 32768 atoms; "
                          "use backend='auto' to fall back to torch.")
