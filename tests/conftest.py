@@ -70,3 +70,19 @@ def n_hooks(model) -> int:
     """Forward hooks currently attached anywhere in the model (each HookPoint counted once)."""
     seen = {id(hp): hp for hp in model.hook_dict.values()}
     return sum(len(hp.fwd_hooks) for hp in seen.values())
+
+
+@pytest.fixture(scope="session")
+def gpt2_folder(tmp_path_factory):
+    """A local Hugging Face folder: a tiny random GPT-2 and a byte-level BPE tokenizer trained in-process."""
+    from test_text import train_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = train_tokenizer("gpt")
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_ctx=64, n_embd=32, n_layer=2, n_head=4,  # TL 3.9 reads n_ctx
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    GPT2LMHeadModel(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

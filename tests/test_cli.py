@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-
 import matplotlib
 import pytest
-import torch
 
 matplotlib.use("Agg")
-
-from test_text import train_tokenizer  # noqa: E402
 
 from tl_sparsity import SparsityReport, cli  # noqa: E402
 from tl_sparsity.models import _has_bridge  # noqa: E402
@@ -36,24 +32,10 @@ def test_hook_spec_expands_aliases_at_the_chosen_layers_and_passes_names_through
         cli.hook_spec(" , ", 3)
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tok = train_tokenizer("gpt")
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_ctx=64, n_embd=32, n_layer=2, n_head=4,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    folder = tmp_path_factory.mktemp("cli_gpt2")
-    GPT2LMHeadModel(cfg).eval().save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.skipif(not _has_bridge(), reason="needs TransformerBridge (TransformerLens >= 3)")
-def test_run_writes_the_four_files_and_a_report_per_hook(tiny_folder, tmp_path, capsys):
+def test_run_writes_the_four_files_and_a_report_per_hook(gpt2_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = cli.main(["run", "--model", str(tiny_folder), "--hooks", "resid_post,mlp_post", "--tokens", "3000",
+    rc = cli.main(["run", "--model", str(gpt2_folder), "--hooks", "resid_post,mlp_post", "--tokens", "3000",
                    "--ctx-len", "32", "--learner-batch-size", "256", "--out", str(out), "--no-progress"])
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["profile.png", "report.csv", "report.html", "report.json"]
@@ -72,9 +54,9 @@ def test_run_writes_the_four_files_and_a_report_per_hook(tiny_folder, tmp_path, 
 
 
 @pytest.mark.skipif(not _has_bridge(), reason="needs TransformerBridge (TransformerLens >= 3)")
-def test_run_with_controls_neurons_and_parameter_activation(tiny_folder, tmp_path):
+def test_run_with_controls_neurons_and_parameter_activation(gpt2_folder, tmp_path):
     out = tmp_path / "run"
-    rc = cli.main(["run", "--model", str(tiny_folder), "--hooks", "resid_post,mlp_post", "--layers", "1",
+    rc = cli.main(["run", "--model", str(gpt2_folder), "--hooks", "resid_post,mlp_post", "--layers", "1",
                    "--tokens", "1500", "--ctx-len", "32", "--learner-batch-size", "256", "--out", str(out),
                    "--no-progress", "--controls", "--param-activation", "3"])
     assert rc == 0 and (out / "param_activation.png").exists()
@@ -95,12 +77,12 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not _has_bridge(), reason="needs TransformerBridge (TransformerLens >= 3)")
-def test_neuron_profile_example_runs_on_a_local_model(tiny_folder, capsys):
+def test_neuron_profile_example_runs_on_a_local_model(gpt2_folder, capsys):
     import runpy
     from pathlib import Path
 
     mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "neuron_profile.py"))
-    rows, pa = mod["main"](["--model", str(tiny_folder), "--tokens", "600", "--ctx-len", "32", "--param-samples",
+    rows, pa = mod["main"](["--model", str(gpt2_folder), "--tokens", "600", "--ctx-len", "32", "--param-samples",
                             "2", "--site", "post"])
     assert [r["layer"] for r in rows] == [0, 1] and all(r["n_tokens_seen"] >= 600 for r in rows)
     assert list(pa["layer"]) == [0, 1]

@@ -197,17 +197,6 @@ def _save(model, tok, folder):
 
 
 @pytest.fixture(scope="module")
-def gpt2_folder(tmp_path_factory, toks):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tok = toks["gpt"]
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_ctx=64, n_embd=32, n_layer=2, n_head=4,  # TL 3.9 reads n_ctx
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    return _save(GPT2LMHeadModel(cfg).eval(), tok, tmp_path_factory.mktemp("tiny_gpt2"))
-
-
-@pytest.fixture(scope="module")
 def gqa_folder(tmp_path_factory, toks):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -240,31 +229,29 @@ def _tokens(tok, n=2, p=12):
     return ids
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_local_gpt2_folder_loads_with_its_tokenizer_and_hf_logits(gpt2_folder, backend):
+def _assert_logits_equal_hf(folder, backend):
     from transformers import AutoModelForCausalLM
 
-    model, tok = load_model(str(gpt2_folder), backend=backend)
+    model, tok = load_model(str(folder), backend=backend)
+    ids = _tokens(tok)
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
+        got = model(ids)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    return model, tok
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_local_gpt2_folder_loads_with_its_tokenizer_and_hf_logits(gpt2_folder, backend):
+    model, tok = _assert_logits_equal_hf(gpt2_folder, backend)
     assert tok is model.tokenizer and tok.bos_token_id is not None
     for name in ("blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"):
         assert name in model.hook_dict
-    ids = _tokens(tok)
-    with torch.no_grad():
-        want = AutoModelForCausalLM.from_pretrained(gpt2_folder).eval()(ids).logits
-        got = model(ids)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_local_llama_folder_with_grouped_kv_heads_matches_hf(gqa_folder, backend):
-    from transformers import AutoModelForCausalLM
-
-    model, tok = load_model(str(gqa_folder), backend=backend)
-    ids = _tokens(tok)
-    with torch.no_grad():
-        want = AutoModelForCausalLM.from_pretrained(gqa_folder).eval()(ids).logits
-        got = model(ids)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    _assert_logits_equal_hf(gqa_folder, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
