@@ -319,12 +319,7 @@ class SparsityCollector:
         if controls and not self.controls:
             raise ValueError("this collector keeps no covariances: build it with SparsityCollector(..., "
                              "controls=True) to get control columns.")
-        rows = []
-        for name, learner in self.learners.items():
-            layer, site = _hooks.parse_hook_name(name)
-            row: dict[str, Any] = {"hook": name, "layer": layer, "site": site}
-            row.update(learner_row(learner))
-            rows.append(row)
+        rows = self._rows(self.learners)
         if all(r["status"].startswith("no tokens") for r in rows):
             raise RuntimeError(
                 "no activations collected yet: run the model with col.fwd_hooks(), inside `with col.attach():`, "
@@ -337,6 +332,14 @@ class SparsityCollector:
                                 "skip_bos": self.skip_bos}
         tables = _extras.add_to_report(self, rows, meta, self.controls if controls is None else bool(controls))
         return SparsityReport(rows, meta, tables)
+
+    def _rows(self, names: Iterable[str]) -> list[dict[str, Any]]:
+        """Report rows (hook, layer, site and :func:`learner_row`) for the learners of ``names``."""
+        rows = []
+        for name in names:
+            layer, site = _hooks.parse_hook_name(name)
+            rows.append({"hook": name, "layer": layer, "site": site, **learner_row(self.learners[name])})
+        return rows
 
     def learners_params(self) -> dict[str, Any]:
         return next(iter(self.learners.values())).get_params() if self.learners else {}

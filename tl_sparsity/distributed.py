@@ -98,14 +98,8 @@ class HookParallelCollector(SparsityCollector):
 
         from . import extras as _extras
         from . import hooks as _hooks
-        from .collector import learner_row
 
-        rows = []
-        for name in self.owned():
-            layer, site = _hooks.parse_hook_name(name)
-            row: dict[str, Any] = {"hook": name, "layer": layer, "site": site}
-            row.update(learner_row(self.learners[name]))
-            rows.append(row)
+        rows = self._rows(self.owned())
         meta: dict[str, Any] = {"model": _hooks.model_info(self.model), "options": self.learners_params(),
                                 "skip_bos": self.skip_bos, "hook_parallel": {"world_size": self.world}}
         tables = _extras.add_to_report(self, rows, meta, self.controls if controls is None else bool(controls))
