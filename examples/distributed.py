@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"# {world} ranks, hooks owned per rank: "
                   f"{[sum(1 for r in col.owner.values() if r == k) for k in range(world)]}")
             print(report.to_markdown())
+        dist.barrier()  # tear down together: gloo aborts a rank whose peer has already gone
     finally:
         dist.destroy_process_group()
 

@@ -37,6 +37,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         rep = col.report()
         dicts = {n: col.learners[n].dictionary_.clone() for n in col.owned()}
         torch.save({"report": rep.to_dict(), "dicts": dicts, "n_tokens": col.n_tokens}, f"{out}/rank{rank}.pt")
+        dist.barrier()  # tear down together: gloo aborts a rank whose peer has already gone
     finally:
         dist.destroy_process_group()
 
