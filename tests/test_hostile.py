@@ -193,8 +193,8 @@ def test_ctrl_c_during_a_learner_batch_is_delivered_after_that_batch():
     c = OnlineSparseCoder(expansion=2, batch_size=64, seed=3, max_steps=16)
     real = c._phi_step
 
-    def phi_step_then_ctrl_c(xb, alpha):
-        real(xb, alpha)
+    def phi_step_then_ctrl_c(xb, alpha, n_total):
+        real(xb, alpha, n_total)
         if c.n_steps_ == 2:  # in the middle of the second batch's update
             os.kill(os.getpid(), signal.SIGINT)
 

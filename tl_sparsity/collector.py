@@ -8,6 +8,7 @@ TransformerLens is reached only through :mod:`tl_sparsity.hooks`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import warnings
@@ -20,6 +21,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from . import checkpoint as _ckpt
+from . import data_parallel as _dp
 from . import extras as _extras
 from . import hooks as _hooks
 from .learner import OnlineSparseCoder
@@ -45,6 +47,11 @@ class SparsityCollector:
             or hook names / aliases / globs among ``hooks``. Token detectors need token ids: ``fit`` passes them,
             ``fwd_hooks`` / ``attach`` take ``tokens=``, ``start()`` reads ``col.tokens``.
         neuron_options: keyword arguments of ``NeuronStats`` (``threshold``, ``absolute``, ``trigram_slots``, ...).
+        parallel: ``"auto"`` (default): data-parallel when ``torch.distributed`` is initialised with more than one
+            rank — every rank runs its replica on its own tokens, every hook's learner is shared by all ranks
+            (:mod:`tl_sparsity.data_parallel`), and ``report()`` (called on every rank) describes all ranks' tokens;
+            ``"data"``: the same, required; None: this process on its own. Every rank must run the same forwards.
+        process_group: the ``torch.distributed`` group of the data-parallel ranks (default: the world).
         **learner_options: passed to every :class:`OnlineSparseCoder` (``expansion``, ``lam``, ``seed``, ...).
 
     Use ``model.run_with_hooks(tokens, fwd_hooks=col.fwd_hooks() + others)``, ``with col.attach(): model(tokens)``,
@@ -53,15 +60,16 @@ class SparsityCollector:
 
     def __init__(self, model: Any, hooks: _hooks.HookSpec = "resid_post", *, skip_bos: bool = True,
                  controls: bool = False, neurons: Any = None, neuron_options: dict[str, Any] | None = None,
-                 **learner_options: Any) -> None:
+                 parallel: str | None = "auto", process_group: Any = None, **learner_options: Any) -> None:
         self.model = model
         self.hook_points = _hooks.resolve_hooks(model, hooks)
         self.skip_bos = bool(skip_bos)
         self.learner_options = dict(learner_options)
         OnlineSparseCoder(**self.learner_options)  # validate options once, with a clear error
-        self.learners: dict[str, OnlineSparseCoder] = {
-            name: OnlineSparseCoder(**self.learner_options) for name in self.hook_points
-        }
+        self.parallel = _dp.resolve_parallel(parallel, process_group)
+        make = (lambda: _dp.DataParallelCoder(group=process_group, **self.learner_options)) if self.parallel else (
+            lambda: OnlineSparseCoder(**self.learner_options))
+        self.learners: dict[str, OnlineSparseCoder] = {name: make() for name in self.hook_points}
         if not isinstance(controls, bool):
             raise TypeError(f"controls must be True or False, got {controls!r}.")
         self.controls = controls
@@ -226,6 +234,13 @@ class SparsityCollector:
             raise ValueError("checkpoint_every must be a positive number of batches, and needs checkpoint_dir.")
         if isinstance(token_batches, Tensor):
             token_batches = [token_batches]
+        if self.parallel:
+            if checkpoint_dir is not None:
+                raise ValueError("checkpoints are not supported in data-parallel mode yet; pass checkpoint_dir=None "
+                                 "(or build the collector with parallel=None).")
+            token_batches = list(token_batches)
+            _dp.same_batch_count(token_batches, self._group)
+            progress = progress and self._rank == 0
         layers = [_hooks.parse_hook_name(n)[0] for n in self.hook_points]
         if (all(layer is not None for layer in layers) and "stop_at_layer" not in forward_kwargs
                 and "stop_at_layer" in _forward_params(self.model)):  # HookedEncoder has no stop_at_layer
@@ -268,8 +283,10 @@ class SparsityCollector:
         return self
 
     def _fit_batch(self, tokens: Any, mask: Tensor | None, forward_kwargs: dict[str, Any]) -> None:
-        if isinstance(tokens, Tensor) and tokens.numel() == 0:
-            return  # an empty batch: nothing to run
+        if isinstance(tokens, Tensor) and tokens.numel() == 0:  # an empty batch: nothing to run
+            if self.parallel:
+                self._feed({name: [] for name in self.hook_points})  # the other ranks' rows still count
+            return
         sink: dict[str, list[tuple]] = {name: [] for name in self.hook_points}
         ids = tokens if isinstance(tokens, Tensor) and not tokens.is_floating_point() else None
         kwargs = dict(forward_kwargs)
@@ -284,8 +301,12 @@ class SparsityCollector:
     def _feed(self, sink: dict[str, list[tuple]]) -> None:
         """Hand one completed forward's kept rows (and neuron inputs) to the learners and side statistics."""
         for name, chunks in sink.items():
+            learner = self.learners[name]
+            if self.parallel:  # one collective call per hook and forward, also when this rank kept no row
+                learner.partial_fit(torch.cat([c[0] for c in chunks]) if chunks else torch.zeros(0, 0))
             for rows, acts, toks, keep in chunks:
-                self.learners[name].partial_fit(rows)
+                if not self.parallel:
+                    learner.partial_fit(rows)
                 self.extras[name].update(rows, acts, toks, keep)
 
     def _checkpoint(self, root: str | Path, done: int, start: int, fp: str | None) -> int:
@@ -298,6 +319,8 @@ class SparsityCollector:
         ``path`` (safetensors + a JSON manifest naming the model, hooks, widths and options, with the sha256 of
         every file); written atomically beside the previous one,
         which is kept. Returns the new checkpoint's folder. See :mod:`tl_sparsity.checkpoint` for the layout."""
+        if self.parallel:
+            raise NotImplementedError("checkpoints are not supported in data-parallel mode yet.")
         return _ckpt.save_collector(self, path)
 
     @classmethod
@@ -320,6 +343,12 @@ class SparsityCollector:
             raise ValueError("this collector keeps no covariances: build it with SparsityCollector(..., "
                              "controls=True) to get control columns.")
         rows = self._rows(self.learners)
+        view: Any = self
+        if self.parallel:  # collective: every rank gets the report of all ranks' tokens
+            for row in rows:
+                row.update(self.learners[row["hook"]].global_counts())
+            view = copy.copy(self)
+            view.extras = _dp.merged_extras(self)
         if all(r["status"].startswith("no tokens") for r in rows):
             raise RuntimeError(
                 "no activations collected yet: run the model with col.fwd_hooks(), inside `with col.attach():`, "
@@ -330,7 +359,12 @@ class SparsityCollector:
                 warnings.warn(f"{row['hook']}: {row['status']}", stacklevel=2)
         meta: dict[str, Any] = {"model": _hooks.model_info(self.model), "options": self.learners_params(),
                                 "skip_bos": self.skip_bos}
-        tables = _extras.add_to_report(self, rows, meta, self.controls if controls is None else bool(controls))
+        if self.parallel:
+            meta["data_parallel"] = {"world_size": self._world}
+        tables = _extras.add_to_report(view, rows, meta, self.controls if controls is None else bool(controls))
+        if self.parallel:
+            for name, ex in view.extras.items():
+                self.extras[name]._control = ex._control  # keep the control cache
         return SparsityReport(rows, meta, tables)
 
     def _rows(self, names: Iterable[str]) -> list[dict[str, Any]]:
@@ -340,6 +374,18 @@ class SparsityCollector:
             layer, site = _hooks.parse_hook_name(name)
             rows.append({"hook": name, "layer": layer, "site": site, **learner_row(self.learners[name])})
         return rows
+
+    @property
+    def _group(self) -> Any:
+        return getattr(next(iter(self.learners.values()), None), "group", None)
+
+    @property
+    def _rank(self) -> int:
+        return getattr(next(iter(self.learners.values()), None), "rank", 0)
+
+    @property
+    def _world(self) -> int:
+        return getattr(next(iter(self.learners.values()), None), "world", 1)
 
     def learners_params(self) -> dict[str, Any]:
         return next(iter(self.learners.values())).get_params() if self.learners else {}

@@ -9,7 +9,8 @@ batch by batch would see — and since learners are chunk-invariant, the same di
 
 Limits (each raises a clear error): only ``fit`` feeds a hook-parallel collector (not ``fwd_hooks`` / ``attach`` /
 ``start``); every rank must pass the same number of batches; neuron statistics and checkpoints are not supported in
-this mode yet. Data-parallel learning (one hook's learner split over ranks) is not implemented.
+this mode yet. Data-parallel learning (every hook's learner shared by all ranks) is ``SparsityCollector``'s default
+under ``torch.distributed``: :mod:`tl_sparsity.data_parallel`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .collector import SparsityCollector
+from .data_parallel import same_batch_count
 from .report import SparsityReport
 
 __all__ = ["HookParallelCollector"]
@@ -39,6 +41,7 @@ class HookParallelCollector(SparsityCollector):
         if options.get("neurons"):
             raise ValueError("neuron statistics are not supported in hook-parallel mode yet: pass neurons=False.")
         options["neurons"] = False
+        options["parallel"] = None  # this class's own mode, not data-parallel
         super().__init__(model, hooks, **options)
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
@@ -64,16 +67,10 @@ class HookParallelCollector(SparsityCollector):
     def fit(self, token_batches: Iterable[Any] | Tensor, n_tokens: int | None = None, progress: bool = True,
             checkpoint_dir: Any = None, checkpoint_every: Any = None, **forward_kwargs: Any) -> "SparsityCollector":
         """:meth:`SparsityCollector.fit` on this rank's shard; every rank must pass the same number of batches."""
-        import torch.distributed as dist
-
         if checkpoint_dir is not None or checkpoint_every is not None:
             raise ValueError("checkpoints are not supported in hook-parallel mode yet.")
         batches = [token_batches] if isinstance(token_batches, Tensor) else list(token_batches)
-        counts = [torch.tensor([len(batches)]) for _ in range(self.world)]
-        dist.all_gather(counts, torch.tensor([len(batches)]), group=self.group)
-        if len({int(c) for c in counts}) != 1:
-            raise ValueError(f"every rank must pass the same number of batches to fit(); got {[int(c) for c in counts]}"
-                             " per rank (a rank with more would wait forever for the others).")
+        same_batch_count(batches, self.group)
         return super().fit(batches, n_tokens=n_tokens, progress=progress and self.rank == 0, **forward_kwargs)
 
     def _feed(self, sink: dict[str, list[tuple]]) -> None:

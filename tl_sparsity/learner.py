@@ -309,6 +309,11 @@ class OnlineSparseCoder:
         x = xn.index_select(0, idx[n_held:])
         if x.shape[0] == 0:
             return
+        self._train(x, x.shape[0])
+
+    def _train(self, x: Tensor, n_total: int) -> None:
+        """Code the training rows ``x``, adapt λ during warm-up, take the Φ-steps. ``n_total``: the rows of this step
+        over all processes (``x.shape[0]`` here; more in :class:`tl_sparsity.data_parallel.DataParallelCoder`)."""
         alpha = self._code(x)
         if self.solver == "greedy":
             if isinstance(self._last_capped, Tensor):
@@ -316,28 +321,37 @@ class OnlineSparseCoder:
             else:
                 self._capped += self._last_capped
         if self.lam is None and self.n_tokens_ < self.warmup_tokens:
-            mean_max = float(alpha.max(dim=1).values.mean())
+            mean_max = self._mean_max(alpha, n_total)
             if mean_max > 0:
                 self.lam_ = self.lam_ratio * mean_max
                 alpha = self._code(x)
         for _ in range(self.phi_steps):
-            self._phi_step(x, alpha)
-        self.n_tokens_ += x.shape[0]
+            self._phi_step(x, alpha, n_total)
+        self.n_tokens_ += n_total
 
-    def _phi_step(self, x: Tensor, alpha: Tensor) -> None:
+    def _mean_max(self, alpha: Tensor, n_total: int) -> float:
+        """Mean over the step's rows of each row's largest coefficient (the adaptive λ rule's ‖α‖∞)."""
+        return float(alpha.max(dim=1).values.mean())
+
+    def _phi_grad(self, x: Tensor, alpha: Tensor, n_total: int) -> Tensor:
+        """∇Φ of the mean ‖x − αΦ‖² over the step's rows, −(2/n)·αᵀ(x − αΦ), ``[m, d]`` (not yet tangent)."""
+        if triton_applies(x, self.dictionary_):  # bf16 products, fp32 accumulation
+            from .kernels import phi_products
+
+            return phi_products(x, alpha, self.dictionary_)[1]
+        return (-2.0 / x.shape[0]) * (alpha.T @ (x - alpha @ self.dictionary_))
+
+    def _phi_step(self, x: Tensor, alpha: Tensor, n_total: int) -> None:
         phi = self.dictionary_
-        if triton_applies(x, phi):  # bf16 products (fp32 accumulation) + one fused Adam kernel
-            from .kernels import adam_sphere_step, phi_products
+        grad = self._phi_grad(x, alpha, n_total)
+        self.n_steps_ += 1
+        if triton_applies(x, phi):  # one fused Adam-on-the-sphere kernel
+            from .kernels import adam_sphere_step
 
-            _, grad = phi_products(x, alpha, phi)
-            self.n_steps_ += 1
             adam_sphere_step(phi, grad, self._adam_m, self._adam_v, self._lr, self.n_steps_)
             return
-        resid = x - alpha @ phi
-        grad = (-2.0 / x.shape[0]) * (alpha.T @ resid)  # ∇Φ of mean ‖x − αΦ‖², rows [m, d]
         grad -= (grad * phi).sum(1, keepdim=True) * phi  # tangent to the unit sphere
         b1, b2, eps = 0.9, 0.999, 1e-8
-        self.n_steps_ += 1
         t = self.n_steps_
         self._adam_m.mul_(b1).add_(grad, alpha=1 - b1)
         self._adam_v.mul_(b2).addcmul_(grad, grad, value=1 - b2)

@@ -1,0 +1,259 @@
+"""Data-parallel learning with ``torch.distributed``: one hook's learner split over ranks that each see other tokens.
+
+Every rank runs its own model replica on its own shard (``torchrun``); every rank holds the same dictionary. The
+ranks' rows form one stream: each ``partial_fit`` call is collective, and the rows of one call are ordered rank 0's,
+then rank 1's, …, so the stream is what one process fed the ranks' rows interleaved call by call would see. Each
+learner batch of ``batch_size`` rows of that stream is spread over the ranks that hold its rows:
+
+- first batch: it is gathered once, so the normaliser, the initial dictionary and λ's first guess are exactly the
+  single process's;
+- the held-out split is drawn from the shared seeded generator for the whole batch (the same draw on every rank),
+  and the held-out rows are gathered in stream order, so every rank keeps the single process's reservoir;
+- each rank codes only its own training rows (the pursuit is per row);
+- λ's warm-up rule and the Φ-gradient are sums over rows: all-reduced, then every rank takes the same Adam step.
+
+So the dictionary, λ, counters and reservoir equal those of one process fed the interleaved stream, up to the order
+of floating-point sums (and near-ties in the pursuit that this order resolves differently). Communication per
+learner batch: one all-reduce of the ``[m, d]`` gradient per Φ-step, the held-out rows (``holdout_frac`` of the
+batch) and, per ``partial_fit`` call, one integer per rank. Every rank must make the same ``partial_fit`` calls
+(rows may be empty); the collector guarantees that for ``fit``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .learner import OnlineSparseCoder
+from .safe_io import defer_interrupts
+
+__all__ = ["DataParallelCoder", "resolve_parallel"]
+
+
+def resolve_parallel(parallel: str | None, group: Any = None) -> str | None:
+    """``"data"`` or None. ``"auto"``: data-parallel when ``torch.distributed`` is initialised with more than one
+    rank in ``group``; ``"data"`` requires it to be initialised; None / ``"none"``: every rank on its own."""
+    if parallel in (None, "none", False):
+        return None
+    if parallel not in ("auto", "data"):
+        raise ValueError(f"parallel must be 'auto', 'data' or None, got {parallel!r} (hook-parallel collection is "
+                         "tl_sparsity.distributed.HookParallelCollector).")
+    import torch.distributed as dist
+
+    ready = dist.is_available() and dist.is_initialized()
+    if parallel == "data" and not ready:
+        raise RuntimeError("parallel='data' needs torch.distributed initialised first: launch with torchrun and call "
+                           "torch.distributed.init_process_group(backend='gloo' or 'nccl').")
+    if not ready:
+        return None
+    return "data" if parallel == "data" or dist.get_world_size(group) > 1 else None
+
+
+class DataParallelCoder(OnlineSparseCoder):
+    """An :class:`OnlineSparseCoder` that learns from the rows of every rank of ``group`` (default: the world).
+
+    Build it on every rank with the same arguments after ``torch.distributed.init_process_group``; then call
+    :meth:`partial_fit` on every rank the same number of times (with each rank's rows, possibly none). Counters
+    (``n_tokens_``, ``n_heldout_``, ``n_pending_``) count all ranks' rows; ``capped_`` and ``n_dropped_`` count this
+    rank's (:meth:`global_counts` sums them). Checkpoints are not supported in this mode.
+    """
+
+    def __init__(self, *args: Any, group: Any = None, **kwargs: Any) -> None:
+        import torch.distributed as dist
+
+        super().__init__(*args, **kwargs)
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("DataParallelCoder needs torch.distributed initialised first (init_process_group).")
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        nccl = dist.get_backend(group) == "nccl"
+        self._comm = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self._segments: deque[list[int]] = deque()  # the stream's pending rows as runs [rank, count], in order
+        self._n_global_pending = 0
+        self._width = 0  # the rows' width, once any rank has sent rows
+
+    @property
+    def n_pending_(self) -> int:
+        """Rows received by all ranks but not yet processed (fewer than ``batch_size``)."""
+        return self._n_global_pending
+
+    @torch.no_grad()
+    def partial_fit(self, x: Float[Tensor, "n d"]) -> "DataParallelCoder":
+        """Collective: feed this rank's rows ``x`` [n, d] (n may be 0); every full batch of the ranks' stream is
+        processed. Non-finite rows are dropped (counted in this rank's ``n_dropped_``)."""
+        x = self._as_rows(x) if x.shape[0] else x  # a rank with no rows only takes part in the counting
+        finite = torch.isfinite(x).all(dim=1)
+        if not bool(finite.all()):
+            self.n_dropped_ += int((~finite).sum())
+            x = x[finite]
+        counts = self._all_gather_ints([x.shape[0], x.shape[1] if x.shape[0] else 0])
+        widths = {w for n, w in counts if n}
+        if len(widths) > 1:
+            raise ValueError(f"ranks sent rows of different widths {sorted(widths)} to one data-parallel learner.")
+        for r, (n, _) in enumerate(counts):
+            if n:
+                self._segments.append([r, n])
+                self._n_global_pending += n
+        if x.shape[0]:
+            self._pending.append(x.clone())
+            self._n_pending += x.shape[0]
+        if widths:
+            self._width = widths.pop()
+        while self._n_global_pending >= self.batch_size:
+            with defer_interrupts():
+                rows, pos = self._take(self.batch_size)
+                self._process_shared(rows, pos, self.batch_size, self._width)
+        return self
+
+    def global_counts(self) -> dict[str, int]:
+        """Collective: ``capped`` and ``n_dropped`` summed over the ranks."""
+        return dict(zip(("capped", "n_dropped"), self._all_reduce_ints([self.capped_, self.n_dropped_])))
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError("checkpoints of data-parallel learners are not supported yet.")
+
+    def save(self, path: Any) -> Any:
+        raise NotImplementedError("checkpoints of data-parallel learners are not supported yet.")
+
+    # ------------------------------------------------------------------ one batch of the ranks' stream
+    def _take(self, size: int) -> tuple[Tensor, Tensor]:
+        """Pop the stream's first ``size`` rows: this rank's rows among them and their positions in the batch."""
+        mine, pos, filled = 0, [], 0
+        while filled < size:
+            seg = self._segments[0]
+            t = min(seg[1], size - filled)
+            if seg[0] == self.rank:
+                pos.append(torch.arange(filled, filled + t))
+                mine += t
+            filled += t
+            seg[1] -= t
+            if seg[1] == 0:
+                self._segments.popleft()
+        self._n_global_pending -= size
+        local = torch.cat(self._pending) if self._pending else None
+        if local is None or mine == 0:
+            dev = local.device if local is not None else torch.device(self.device or self._comm)
+            return torch.zeros(0, self._width, device=dev), torch.zeros(0, dtype=torch.long)
+        rest = local[mine:]
+        self._pending, self._n_pending = ([rest.clone()], rest.shape[0]) if rest.shape[0] else ([], 0)
+        return local[:mine], torch.cat(pos)
+
+    def _process_shared(self, rows: Tensor, pos: Tensor, size: int, width: int) -> None:
+        if self.dictionary_ is None:
+            self._init_state(self._gather_ordered(rows, pos, width, rows.device))
+        dev = self.dictionary_.device
+        xn = (rows.to(dev) - self.mean_) / self.scale_
+        held = torch.rand(size, generator=self._gen) < self.holdout_frac  # the same draw on every rank
+        mine = held[pos] if pos.numel() else torch.zeros(0, dtype=torch.bool)
+        mine_dev = mine.to(dev)
+        self._add_heldout(self._gather_ordered(xn[mine_dev], pos[mine], width, dev))
+        n_train = size - int(held.sum())
+        if n_train:
+            self._train(xn[~mine_dev], n_train)
+
+    # ------------------------------------------------------------------ sums over ranks
+    def _code(self, xn: Tensor) -> Tensor:
+        if xn.shape[0] == 0:  # this rank holds none of the batch's training rows
+            self._last_capped = 0
+            return torch.zeros(0, self.dictionary_.shape[0], device=xn.device)
+        return super()._code(xn)
+
+    def _mean_max(self, alpha: Tensor, n_total: int) -> float:
+        local = alpha.max(dim=1).values.double().sum() if alpha.shape[0] else torch.zeros((), dtype=torch.float64)
+        return float(self._all_reduce(local.reshape(1))[0]) / n_total
+
+    def _phi_grad(self, x: Tensor, alpha: Tensor, n_total: int) -> Tensor:
+        if x.shape[0]:
+            grad = super()._phi_grad(x, alpha, n_total).mul_(x.shape[0] / n_total)
+        else:
+            grad = torch.zeros_like(self.dictionary_)
+        return self._all_reduce(grad)
+
+    # ------------------------------------------------------------------ collectives
+    def _all_reduce(self, t: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        if self.world == 1:
+            return t
+        c = t.to(self._comm)
+        dist.all_reduce(c, group=self.group)
+        return c.to(t.device)
+
+    def _all_gather_ints(self, values: list[int]) -> list[list[int]]:
+        import torch.distributed as dist
+
+        mine = torch.tensor(values, dtype=torch.long, device=self._comm)
+        if self.world == 1:
+            return [values]
+        out = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(out, mine, group=self.group)
+        return [o.tolist() for o in out]
+
+    def _all_reduce_ints(self, values: list[int]) -> list[int]:
+        return [int(v) for v in self._all_reduce(torch.tensor(values, dtype=torch.long, device=self._comm)).tolist()]
+
+    def _gather_ordered(self, rows: Tensor, pos: Tensor, width: int, device: torch.device) -> Tensor:
+        """Every rank's ``rows`` (at batch positions ``pos``), on every rank, sorted by position: ``[Σ n_r, width]``."""
+        import torch.distributed as dist
+
+        if self.world == 1:
+            return rows.to(device)
+        sizes = [n for n, _ in self._all_gather_ints([rows.shape[0], 0])]
+        n_max = max(sizes)
+        if n_max == 0:
+            return torch.zeros(0, width, device=device)
+        buf = torch.zeros(n_max, width + 1, dtype=torch.float64, device=self._comm)  # positions ride along, exactly
+        if rows.shape[0]:
+            buf[: rows.shape[0], :width] = rows.to(self._comm, torch.float64)
+            buf[: rows.shape[0], width] = pos.to(self._comm, torch.float64)
+        parts = [torch.empty_like(buf) for _ in range(self.world)]
+        dist.all_gather(parts, buf, group=self.group)
+        allrows = torch.cat([p[:n] for p, n in zip(parts, sizes)])
+        order = allrows[:, width].argsort()
+        return allrows[order, :width].to(device, torch.float32)
+
+
+# ---------------------------------------------------------------------- collectors (used by SparsityCollector)
+def same_batch_count(batches: list[Any], group: Any = None) -> None:
+    """Raise on every rank unless every rank of ``group`` passes the same number of batches."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    mine = torch.tensor([len(batches)], device=dev)
+    counts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(counts, mine, group=group)
+    if len({int(c) for c in counts}) != 1:
+        raise ValueError(f"every rank must pass the same number of batches to fit(); got {[int(c) for c in counts]}"
+                         " per rank (a rank with more would wait forever for the others).")
+
+
+def merged_extras(col: Any) -> dict[str, Any]:
+    """Collective: each hook's side statistics (covariance, neuron statistics) merged over the ranks in rank order,
+    as new :class:`~tl_sparsity.extras.HookExtras` (the collector's own keep counting this rank's rows)."""
+    import torch.distributed as dist
+
+    from .extras import HookExtras
+
+    group = next(iter(col.learners.values())).group if col.learners else None
+    states = {name: ex.state() for name, ex in col.extras.items()}
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, states, group=group)
+    out = {}
+    for name, ex in col.extras.items():
+        merged = HookExtras(name, ex.want_cov, ex.want_neurons, ex.neuron_options)
+        lr = col.learners[name]
+        device = lr.dictionary_.device if lr.initialized else torch.device("cpu")  # not the sender's cuda:N
+        for part in gathered:
+            cov, neurons = ex.loaded(*part[name], device=device)
+            if cov is not None:
+                merged.cov = cov if merged.cov is None else merged.cov.merge(cov)
+            if neurons is not None:
+                merged.neurons = neurons if merged.neurons is None else merged.neurons.merge(neurons)
+        merged._control = ex._control  # the control is cached per row count, which every rank shares
+        out[name] = merged
+    return out
