@@ -101,3 +101,17 @@ def test_rows_kept_for_the_next_batch_are_copies_not_the_caller_s_tensor():
     buf.zero_()  # the caller reuses its buffer
     c.partial_fit(x[40:])
     assert torch.equal(c.dictionary_, clean.dictionary_) and torch.equal(c.heldout_, clean.heldout_)
+
+
+def test_center_false_keeps_the_rows_origin_and_equals_feeding_centred_rows_to_a_centring_learner():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(600, 12, generator=gen) @ torch.randn(12, 12, generator=gen) + 3.0
+    plain = OnlineSparseCoder(expansion=2, batch_size=200, seed=1, center=False).partial_fit(x)
+    assert torch.equal(plain.mean_, torch.zeros(12))
+    assert plain.scale_ == pytest.approx(float(x[:200].norm(dim=1).mean()), rel=1e-6)  # scaled about the origin
+    centred = x - x[:200].mean(0)  # a centring learner subtracts its first batch's mean: the same rows result
+    a = OnlineSparseCoder(expansion=2, batch_size=200, seed=1, center=False).partial_fit(centred)
+    b = OnlineSparseCoder(expansion=2, batch_size=200, seed=1).partial_fit(centred)
+    assert b.mean_.abs().max() < 1e-5
+    torch.testing.assert_close(a.dictionary_, b.dictionary_, atol=1e-4, rtol=0)
+    assert plain.get_params()["center"] is False

@@ -272,7 +272,7 @@ def load_collector(cls: Any, path: str | Path, model: Any, device: str | torch.d
     if device is not None and "device" in nopts:
         nopts["device"] = device
     col = cls(model, hooks=manifest["hooks"], skip_bos=manifest["skip_bos"], controls=manifest.get("controls", False),
-              neurons=manifest.get("neurons", []), neuron_options=nopts, **opts)
+              neurons=manifest.get("neurons", []), neuron_options=nopts, parallel=None, **opts)
     _check_side_config(manifest, col, f"checkpoint {folder}")
     learners, extras = _parsed(manifest, blobs, folder, col)
     extras = _loaded_extras(col, extras, device, f"checkpoint {folder}")

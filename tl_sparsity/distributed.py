@@ -74,6 +74,9 @@ class HookParallelCollector(SparsityCollector):
         return super().fit(batches, n_tokens=n_tokens, progress=progress and self.rank == 0, **forward_kwargs)
 
     def _feed(self, sink: dict[str, list[tuple]]) -> None:
+        # every hook's rows travel first, then each rank learns its hooks: gathering hook by hook between learning
+        # steps would make each rank wait for the owner of the previous hook, so the ranks would learn in turn
+        received = {}
         for i, (name, chunks) in enumerate(sink.items()):
             rows = [c[0] for c in chunks]
             mine = torch.cat(rows) if rows else None
@@ -81,9 +84,11 @@ class HookParallelCollector(SparsityCollector):
             if i == 0:
                 self._rows_seen += total
             if parts is not None:
-                for part in parts:
-                    self.learners[name].partial_fit(part)
-                    self.extras[name].update(part, None, None, None)
+                received[name] = parts
+        for name, parts in received.items():
+            for part in parts:
+                self.learners[name].partial_fit(part)
+                self.extras[name].update(part, None, None, None)
 
     def _width(self, name: str, rows: Tensor | None) -> int:
         return rows.shape[1] if rows is not None else int(self.learners[name].d_in or 0)

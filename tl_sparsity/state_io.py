@@ -117,7 +117,7 @@ def _check_params(lr: Any, meta: dict[str, Any], where: str) -> None:
     if meta.get("format") != LEARNER_FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{where}: not a version-{VERSION} tl_sparsity learner state "
                               f"(format {meta.get('format')!r}, version {meta.get('version')!r}).")
-    saved, mine = meta["params"], lr.get_params()
+    saved, mine = {"center": True, **meta["params"]}, lr.get_params()  # files written before `center` existed
     diff = [f"{k}: saved {saved.get(k)!r}, here {v!r}" for k, v in mine.items()
             if saved.get(k) != v and not (k == "d_in" and v is None)]
     if diff:

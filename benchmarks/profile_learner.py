@@ -1,0 +1,56 @@
+"""Where one learner step's time goes: ``torch.profiler`` over ``OnlineSparseCoder.partial_fit`` on synthetic rows.
+
+    PYTHONPATH=$PWD python benchmarks/profile_learner.py --d 768 --batch-size 4096 --steps 20
+
+Prints the wall time per learner batch (CUDA-synchronised) and the profiler's table of the operators that take the
+most device time, then the most host time (a host-bound step shows up as host time ≫ device time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from tl_sparsity import OnlineSparseCoder
+from tl_sparsity.synthetic import SparseLinear
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--a", type=float, default=16)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rows", type=int, default=12, help="table rows to print")
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    src = SparseLinear(args.d, args.a, sigma=0.1, seed=0)
+    data = next(src.batches(args.batch_size * (args.steps + 8), chunk=args.batch_size * (args.steps + 8))).to(dev)
+    coder = OnlineSparseCoder(d_in=args.d, batch_size=args.batch_size, warmup_tokens=args.batch_size * 4, device=dev)
+    coder.partial_fit(data[: args.batch_size * 8])  # initialise and leave warm-up
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for i in range(args.steps):
+        coder.partial_fit(data[args.batch_size * (8 + i): args.batch_size * (9 + i)])
+    sync()
+    wall = (time.perf_counter() - t) / args.steps
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    print(f"device {name}; d={args.d}, m={coder.dictionary_.shape[0]}, a={args.a:g}, batch {args.batch_size}: "
+          f"{wall * 1e3:.2f} ms per learner batch ({args.batch_size / wall / 1e6:.2f} M rows/s)")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for i in range(args.steps):
+            coder.partial_fit(data[args.batch_size * (8 + i): args.batch_size * (9 + i)])
+        sync()
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
