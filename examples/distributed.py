@@ -1,12 +1,14 @@
-"""Hook-parallel sparsity measurement with torch.distributed: each rank runs the model on its own shard of the text,
-and each hook's learner lives on one rank.
+"""Sparsity measurement with torch.distributed: each rank runs the model on its own shard of the text.
+``--mode data`` (data-parallel): every hook's learner is shared by all ranks (the pursuit of each learner batch is
+split over them, gradients all-reduced); ``--mode hooks`` (hook-parallel): each hook's learner lives on one rank.
 
     torchrun --nproc_per_node=2 examples/distributed.py                          # tiny random model, CPU (gloo)
+    torchrun --nproc_per_node=2 examples/distributed.py --mode data              # the same, data-parallel
     torchrun --nproc_per_node=2 examples/distributed.py --model smollm2-135m --hooks resid_post --layers 0:30:5
     torchrun --nproc_per_node=4 examples/distributed.py --model smollm2-135m --device cuda   # NCCL, one GPU per rank
 
 Rank 0 prints the report, which equals that of one process fed the shards interleaved batch by batch
-(``tests/test_distributed.py`` checks it).
+(``tests/test_distributed.py`` and ``tests/test_data_parallel.py`` check it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from tl_sparsity import SparsityCollector
 from tl_sparsity.distributed import HookParallelCollector
 
 
@@ -27,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", default=None, help="as in tl-sparsity run, e.g. 0:30:5")
     p.add_argument("--tokens", type=int, default=8192, help="tokens over all ranks")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--mode", choices=("hooks", "data"), default="hooks", help="hook-parallel or data-parallel")
     args = p.parse_args(argv)
 
     cuda = args.device.startswith("cuda")
@@ -55,12 +59,17 @@ def main(argv: list[str] | None = None) -> None:
 
         shard = batches[rank::world][: len(batches) // world]  # the same number of batches on every rank
         hooks = hook_spec(args.hooks, int(model.cfg.n_layers), layers=args.layers)
-        col = HookParallelCollector(model, hooks=hooks, batch_size=512, **({"device": device} if cuda else {}))
+        opts = {"batch_size": 512, **({"device": device} if cuda else {})}
+        if args.mode == "data":
+            col = SparsityCollector(model, hooks=hooks, parallel="data", **opts)
+            layout = "every hook's learner shared by all ranks"
+        else:
+            col = HookParallelCollector(model, hooks=hooks, **opts)
+            layout = f"hooks owned per rank: {[sum(1 for r in col.owner.values() if r == k) for k in range(world)]}"
         col.fit([b.to(device) for b in shard], progress=rank == 0)
-        report = col.report()
+        report = col.report()  # on every rank: it is collective
         if rank == 0:
-            print(f"# {world} ranks, hooks owned per rank: "
-                  f"{[sum(1 for r in col.owner.values() if r == k) for k in range(world)]}")
+            print(f"# {world} ranks, {args.mode}-parallel, {layout}")
             print(report.to_markdown())
         dist.barrier()  # tear down together: gloo aborts a rank whose peer has already gone
     finally:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,9 +44,11 @@ def test_true_dictionary_example_runs_and_noise_free_data_sits_near_truth():
     assert 1.5 < clean["normalized_loss"] < 3.0  # truth a/2 = 2
 
 
-def test_distributed_example_runs_under_torchrun_with_two_cpu_processes():
+@pytest.mark.parametrize("mode", ["hooks", "data"])
+def test_distributed_example_runs_under_torchrun_with_two_cpu_processes(mode):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "examples" / "distributed.py"), "--tokens", "2048"]
+           str(ROOT / "examples" / "distributed.py"), "--tokens", "2048", "--mode", mode]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "# 2 ranks, hooks owned per rank: [2, 2]" in out.stdout and out.stdout.count("| blocks.") == 4
+    layout = "hooks owned per rank: [2, 2]" if mode == "hooks" else "every hook's learner shared by all ranks"
+    assert f"# 2 ranks, {mode}-parallel, {layout}" in out.stdout and out.stdout.count("| blocks.") == 4
