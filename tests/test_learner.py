@@ -115,3 +115,16 @@ def test_center_false_keeps_the_rows_origin_and_equals_feeding_centred_rows_to_a
     assert b.mean_.abs().max() < 1e-5
     torch.testing.assert_close(a.dictionary_, b.dictionary_, atol=1e-4, rtol=0)
     assert plain.get_params()["center"] is False
+
+
+def test_check_finite_false_skips_only_the_check():
+    from tl_sparsity.collector import _all_finite
+
+    x = torch.randn(500, 8, generator=torch.Generator().manual_seed(2))
+    a = OnlineSparseCoder(expansion=2, batch_size=100, seed=0).partial_fit(x[:230]).partial_fit(x[230:])
+    b = OnlineSparseCoder(expansion=2, batch_size=100, seed=0)
+    b.partial_fit(x[:230], check_finite=False).partial_fit(x[230:], check_finite=False)
+    torch.testing.assert_close(a.dictionary_, b.dictionary_, atol=0, rtol=0)
+    bad = x[:5].clone()
+    bad[3, 1] = float("inf")
+    assert _all_finite([x[:7], bad, torch.zeros(0, 8), torch.tensor([[float("nan")]])]) == [True, False, True, False]

@@ -299,14 +299,18 @@ class SparsityCollector:
             self._feed(sink)
 
     def _feed(self, sink: dict[str, list[tuple]]) -> None:
-        """Hand one completed forward's kept rows (and neuron inputs) to the learners and side statistics."""
+        """Hand one completed forward's kept rows (and neuron inputs) to the learners and side statistics. The rows
+        are checked for NaN/Inf with one host synchronisation for all hooks, not one per hook, so on CUDA the CPU
+        queues every hook's learner work without waiting for the previous hook's."""
+        finite = iter(_all_finite([c[0] for chunks in sink.values() for c in chunks]))
         for name, chunks in sink.items():
             learner = self.learners[name]
             if self.parallel:  # one collective call per hook and forward, also when this rank kept no row
                 learner.partial_fit(torch.cat([c[0] for c in chunks]) if chunks else torch.zeros(0, 0))
             for rows, acts, toks, keep in chunks:
+                clean = next(finite)
                 if not self.parallel:
-                    learner.partial_fit(rows)
+                    learner.partial_fit(rows, check_finite=not clean)  # a chunk with NaN/Inf: the learner drops them
                 self.extras[name].update(rows, acts, toks, keep)
 
     def _checkpoint(self, root: str | Path, done: int, start: int, fp: str | None) -> int:
@@ -418,6 +422,19 @@ def learner_row(learner: OnlineSparseCoder) -> dict[str, Any]:
         row[k] = ev[k]
     row["status"] = "ok"
     return row
+
+
+def _all_finite(tensors: list[Tensor]) -> list[bool]:
+    """Whether each tensor is all finite, with one host synchronisation per device instead of one per tensor."""
+    out: list[bool] = [True] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for idx in by_device.values():
+        flags = torch.stack([torch.isfinite(tensors[i]).all() for i in idx]).tolist()
+        for i, flag in zip(idx, flags):
+            out[i] = bool(flag)
+    return out
 
 
 def _split_batch(batch: Any) -> tuple[Any, Tensor | None]:

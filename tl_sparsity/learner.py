@@ -141,16 +141,19 @@ class OnlineSparseCoder:
         return self._n_pending
 
     @torch.no_grad()
-    def partial_fit(self, x: Float[Tensor, "n d"]) -> "OnlineSparseCoder":
+    def partial_fit(self, x: Float[Tensor, "n d"], check_finite: bool = True) -> "OnlineSparseCoder":
         """Feed rows ``x`` [n, d]; every full batch of ``batch_size`` rows is processed at once.
 
-        Rows containing NaN or ±Inf are dropped and counted in ``n_dropped_``. Rows left for the next batch are
-        copied (the caller may reuse ``x``). A Ctrl-C arriving while a batch is processed is delivered when that
-        batch is done, so the state is always that of whole batches.
+        Rows containing NaN or ±Inf are dropped and counted in ``n_dropped_``; that check waits for ``x`` on the
+        host (a CUDA synchronisation), so a caller that has already checked may pass ``check_finite=False`` (a
+        non-finite row would then corrupt the dictionary). After the λ warm-up, a call with ``check_finite=False``
+        never synchronises with a CUDA device. Rows left for the next batch are copied (the caller may reuse ``x``).
+        A Ctrl-C arriving while a batch is processed is delivered when that batch is done, so the state is always
+        that of whole batches.
         """
         x = self._as_rows(x)
-        finite = torch.isfinite(x).all(dim=1)
-        if not bool(finite.all()):
+        finite = torch.isfinite(x).all(dim=1) if check_finite else None
+        if finite is not None and not bool(finite.all()):
             self.n_dropped_ += int((~finite).sum())
             x = x[finite]
         n, size = x.shape[0], self.batch_size
