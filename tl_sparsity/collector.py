@@ -227,6 +227,9 @@ class SparsityCollector:
         when ``fit`` ends. If ``checkpoint_dir`` already holds a checkpoint written by ``fit``, this collector's
         state is replaced by it and the batches it had consumed are skipped: pass the same batches, in the same
         order (the last consumed batch is checked against its sha256), to continue the interrupted run exactly.
+        In data-parallel mode every rank keeps its checkpoints in ``checkpoint_dir/rank<r>-of-<world>``, and a
+        resumed run starts from the newest checkpoint that every rank has (a crash between two ranks' writes
+        falls back to the previous one).
         """
         if n_tokens is not None and int(n_tokens) <= 0:
             raise ValueError(f"n_tokens must be a positive integer or None, got {n_tokens!r}.")
@@ -234,11 +237,12 @@ class SparsityCollector:
             raise ValueError("checkpoint_every must be a positive number of batches, and needs checkpoint_dir.")
         if isinstance(token_batches, Tensor):
             token_batches = [token_batches]
+        resume_from = checkpoint_dir
         if self.parallel:
-            if checkpoint_dir is not None:
-                raise ValueError("checkpoints are not supported in data-parallel mode yet; pass checkpoint_dir=None "
-                                 "(or build the collector with parallel=None).")
             token_batches = list(token_batches)
+            if checkpoint_dir is not None:  # one folder per rank; resume from the newest checkpoint all ranks have
+                checkpoint_dir = _dp.rank_dir(checkpoint_dir, self._rank, self._world)
+                resume_from = _dp.common_checkpoint(checkpoint_dir, self._group)
             _dp.same_batch_count(token_batches, self._group)
             progress = progress and self._rank == 0
         layers = [_hooks.parse_hook_name(n)[0] for n in self.hook_points]
@@ -251,8 +255,8 @@ class SparsityCollector:
         forward_kwargs.setdefault("return_type", None)
         batches = iter(token_batches)
         done, start, last_fp = 0, self.n_tokens, None
-        if checkpoint_dir is not None and _ckpt.exists(checkpoint_dir):
-            done, start, last_fp = _ckpt.resume_fit(self, checkpoint_dir, batches)
+        if resume_from is not None and _ckpt.exists(resume_from):
+            done, start, last_fp = _ckpt.resume_fit(self, resume_from, batches)
         saved_at = done
         if n_tokens is not None and self.n_tokens - start >= n_tokens:
             batches = iter(())  # a resumed run that had already reached n_tokens
@@ -323,8 +327,8 @@ class SparsityCollector:
         ``path`` (safetensors + a JSON manifest naming the model, hooks, widths and options, with the sha256 of
         every file); written atomically beside the previous one,
         which is kept. Returns the new checkpoint's folder. See :mod:`tl_sparsity.checkpoint` for the layout."""
-        if self.parallel:
-            raise NotImplementedError("checkpoints are not supported in data-parallel mode yet.")
+        if self.parallel:  # every rank writes its own folder (the shared state, plus its pending rows)
+            path = _dp.rank_dir(path, self._rank, self._world)
         return _ckpt.save_collector(self, path)
 
     @classmethod

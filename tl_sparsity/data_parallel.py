@@ -21,7 +21,9 @@ batch) and, per ``partial_fit`` call, one integer per rank. Every rank must make
 
 from __future__ import annotations
 
+import json
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,7 +61,8 @@ class DataParallelCoder(OnlineSparseCoder):
     Build it on every rank with the same arguments after ``torch.distributed.init_process_group``; then call
     :meth:`partial_fit` on every rank the same number of times (with each rank's rows, possibly none). Counters
     (``n_tokens_``, ``n_heldout_``, ``n_pending_``) count all ranks' rows; ``capped_`` and ``n_dropped_`` count this
-    rank's (:meth:`global_counts` sums them). Checkpoints are not supported in this mode.
+    rank's (:meth:`global_counts` sums them). Its state (:meth:`state_dict`, :meth:`save`) is that of this rank: the
+    shared dictionary and counters, this rank's pending rows and its place in the ranks' stream.
     """
 
     def __init__(self, *args: Any, group: Any = None, **kwargs: Any) -> None:
@@ -113,11 +116,22 @@ class DataParallelCoder(OnlineSparseCoder):
         """Collective: ``capped`` and ``n_dropped`` summed over the ranks."""
         return dict(zip(("capped", "n_dropped"), self._all_reduce_ints([self.capped_, self.n_dropped_])))
 
-    def state_dict(self) -> dict:
-        raise NotImplementedError("checkpoints of data-parallel learners are not supported yet.")
+    def parallel_state(self) -> dict[str, Any]:
+        """This rank's place in the shared stream (saved with :meth:`state_dict`, beside its own pending rows)."""
+        return {"rank": self.rank, "world": self.world, "segments": [list(s) for s in self._segments],
+                "n_global_pending": self._n_global_pending, "width": self._width}
 
-    def save(self, path: Any) -> Any:
-        raise NotImplementedError("checkpoints of data-parallel learners are not supported yet.")
+    def restore_parallel_state(self, state: dict[str, Any] | None) -> None:
+        from .state_io import CheckpointError
+
+        if state is None:
+            raise CheckpointError("this learner state was not saved by a data-parallel learner: load it into an "
+                                  "OnlineSparseCoder (or a collector built with parallel=None).")
+        if (state["rank"], state["world"]) != (self.rank, self.world):
+            raise CheckpointError(f"this learner state was saved by rank {state['rank']} of {state['world']}; this "
+                                  f"is rank {self.rank} of {self.world}: each rank must load its own.")
+        self._segments = deque([list(s) for s in state["segments"]])
+        self._n_global_pending, self._width = int(state["n_global_pending"]), int(state["width"])
 
     # ------------------------------------------------------------------ one batch of the ranks' stream
     def _take(self, size: int) -> tuple[Tensor, Tensor]:
@@ -218,6 +232,38 @@ class DataParallelCoder(OnlineSparseCoder):
 
 
 # ---------------------------------------------------------------------- collectors (used by SparsityCollector)
+def rank_dir(root: Any, rank: int, world: int) -> Path:
+    """This rank's checkpoint folder under ``root``."""
+    return Path(root) / f"rank{rank:03d}-of-{world:03d}"
+
+
+def common_checkpoint(folder: Path, group: Any = None) -> Path | None:
+    """Collective: the checkpoint folder under this rank's ``folder`` whose ``fit`` progress (batches done) is the
+    newest that every rank has; None when no rank has any. Raises on every rank when some ranks have checkpoints
+    and no progress is common to all."""
+    import torch.distributed as dist
+
+    from .state_io import CheckpointError
+
+    mine: dict[int, str] = {}
+    for ckpt in sorted(folder.glob("ckpt-*")):
+        try:
+            fit = json.loads((ckpt / "manifest.json").read_text()).get("fit") or {}
+        except (OSError, ValueError):
+            continue  # unreadable: not a candidate (read_collector would name the damage)
+        if "batches_done" in fit:
+            mine[int(fit["batches_done"])] = str(ckpt)
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, sorted(mine), group=group)
+    if not any(everyone):
+        return None
+    common = set(everyone[0]).intersection(*everyone[1:])
+    if not common:
+        raise CheckpointError(f"the ranks' checkpoints under {folder.parent} share no fit progress (batches done "
+                              f"per rank: {everyone}); use a new checkpoint_dir.")
+    return Path(mine[max(common)])
+
+
 def same_batch_count(batches: list[Any], group: Any = None) -> None:
     """Raise on every rank unless every rank of ``group`` passes the same number of batches."""
     import torch.distributed as dist

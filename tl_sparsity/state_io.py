@@ -37,6 +37,8 @@ def learner_state(lr: Any, copy: bool = True) -> tuple[dict[str, Tensor], dict[s
                      device=str(lr.dictionary_.device))
         tensors.update(dictionary=lr.dictionary_, mean=lr.mean_, adam_m=lr._adam_m, adam_v=lr._adam_v,
                        reservoir=lr._reservoir[: lr._res_fill], rng_state=lr._gen.get_state())
+    if hasattr(lr, "parallel_state"):  # a data-parallel learner: its place in the ranks' shared stream
+        state["data_parallel"] = lr.parallel_state()
     tensors = {k: (v.detach().clone() if copy else v.detach()) for k, v in tensors.items()}
     device = None if lr.device is None else str(lr.device)
     return tensors, {"format": LEARNER_FORMAT, "version": VERSION, "params": lr.get_params(), "device": device,
@@ -51,6 +53,8 @@ def restore_learner(lr: Any, tensors: dict[str, Tensor], meta: dict[str, Any],
     dev = torch.device(device or lr.device or st.get("device") or "cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"the learner state lives on {dev}, and CUDA is not available: pass device='cpu'.")
+    if hasattr(lr, "restore_parallel_state"):
+        lr.restore_parallel_state(st.get("data_parallel"))  # checks first: raises before anything changes
     on = {k: v.to(dev, copy=True) for k, v in tensors.items() if k != "rng_state"}  # never share the caller's
     lr.d_in = saved["d_in"]
     for k in _COUNTERS:
