@@ -309,12 +309,13 @@ class SparsityCollector:
         finite = iter(_all_finite([c[0] for chunks in sink.values() for c in chunks]))
         for name, chunks in sink.items():
             learner = self.learners[name]
+            clean = [next(finite) for _ in chunks]
             if self.parallel:  # one collective call per hook and forward, also when this rank kept no row
-                learner.partial_fit(torch.cat([c[0] for c in chunks]) if chunks else torch.zeros(0, 0))
-            for rows, acts, toks, keep in chunks:
-                clean = next(finite)
+                rows = torch.cat([c[0] for c in chunks]) if chunks else torch.zeros(0, 0)
+                learner.partial_fit(rows, check_finite=not all(clean))
+            for (rows, acts, toks, keep), ok in zip(chunks, clean):
                 if not self.parallel:
-                    learner.partial_fit(rows, check_finite=not clean)  # a chunk with NaN/Inf: the learner drops them
+                    learner.partial_fit(rows, check_finite=not ok)  # a chunk with NaN/Inf: the learner drops them
                 self.extras[name].update(rows, acts, toks, keep)
 
     def _checkpoint(self, root: str | Path, done: int, start: int, fp: str | None) -> int:

@@ -85,12 +85,13 @@ class DataParallelCoder(OnlineSparseCoder):
         return self._n_global_pending
 
     @torch.no_grad()
-    def partial_fit(self, x: Float[Tensor, "n d"]) -> "DataParallelCoder":
+    def partial_fit(self, x: Float[Tensor, "n d"], check_finite: bool = True) -> "DataParallelCoder":
         """Collective: feed this rank's rows ``x`` [n, d] (n may be 0); every full batch of the ranks' stream is
-        processed. Non-finite rows are dropped (counted in this rank's ``n_dropped_``)."""
+        processed. Non-finite rows are dropped (counted in this rank's ``n_dropped_``) unless ``check_finite=False``
+        (as in :meth:`OnlineSparseCoder.partial_fit`)."""
         x = self._as_rows(x) if x.shape[0] else x  # a rank with no rows only takes part in the counting
-        finite = torch.isfinite(x).all(dim=1)
-        if not bool(finite.all()):
+        finite = torch.isfinite(x).all(dim=1) if check_finite else None
+        if finite is not None and not bool(finite.all()):
             self.n_dropped_ += int((~finite).sum())
             x = x[finite]
         counts = self._all_gather_ints([x.shape[0], x.shape[1] if x.shape[0] else 0])
