@@ -8,6 +8,7 @@ and Fig. 1b (sparse data vs the non-sparse controls).
     python examples/reproduce_paper.py --expansion 16  # the paper's robustness check (dictionary 16d)
     python examples/reproduce_paper.py --figure 1b --max-steps 1000000   # greedy pursuit to convergence (no cap)
     python examples/reproduce_paper.py --figure 1b --no-center  # the sources are centred exactly: no sample mean
+    python examples/reproduce_paper.py --fixed-noise --a 2,4,8,16,32   # noise variance σ²/d, not a·σ²/d
 
 Prints one row per data set: the measured normalized loss (± standard error on held-out rows), S₁, N₀, FVU, the truth
 a/2 where there is one, the relative error, and the paper's value (digitised from its figures, ±2–3 %).
@@ -29,10 +30,10 @@ PAPER_FIG1B = {"sparse a=5": (3.17, 2.85), "sparse a=10": (5.09, 4.45), "sparse 
                "gaussian": (32.5, 30.0), "rademacher": (32.5, 30.0), "isotropic cauchy": (23.7, 20.0)}
 
 
-def source(name: str, d: int, sigma: float, seed: int):
+def source(name: str, d: int, sigma: float, seed: int, fixed_noise: bool = False):
     """A data set of Fig. 1 by name: ``"sparse a=5"`` or a control."""
     if name.startswith("sparse a="):
-        return SparseLinear(d, float(name.split("=")[1]), sigma=sigma, seed=seed)
+        return SparseLinear(d, float(name.split("=")[1]), sigma=sigma, seed=seed, noise_scales_with_a=not fixed_noise)
     controls = {"gaussian": Gaussian, "rademacher": Rademacher, "isotropic cauchy": IsotropicCauchy}
     if name not in controls:
         raise ValueError(f"unknown data set {name!r}; use 'sparse a=<a>' or one of {sorted(controls)}.")
@@ -40,7 +41,7 @@ def source(name: str, d: int, sigma: float, seed: int):
 
 
 def run(d: int, name: str, tokens: int, expansion: float, device: str, seed: int, **opts) -> dict:
-    src = source(name, d, opts.pop("sigma"), seed)
+    src = source(name, d, opts.pop("sigma"), seed, opts.pop("fixed_noise", False))
     coder = OnlineSparseCoder(expansion=expansion, seed=seed, device=device, **opts)
     t0 = time.perf_counter()
     for x in src.batches(tokens, chunk=16384):
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "a=5,10,20 and the three non-sparse controls")
     p.add_argument("--a", default="8,16,32", help="comma-separated expected numbers of active features (Fig. 1a)")
     p.add_argument("--sigma", type=float, default=0.1)
+    p.add_argument("--fixed-noise", action="store_true", help="noise variance σ²/d per coordinate instead of "
+                   "a·σ²/d (PAPER.md's reading): the convention under which the paper's Fig. 1a is reproduced")
     p.add_argument("--tokens", type=int, default=None, help="rows streamed per data set (default 1M; 60k with --quick)")
     p.add_argument("--expansion", type=float, default=8)
     p.add_argument("--batch-size", type=int, default=None)
@@ -84,7 +87,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.center:
         opts["center"] = False
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"# synthetic sparse-linear data: d={args.d}, sigma={args.sigma}, dictionary {args.expansion:g}d, "
+    noise = "sigma^2/d" if args.fixed_noise else "a*sigma^2/d"
+    print(f"# synthetic sparse-linear data: d={args.d}, sigma={args.sigma} (noise variance {noise} per coordinate), "
+          f"dictionary {args.expansion:g}d, "
           f"{args.tokens} rows per data set, device {name}, options {opts or 'defaults'}")
     print("| data | truth a/2 | normalized loss | rel. error | paper | S1 | paper S1 | N0 | FVU | lambda | capped | "
           "seconds |")
@@ -96,7 +101,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         names = ["sparse a=5", "sparse a=10", "sparse a=20", "gaussian", "rademacher", "isotropic cauchy"]
     out = []
     for name in names:
-        ev = run(args.d, name, args.tokens, args.expansion, args.device, args.seed, sigma=args.sigma, **opts)
+        ev = run(args.d, name, args.tokens, args.expansion, args.device, args.seed, sigma=args.sigma,
+                 fixed_noise=args.fixed_noise, **opts)
         a = float(name.split("=")[1]) if name.startswith("sparse") else None
         truth = a / 2 if a is not None else None
         rel = ev["normalized_loss"] / truth - 1 if truth else None

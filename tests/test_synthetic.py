@@ -83,3 +83,11 @@ def test_bad_parameters_raise():
     with pytest.raises(ValueError, match="d must be"):
         Gaussian(0)
     assert math.isfinite(SparseLinear(8, 2).scale)
+
+
+def test_sparse_linear_noise_of_variance_sigma2_over_d_when_it_does_not_scale_with_a():
+    d, a, sigma = 32, 4, 0.5
+    noisy = SparseLinear(d, a, sigma=sigma, seed=3, noise_scales_with_a=False)
+    clean = SparseLinear(d, a, sigma=0.0, seed=3, noise_scales_with_a=False)
+    diff = noisy._draw(20000, torch.Generator().manual_seed(0)) - clean._draw(20000, torch.Generator().manual_seed(0))
+    assert abs(float(diff.var()) - sigma**2 / d) < 0.05 * sigma**2 / d
