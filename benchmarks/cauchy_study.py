@@ -13,8 +13,7 @@ evaluated on its held-out reservoir with ``evaluate()``. Factors:
 * ``--centre``: ``first-batch`` is the learner's normaliser (subtract the first batch's mean, divide by its average
   norm); ``none`` keeps the mean at 0 — the sources are already exactly centred (their population mean is 0 by
   construction), and a Cauchy sample mean does not converge, so re-centring with it shifts every row by a random
-  vector as long as the typical row. ``none`` is emulated by :class:`NoCentreCoder` (the same first-batch
-  initialisation with ``mean_ = 0``), i.e. what a ``center=False`` option of the learner would do.
+  vector as long as the typical row. ``none`` is the learner's ``center=False``.
 
 Columns: L_norm ± s.e. (held-out, learner's λ), S₁, N₀, FVU, λ, λ / (0.1 × held-out mean max coefficient) (1 when
 the frozen λ equals the paper's rule on the evaluation rows), rows capped in training and on the held-out rows,
@@ -42,34 +41,6 @@ from tl_sparsity.synthetic import Gaussian, IsotropicCauchy, Rademacher, SparseL
 UNLIMITED = 10**6
 
 
-class NoCentreCoder(OnlineSparseCoder):
-    """``OnlineSparseCoder`` whose normaliser does not centre (``mean_ = 0``); scale = the first batch's average norm.
-
-    Re-draws the first-batch initialisation exactly as the parent does (same generator, same draws), with the
-    uncentred rows: the emulation of a ``center=False`` option.
-    """
-
-    def _init_state(self, batch: torch.Tensor) -> None:
-        super()._init_state(batch)
-        d, m = batch.shape[1], self.dictionary_.shape[0]
-        self._gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        self.mean_ = torch.zeros(d, device=batch.device)
-        scale = float(batch.norm(dim=1).mean())
-        self.scale_ = scale if scale > 0 else 1.0
-        xn0 = batch / self.scale_
-        if self.init == "data":
-            pick = torch.randint(0, batch.shape[0], (m,), generator=self._gen).to(batch.device)
-            noise = torch.randn(m, d, generator=self._gen).to(batch.device)
-            rows = xn0[pick]
-            phi = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12) + 0.1 * noise / math.sqrt(d)
-        else:
-            phi = torch.randn(m, d, generator=self._gen).to(batch.device)
-        self.dictionary_ = phi / phi.norm(dim=1, keepdim=True)
-        if self.lam is None:
-            guess = self.lam_ratio * float((xn0 @ self.dictionary_.T).max(dim=1).values.clamp_min(0).mean())
-            self.lam_ = max(guess, 1e-6)
-
-
 def make_source(name: str, d: int, seed: int):
     if name.startswith("sparse"):
         return SparseLinear(d, float(name.split("=")[1]), sigma=0.1, seed=seed)
@@ -78,8 +49,8 @@ def make_source(name: str, d: int, seed: int):
 
 def study(name: str, centre: str, cap_mult: float, seed: int, d: int, tokens: int, warmup: int) -> dict:
     cap = UNLIMITED if math.isinf(cap_mult) else int(cap_mult * d)
-    cls = OnlineSparseCoder if centre == "first-batch" else NoCentreCoder
-    coder = cls(expansion=8, seed=seed, max_steps=cap, warmup_tokens=warmup)
+    coder = OnlineSparseCoder(expansion=8, seed=seed, max_steps=cap, warmup_tokens=warmup,
+                              center=centre == "first-batch")
     t0 = time.perf_counter()
     for x in make_source(name, d, seed).batches(tokens, chunk=16384):
         coder.partial_fit(x)

@@ -5,12 +5,11 @@ batches of ``batch_size`` rows, and all randomness comes from one seeded generat
 learned state does not depend on how the stream was chunked (streaming equals one call on the concatenation).
 
 Per batch: (first batch only) freeze the normaliser — centre with the batch mean (unless ``center=False``), scale so
-the average L2 norm is 1 —
-and draw a random unit-norm dictionary; split off held-out rows (probability ``holdout_frac``, never trained on, kept
-in a bounded reservoir by reservoir sampling); code the training rows (greedy pursuit, or the exact lasso); while in
-warm-up (the first ``warmup_tokens`` training rows) set λ ← ``lam_ratio`` × mean max coefficient (the paper's
-adaptive rule), then freeze it; take ``phi_steps`` Adam steps on Φ with the closed-form gradient
-−(2/n)·αᵀ(x − αΦ), tangent to the unit sphere, and renormalise the rows.
+the average L2 norm is 1 — and draw a random unit-norm dictionary; split off held-out rows (probability
+``holdout_frac``, never trained on, kept in a bounded reservoir by reservoir sampling); code the training rows
+(greedy pursuit, or the exact lasso); while in warm-up (the first ``warmup_tokens`` training rows) set λ ←
+``lam_ratio`` × mean max coefficient (the paper's adaptive rule), then freeze it; take ``phi_steps`` Adam steps on Φ
+with the closed-form gradient −(2/n)·αᵀ(x − αΦ), tangent to the unit sphere, and renormalise the rows.
 """
 
 from __future__ import annotations
