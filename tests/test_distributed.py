@@ -148,3 +148,42 @@ def test_hook_parallel_needs_an_initialised_process_group(model):
         pytest.skip("a process group is already initialised")
     with pytest.raises(RuntimeError, match="init_process_group"):
         HookParallelCollector(model, hooks="blocks.0.hook_resid_post")
+
+
+def _ckpt_worker(rank: int, world: int, init: str, out: str) -> None:
+    import shutil
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        shard, opts = _shards()[rank], {**OPTS, "controls": False}
+        full = HookParallelCollector(_model(), hooks=HOOKS, **opts).fit(shard, progress=False)
+        root = Path(out) / "ckpt"
+        HookParallelCollector(_model(), hooks=HOOKS, **opts).fit(shard[:3], progress=False, checkpoint_dir=root,
+                                                                  checkpoint_every=1)  # "interrupted" after 3
+        if rank == 0:  # a crash between the ranks' writes: rank 0 lost its newest checkpoint
+            mine = root / f"rank{rank:03d}-of-002"
+            shutil.rmtree(sorted(mine.glob("ckpt-*"))[-1])
+            (mine / "LATEST").unlink()
+        dist.barrier()
+        resumed = HookParallelCollector(_model(), hooks=HOOKS, **opts).fit(shard, progress=False,
+                                                                           checkpoint_dir=root)
+        same = all(torch.equal(full.learners[n].dictionary_, resumed.learners[n].dictionary_) for n in full.owned())
+        torch.save({"same": same, "n": (full.n_tokens, resumed.n_tokens),
+                    "rows": (repr(full.report().to_dict()["rows"]), repr(resumed.report().to_dict()["rows"]))},
+                   f"{out}/ck{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_an_interrupted_hook_parallel_fit_resumes_from_the_newest_checkpoint_every_rank_has(tmp_path):
+    pytest.importorskip("transformer_lens.model_bridge")
+    mp.spawn(_ckpt_worker, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        res = torch.load(tmp_path / f"ck{r}.pt", weights_only=False)
+        assert res["same"]  # every owned dictionary bit for bit
+        assert res["n"][0] == res["n"][1] > 0
+        assert res["rows"][0] == res["rows"][1]  # the same report, neuron columns included

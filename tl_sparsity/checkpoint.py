@@ -282,9 +282,10 @@ def load_collector(cls: Any, path: str | Path, model: Any, device: str | torch.d
     return col
 
 
-def resume_fit(col: Any, root: str | Path, batches: Iterator[Any]) -> tuple[int, int, str | None]:
+def resume_fit(col: Any, root: str | Path, batches: Iterator[Any]) -> tuple[int, int, str | None, dict[str, Any]]:
     """Restore ``col`` from the checkpoint under ``root`` and skip the batches of ``batches`` it had consumed;
-    returns ``(batches_done, start_tokens, last_batch_sha256)``. Nothing is changed if a check fails."""
+    returns ``(batches_done, start_tokens, last_batch_sha256, the manifest's fit record)``. Nothing is changed if a
+    check fails."""
     import warnings
 
     manifest, blobs, folder = read_collector(root)
@@ -325,7 +326,7 @@ def resume_fit(col: Any, root: str | Path, batches: Iterator[Any]) -> tuple[int,
         restore_learner(col.learners[name], tensors, meta)
         col.extras[name].restore(extras[name])
     start = int(fit["start_tokens"]) if "start_tokens" in fit else col.n_tokens
-    return done, start, want
+    return done, start, want, fit
 
 
 def fingerprint(tokens: Any, mask: Any = None) -> str:

@@ -227,8 +227,8 @@ class SparsityCollector:
         when ``fit`` ends. If ``checkpoint_dir`` already holds a checkpoint written by ``fit``, this collector's
         state is replaced by it and the batches it had consumed are skipped: pass the same batches, in the same
         order (the last consumed batch is checked against its sha256), to continue the interrupted run exactly.
-        In data-parallel mode every rank keeps its checkpoints in ``checkpoint_dir/rank<r>-of-<world>``, and a
-        resumed run starts from the newest checkpoint that every rank has (a crash between two ranks' writes
+        In data- and hook-parallel modes every rank keeps its checkpoints in ``checkpoint_dir/rank<r>-of-<world>``,
+        and a resumed run starts from the newest checkpoint that every rank has (a crash between two ranks' writes
         falls back to the previous one).
         """
         if n_tokens is not None and int(n_tokens) <= 0:
@@ -238,7 +238,7 @@ class SparsityCollector:
         if isinstance(token_batches, Tensor):
             token_batches = [token_batches]
         resume_from = checkpoint_dir
-        if self.parallel:
+        if self._distributed:  # data- or hook-parallel: every rank runs the same number of forwards
             token_batches = list(token_batches)
             if checkpoint_dir is not None:  # one folder per rank; resume from the newest checkpoint all ranks have
                 checkpoint_dir = _dp.rank_dir(checkpoint_dir, self._rank, self._world)
@@ -256,7 +256,8 @@ class SparsityCollector:
         batches = iter(token_batches)
         done, start, last_fp = 0, self.n_tokens, None
         if resume_from is not None and _ckpt.exists(resume_from):
-            done, start, last_fp = _ckpt.resume_fit(self, resume_from, batches)
+            done, start, last_fp, fit_state = _ckpt.resume_fit(self, resume_from, batches)
+            self._restore_fit_state(fit_state)
         saved_at = done
         if n_tokens is not None and self.n_tokens - start >= n_tokens:
             batches = iter(())  # a resumed run that had already reached n_tokens
@@ -319,8 +320,16 @@ class SparsityCollector:
                 self.extras[name].update(rows, acts, toks, keep)
 
     def _checkpoint(self, root: str | Path, done: int, start: int, fp: str | None) -> int:
-        _ckpt.save_collector(self, root, fit={"batches_done": done, "start_tokens": start, "last_batch_sha256": fp})
+        _ckpt.save_collector(self, root, fit={"batches_done": done, "start_tokens": start, "last_batch_sha256": fp,
+                                              **self._fit_state()})
         return done
+
+    def _fit_state(self) -> dict[str, Any]:
+        """What a subclass keeps beside its learners and statistics, saved with ``fit``'s checkpoints."""
+        return {}
+
+    def _restore_fit_state(self, fit: dict[str, Any]) -> None:
+        """Restore :meth:`_fit_state` from a resumed checkpoint's ``fit`` record."""
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> Path:
@@ -328,7 +337,7 @@ class SparsityCollector:
         ``path`` (safetensors + a JSON manifest naming the model, hooks, widths and options, with the sha256 of
         every file); written atomically beside the previous one,
         which is kept. Returns the new checkpoint's folder. See :mod:`tl_sparsity.checkpoint` for the layout."""
-        if self.parallel:  # every rank writes its own folder (the shared state, plus its pending rows)
+        if self._distributed:  # every rank writes its own folder
             path = _dp.rank_dir(path, self._rank, self._world)
         return _ckpt.save_collector(self, path)
 
@@ -383,6 +392,11 @@ class SparsityCollector:
             layer, site = _hooks.parse_hook_name(name)
             rows.append({"hook": name, "layer": layer, "site": site, **learner_row(self.learners[name])})
         return rows
+
+    @property
+    def _distributed(self) -> bool:
+        """Whether the ranks of a ``torch.distributed`` group run this collector together."""
+        return self.parallel is not None
 
     @property
     def _group(self) -> Any:

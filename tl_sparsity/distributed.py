@@ -12,22 +12,21 @@ learner and :class:`~tl_sparsity.neurons.NeuronStats` chunk by chunk, as one pro
 owners' rows and neuron tables, so it is the full report on every rank.
 
 Limits (each raises a clear error): only ``fit`` feeds a hook-parallel collector (not ``fwd_hooks`` / ``attach`` /
-``start``); every rank must pass the same number of batches, all with token ids or all without; checkpoints are not
-supported in this mode yet. Data-parallel learning (every hook's learner shared by all ranks) is
-``SparsityCollector``'s default under ``torch.distributed``: :mod:`tl_sparsity.data_parallel`.
+``start``); every rank must pass the same number of batches, all with token ids or all without. Checkpoints
+(``fit(checkpoint_dir=...)``, ``save``) are written per rank, as in data-parallel mode. Data-parallel learning
+(every hook's learner shared by all ranks) is ``SparsityCollector``'s default under ``torch.distributed``:
+:mod:`tl_sparsity.data_parallel`.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .collector import SparsityCollector
-from .data_parallel import same_batch_count
 from .report import SparsityReport
 
 __all__ = ["HookParallelCollector"]
@@ -69,14 +68,29 @@ class HookParallelCollector(SparsityCollector):
 
     attach = start = fwd_hooks  # type: ignore[assignment]
 
-    def fit(self, token_batches: Iterable[Any] | Tensor, n_tokens: int | None = None, progress: bool = True,
-            checkpoint_dir: Any = None, checkpoint_every: Any = None, **forward_kwargs: Any) -> SparsityCollector:
-        """:meth:`SparsityCollector.fit` on this rank's shard; every rank must pass the same number of batches."""
-        if checkpoint_dir is not None or checkpoint_every is not None:
-            raise ValueError("checkpoints are not supported in hook-parallel mode yet.")
-        batches = [token_batches] if isinstance(token_batches, Tensor) else list(token_batches)
-        same_batch_count(batches, self.group)
-        return super().fit(batches, n_tokens=n_tokens, progress=progress and self.rank == 0, **forward_kwargs)
+    # ------------------------------------------------------------------ fit() and its checkpoints (see the base)
+    @property
+    def _distributed(self) -> bool:
+        return True
+
+    @property
+    def _group(self) -> Any:
+        return self.group
+
+    @property
+    def _rank(self) -> int:
+        return self.rank
+
+    @property
+    def _world(self) -> int:
+        return self.world
+
+    def _fit_state(self) -> dict[str, Any]:
+        return {"rows_seen": self._rows_seen, "with_tokens": self._with_tokens}
+
+    def _restore_fit_state(self, fit: dict[str, Any]) -> None:
+        self._rows_seen = int(fit.get("rows_seen", 0))
+        self._with_tokens = {k: bool(v) for k, v in fit.get("with_tokens", {}).items()}
 
     def _feed(self, sink: dict[str, list[tuple]]) -> None:
         # every hook's rows travel first, then each rank learns its hooks: gathering hook by hook between learning
