@@ -192,6 +192,7 @@ def _hf(arch: str, vocab: int):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_bridges_of_hugging_face_models_pool_the_expected_parameters(arch, saved_tokenizer):
+    pytest.importorskip("transformer_lens.model_bridge", reason="this TransformerLens has no TransformerBridge (2.x)")
     from transformer_lens.model_bridge import TransformerBridge
 
     hf = _hf(arch, len(saved_tokenizer))
@@ -218,6 +219,7 @@ def test_hooked_transformer_and_bridge_agree_on_the_same_gpt2_weights(saved_toke
         HookedTransformer, Config = tl.HookedTransformer, tl.HookedTransformerConfig
     except (ImportError, AttributeError):
         pytest.skip("this TransformerLens has no HookedTransformer (4.x)")
+    pytest.importorskip("transformer_lens.model_bridge", reason="this TransformerLens has no TransformerBridge (2.x)")
     from transformer_lens.model_bridge import TransformerBridge
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
 
