@@ -73,8 +73,7 @@ class DataParallelCoder(OnlineSparseCoder):
             raise RuntimeError("DataParallelCoder needs torch.distributed initialised first (init_process_group).")
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        nccl = dist.get_backend(group) == "nccl"
-        self._comm = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self._comm = comm_device(group)
         self._segments: deque[list[int]] = deque()  # the stream's pending rows as runs [rank, count], in order
         self._n_global_pending = 0
         self._width = 0  # the rows' width, once any rank has sent rows
@@ -89,11 +88,8 @@ class DataParallelCoder(OnlineSparseCoder):
         """Collective: feed this rank's rows ``x`` [n, d] (n may be 0); every full batch of the ranks' stream is
         processed. Non-finite rows are dropped (counted in this rank's ``n_dropped_``) unless ``check_finite=False``
         (as in :meth:`OnlineSparseCoder.partial_fit`)."""
-        x = self._as_rows(x) if x.shape[0] else x  # a rank with no rows only takes part in the counting
-        finite = torch.isfinite(x).all(dim=1) if check_finite else None
-        if finite is not None and not bool(finite.all()):
-            self.n_dropped_ += int((~finite).sum())
-            x = x[finite]
+        if x.shape[0]:  # a rank with no rows only takes part in the counting
+            x = self._finite_rows(self._as_rows(x), check_finite)
         counts = self._all_gather_ints([x.shape[0], x.shape[1] if x.shape[0] else 0])
         widths = {w for n, w in counts if n}
         if len(widths) > 1:
@@ -107,10 +103,13 @@ class DataParallelCoder(OnlineSparseCoder):
             self._n_pending += x.shape[0]
         if widths:
             self._width = widths.pop()
+        if self._n_global_pending < self.batch_size:
+            return self
         while self._n_global_pending >= self.batch_size:
             with defer_interrupts():
                 rows, pos = self._take(self.batch_size)
                 self._process_shared(rows, pos, self.batch_size, self._width)
+        self._pending = [p.clone() for p in self._pending]  # own the rest: not a view keeping a large x alive
         return self
 
     def global_counts(self) -> dict[str, int]:
@@ -149,12 +148,12 @@ class DataParallelCoder(OnlineSparseCoder):
             if seg[1] == 0:
                 self._segments.popleft()
         self._n_global_pending -= size
-        local = torch.cat(self._pending) if self._pending else None
-        if local is None or mine == 0:
-            dev = local.device if local is not None else torch.device(self.device or self._comm)
+        if mine == 0:
+            dev = self._pending[0].device if self._pending else torch.device(self.device or self._comm)
             return torch.zeros(0, self._width, device=dev), torch.zeros(0, dtype=torch.long)
-        rest = local[mine:]
-        self._pending, self._n_pending = ([rest.clone()], rest.shape[0]) if rest.shape[0] else ([], 0)
+        local = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
+        rest = local[mine:]  # a view: partial_fit copies what is left once, after its last batch
+        self._pending, self._n_pending = ([rest], rest.shape[0]) if rest.shape[0] else ([], 0)
         return local[:mine], torch.cat(pos)
 
     def _process_shared(self, rows: Tensor, pos: Tensor, size: int, width: int) -> None:
@@ -232,6 +231,14 @@ class DataParallelCoder(OnlineSparseCoder):
         return allrows[order, :width].to(device, torch.float32)
 
 
+def comm_device(group: Any = None) -> torch.device:
+    """Where tensors for ``group``'s collectives live: the current CUDA device under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    nccl = dist.get_backend(group) == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+
 # ---------------------------------------------------------------------- collectors (used by SparsityCollector)
 def rank_dir(root: Any, rank: int, world: int) -> Path:
     """This rank's checkpoint folder under ``root``."""
@@ -270,8 +277,7 @@ def same_batch_count(batches: list[Any], group: Any = None) -> None:
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-    mine = torch.tensor([len(batches)], device=dev)
+    mine = torch.tensor([len(batches)], device=comm_device(group))
     counts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(counts, mine, group=group)
     if len({int(c) for c in counts}) != 1:
@@ -286,7 +292,7 @@ def merged_extras(col: Any) -> dict[str, Any]:
 
     from .extras import HookExtras
 
-    group = next(iter(col.learners.values())).group if col.learners else None
+    group = col._group
     states = {name: ex.state() for name, ex in col.extras.items()}
     gathered: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, states, group=group)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .collector import SparsityCollector
+from .data_parallel import comm_device
 from .report import SparsityReport
 
 __all__ = ["HookParallelCollector"]
@@ -199,13 +200,12 @@ def _gather_rows(rows: Tensor | None, dst: int, world: int, group: Any, width: i
 
 def _comm_device(group: Any, sink: dict[str, list[tuple]]) -> torch.device:
     """Where collectives' tensors live: the CPU for gloo (its gather takes CPU tensors only), else (NCCL) the device of
-    this rank's activations (the current CUDA device when this rank has none)."""
-    import torch.distributed as dist
-
-    if dist.get_backend(group) != "nccl":
-        return torch.device("cpu")
+    this rank's activations (:func:`~tl_sparsity.data_parallel.comm_device` when this rank has none)."""
+    device = comm_device(group)
+    if device.type == "cpu":
+        return device
     local = next((c[0].device for chunks in sink.values() for c in chunks), None)
-    return local if local is not None else torch.device("cuda", torch.cuda.current_device())
+    return local if local is not None else device
 
 
 def _pack(chunks: list[tuple], device: torch.device) -> tuple[Tensor, int, int]:

@@ -150,11 +150,7 @@ class OnlineSparseCoder:
         A Ctrl-C arriving while a batch is processed is delivered when that batch is done, so the state is always
         that of whole batches.
         """
-        x = self._as_rows(x)
-        finite = torch.isfinite(x).all(dim=1) if check_finite else None
-        if finite is not None and not bool(finite.all()):
-            self.n_dropped_ += int((~finite).sum())
-            x = x[finite]
+        x = self._finite_rows(self._as_rows(x), check_finite)
         n, size = x.shape[0], self.batch_size
         if n == 0:
             return self
@@ -243,6 +239,16 @@ class OnlineSparseCoder:
         first = self._pending[0].device if self._pending else x.device  # before init: where the first rows are
         dev = self.dictionary_.device if self.dictionary_ is not None else (self.device or first)
         return x.to(device=dev, dtype=torch.float32)
+
+    def _finite_rows(self, x: Tensor, check_finite: bool) -> Tensor:
+        """``x`` without its rows holding NaN/±Inf (counted in ``n_dropped_``); unchecked when not ``check_finite``."""
+        if not check_finite:
+            return x
+        finite = torch.isfinite(x).all(dim=1)
+        if bool(finite.all()):
+            return x
+        self.n_dropped_ += int((~finite).sum())
+        return x[finite]
 
     def _require_init(self) -> None:
         if self.dictionary_ is None:
