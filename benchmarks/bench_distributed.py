@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import VOCAB, load_tl, tl_version, write_gpt2_folder
+from bench_e2e import VOCAB, add_model_args, load_tl, tl_version, write_gpt2_folder
 
 from tl_sparsity import SparsityCollector
 
@@ -47,19 +47,11 @@ from tl_sparsity import SparsityCollector
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mode", choices=["hooks", "data", "none"], default="hooks")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", choices=["auto", "bridge", "hooked"], default="auto")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_model_args(p)
     p.add_argument("--hooks", default="resid_post", help="collector hook spec (alias, names, globs)")
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--batch", type=int, default=64, help="sequences per forward per rank")
-    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--iters", type=int, default=10, help="timed forwards per rank")
     p.add_argument("--shard-batches", type=int, default=4, help="distinct token batches per rank, cycled")
-    p.add_argument("--warmup-tokens", type=int, default=65536)
-    p.add_argument("--batch-size", type=int, default=4096, help="learner batch_size")
-    p.add_argument("--expansion", type=float, default=8)
     p.add_argument("--max-warmup-forwards", type=int, default=10_000)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per rank (default 1 on CPU)")
     return p.parse_args(argv)

@@ -276,27 +276,32 @@ def run_plain_hooks(args, dev, dtype, ids):
     return rows, t_plain, len(blocks)
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The options this benchmark shares with ``bench_distributed.py``: device, model shape and learner settings."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", choices=["auto", "bridge", "hooked"], default="auto",
+                   help="TransformerLens model: TransformerBridge (auto on TL >= 3) or HookedTransformer (TL < 4)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--warmup-tokens", type=int, default=65536)
+    p.add_argument("--batch-size", type=int, default=4096, help="learner batch_size")
+    p.add_argument("--expansion", type=float, default=8, help="learner expansion (atoms = expansion × d)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_args(p)
     p.add_argument("--model", choices=["auto", "tl", "hf", "torch"], default="auto",
                    help="auto: tl when transformer_lens imports, else hf when transformers does, else torch")
-    p.add_argument("--backend", choices=["auto", "bridge", "hooked"], default="auto",
-                   help="--model tl: TransformerBridge (auto on TL >= 3) or HookedTransformer (TL < 4)")
     p.add_argument("--collect", choices=["fit", "run_with_hooks"], default="fit", help="--model tl: how hooks run")
     p.add_argument("--neurons", action="store_true", help="--model tl: the collector's default neuron statistics")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="--model tl: evaluate the report after timing (hook 0's normalized_loss)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--hooks", default="resid_post,mlp_post")
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--iters", type=int, default=10, help="timed forwards (resid_post); mlp_post uses a third")
-    p.add_argument("--warmup-tokens", type=int, default=65536)
-    p.add_argument("--batch-size", type=int, default=4096, help="learner batch_size")
-    p.add_argument("--expansion", type=float, default=8, help="learner expansion (atoms = expansion × d)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p.parse_args(argv)
 

@@ -87,3 +87,21 @@ def gpt2_folder(tmp_path_factory):
     GPT2LMHeadModel(cfg).eval().save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def interrupted_and_resumed(make, shard, root, rank: int, crashed_rank: int):
+    """Inside a ``torch.distributed`` worker: ``(full, resumed)`` — a collector from ``make()`` fitted on ``shard``
+    without interruption, and one resumed from the checkpoints under ``root`` of a run "interrupted" after 3 batches,
+    where ``crashed_rank`` lost its newest checkpoint (a crash between the ranks' writes)."""
+    import shutil
+
+    import torch.distributed as dist
+
+    full = make().fit(shard, progress=False)
+    make().fit(shard[:3], progress=False, checkpoint_dir=root, checkpoint_every=1)
+    if rank == crashed_rank:
+        mine = root / f"rank{rank:03d}-of-{dist.get_world_size():03d}"
+        shutil.rmtree(sorted(mine.glob("ckpt-*"))[-1])
+        (mine / "LATEST").unlink()
+    dist.barrier()
+    return full, make().fit(shard, progress=False, checkpoint_dir=root)

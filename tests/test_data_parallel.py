@@ -127,26 +127,16 @@ CK_OPTS = dict(batch_size=64, warmup_tokens=128, neurons=False, parallel="data")
 
 
 def _ckpt_worker(rank: int, world: int, init: str, out: str) -> None:
-    import shutil
     from pathlib import Path
+
+    from conftest import interrupted_and_resumed
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        shard = _shards()[rank]
-        full = SparsityCollector(_model(), hooks=CK_HOOKS, **CK_OPTS).fit(shard, progress=False)
+        full, resumed = interrupted_and_resumed(lambda: SparsityCollector(_model(), hooks=CK_HOOKS, **CK_OPTS),
+                                                _shards()[rank], Path(out) / "ckpt", rank, crashed_rank=1)
         want = {n: lr.dictionary_.clone() for n, lr in full.learners.items()}
-        root = Path(out) / "ckpt"
-        SparsityCollector(_model(), hooks=CK_HOOKS, **CK_OPTS).fit(shard[:3], progress=False, checkpoint_dir=root,
-                                                                    checkpoint_every=1)  # "interrupted" after 3
-        mine = root / f"rank{rank:03d}-of-002"
-        if rank == 1:  # a crash between the ranks' writes: rank 1 lost its newest checkpoint
-            newest = sorted(mine.glob("ckpt-*"))[-1]
-            shutil.rmtree(newest)
-            (mine / "LATEST").unlink()
-        dist.barrier()
-        resumed = SparsityCollector(_model(), hooks=CK_HOOKS, **CK_OPTS).fit(shard, progress=False,
-                                                                               checkpoint_dir=root)
         got = {n: lr.dictionary_.clone() for n, lr in resumed.learners.items()}
         torch.save({"want": want, "got": got, "n": (full.n_tokens, resumed.n_tokens),
                     "rows": (repr(full.report().to_dict()["rows"]), repr(resumed.report().to_dict()["rows"]))},

@@ -151,24 +151,16 @@ def test_hook_parallel_needs_an_initialised_process_group(model):
 
 
 def _ckpt_worker(rank: int, world: int, init: str, out: str) -> None:
-    import shutil
     from pathlib import Path
+
+    from conftest import interrupted_and_resumed
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        shard, opts = _shards()[rank], {**OPTS, "controls": False}
-        full = HookParallelCollector(_model(), hooks=HOOKS, **opts).fit(shard, progress=False)
-        root = Path(out) / "ckpt"
-        HookParallelCollector(_model(), hooks=HOOKS, **opts).fit(shard[:3], progress=False, checkpoint_dir=root,
-                                                                  checkpoint_every=1)  # "interrupted" after 3
-        if rank == 0:  # a crash between the ranks' writes: rank 0 lost its newest checkpoint
-            mine = root / f"rank{rank:03d}-of-002"
-            shutil.rmtree(sorted(mine.glob("ckpt-*"))[-1])
-            (mine / "LATEST").unlink()
-        dist.barrier()
-        resumed = HookParallelCollector(_model(), hooks=HOOKS, **opts).fit(shard, progress=False,
-                                                                           checkpoint_dir=root)
+        opts = {**OPTS, "controls": False}
+        full, resumed = interrupted_and_resumed(lambda: HookParallelCollector(_model(), hooks=HOOKS, **opts),
+                                                _shards()[rank], Path(out) / "ckpt", rank, crashed_rank=0)
         same = all(torch.equal(full.learners[n].dictionary_, resumed.learners[n].dictionary_) for n in full.owned())
         torch.save({"same": same, "n": (full.n_tokens, resumed.n_tokens),
                     "rows": (repr(full.report().to_dict()["rows"]), repr(resumed.report().to_dict()["rows"]))},

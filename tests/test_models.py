@@ -263,11 +263,15 @@ def test_local_bert_folder_activations_equal_hf_hidden_states(encoder_folder, ba
     with torch.no_grad():
         hidden = AutoModel.from_pretrained(encoder_folder).eval()(ids, output_hidden_states=True).hidden_states
         _, cache = model.run_with_cache(ids)
+    _assert_resid_post_is_hidden_states(cache, hidden, backend, n_layers=2, tol=1e-5)
+    assert "blocks.0.mlp.hook_post" in model.hook_dict
+
+
+def _assert_resid_post_is_hidden_states(cache, hidden, backend: str, n_layers: int, tol: float) -> None:
     # the bridge's resid_post is after the block's final LayerNorm; HookedEncoder's is before it
     site = "hook_resid_post" if backend == "bridge" else "hook_normalized_resid_post"
-    for layer in range(2):
-        torch.testing.assert_close(cache[f"blocks.{layer}.{site}"], hidden[layer + 1], atol=1e-5, rtol=1e-5)
-    assert "blocks.0.mlp.hook_post" in model.hook_dict
+    for layer in range(n_layers):
+        torch.testing.assert_close(cache[f"blocks.{layer}.{site}"], hidden[layer + 1], atol=tol, rtol=tol)
 
 
 def test_local_folder_streams_text_windows_through_the_collector(gpt2_folder):
@@ -321,6 +325,4 @@ def test_minilm_activations_equal_hugging_face_hidden_states(backend):
     with torch.no_grad():
         hidden = AutoModel.from_pretrained(folder).eval()(ids, output_hidden_states=True).hidden_states
         _, cache = model.run_with_cache(ids)
-    site = "hook_resid_post" if backend == "bridge" else "hook_normalized_resid_post"
-    for layer in range(6):
-        torch.testing.assert_close(cache[f"blocks.{layer}.{site}"], hidden[layer + 1], atol=1e-4, rtol=1e-4)
+    _assert_resid_post_is_hidden_states(cache, hidden, backend, n_layers=6, tol=1e-4)
