@@ -89,10 +89,12 @@ def gpt2_folder(tmp_path_factory):
     return folder
 
 
-def interrupted_and_resumed(make, shard, root, rank: int, crashed_rank: int):
-    """Inside a ``torch.distributed`` worker: ``(full, resumed)`` — a collector from ``make()`` fitted on ``shard``
-    without interruption, and one resumed from the checkpoints under ``root`` of a run "interrupted" after 3 batches,
-    where ``crashed_rank`` lost its newest checkpoint (a crash between the ranks' writes)."""
+def interrupted_and_resumed(make, shard, root, rank: int, crashed_rank: int) -> dict:
+    """Inside a ``torch.distributed`` worker: fit a collector from ``make()`` on ``shard`` without interruption, and
+    another resumed from the checkpoints under ``root`` of a run "interrupted" after 3 batches, where
+    ``crashed_rank`` lost its newest checkpoint (a crash between the ranks' writes). Returns what to compare:
+    ``same`` (per hook whose learner this rank holds: dictionaries equal bit for bit), ``n`` (both ``n_tokens``)
+    and ``rows`` (both reports' rows, as repr)."""
     import shutil
 
     import torch.distributed as dist
@@ -104,4 +106,8 @@ def interrupted_and_resumed(make, shard, root, rank: int, crashed_rank: int):
         shutil.rmtree(sorted(mine.glob("ckpt-*"))[-1])
         (mine / "LATEST").unlink()
     dist.barrier()
-    return full, make().fit(shard, progress=False, checkpoint_dir=root)
+    resumed = make().fit(shard, progress=False, checkpoint_dir=root)
+    held = [n for n, lr in full.learners.items() if lr.initialized]
+    return {"same": {n: torch.equal(full.learners[n].dictionary_, resumed.learners[n].dictionary_) for n in held},
+            "n": (full.n_tokens, resumed.n_tokens),
+            "rows": (repr(full.report().to_dict()["rows"]), repr(resumed.report().to_dict()["rows"]))}
