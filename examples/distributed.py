@@ -6,6 +6,8 @@ split over them, gradients all-reduced); ``--mode hooks`` (hook-parallel): each 
     torchrun --nproc_per_node=2 examples/distributed.py --mode data              # the same, data-parallel
     torchrun --nproc_per_node=2 examples/distributed.py --model smollm2-135m --hooks resid_post --layers 0:30:5
     torchrun --nproc_per_node=4 examples/distributed.py --model smollm2-135m --device cuda   # NCCL, one GPU per rank
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=4 --master_addr=HOST0 --master_port=29500 \
+        examples/distributed.py --device cuda --out report.json     # two nodes: run on each, R = 0 and 1
 
 Rank 0 prints the report, which equals that of one process fed the shards interleaved batch by batch
 (``tests/test_distributed.py`` and ``tests/test_data_parallel.py`` check it).
@@ -31,12 +33,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=8192, help="tokens over all ranks")
     p.add_argument("--device", default="cpu")
     p.add_argument("--mode", choices=("hooks", "data"), default="hooks", help="hook-parallel or data-parallel")
+    p.add_argument("--out", default=None, help="rank 0 also writes the report here (.csv: a table, else JSON)")
     args = p.parse_args(argv)
 
     cuda = args.device.startswith("cuda")
+    local = int(os.environ.get("LOCAL_RANK", "0"))  # this node's GPU: the global rank counts over all nodes
+    if cuda:
+        torch.cuda.set_device(local)  # collectives (NCCL) use the current device
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+    device = f"cuda:{local}" if cuda else "cpu"
     torch.set_num_threads(1)
     try:
         if args.model is None:
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.path.insert(0, str(Path(__file__).parent))
             from quickstart import tiny_model
 
-            model = tiny_model()
+            model = tiny_model().to(device) if cuda else tiny_model()  # (TL 3 prints a line on .to)
             gen = torch.Generator().manual_seed(0)
             batches = [torch.randint(1, 1000, (8, 64), generator=gen) for _ in range(max(1, args.tokens // 504))]
         else:
@@ -71,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0:
             print(f"# {world} ranks, {args.mode}-parallel, {layout}")
             print(report.to_markdown())
+            if args.out:
+                (report.to_csv if args.out.endswith(".csv") else report.save)(args.out)
         dist.barrier()  # tear down together: gloo aborts a rank whose peer has already gone
     finally:
         dist.destroy_process_group()

@@ -224,6 +224,17 @@ def test_keep_mask_marks_exactly_the_positions_rows_keeps(model):
     assert torch.equal(no_bos.keep_mask(act, mask), mask.bool()) and no_bos.keep_mask(act).all()
 
 
+def test_rows_without_a_mask_are_the_rows_of_the_keep_mask_in_the_same_order(model):
+    """Without a mask, rows() slices instead of indexing with the mask (no device sync); same rows, same order."""
+    for skip_bos in (True, False):
+        col = SparsityCollector(model, hooks="blocks.0.hook_resid_post", skip_bos=skip_bos, **OPTS)
+        for shape in [(3, 5, 2, 4), (2, 1, 8), (0, 4, 8), (2, 0, 8)]:
+            act = torch.randn(*shape).half()  # a half-precision model: rows are float32 copies
+            got, want = col.rows(act), col.rows(act, keep=col.keep_mask(act))
+            assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want), (skip_bos, shape)
+            assert got.numel() == 0 or got.data_ptr() != act.data_ptr()
+
+
 def test_fit_passes_the_padding_mask_to_the_model_so_left_padding_does_not_change_real_tokens(model):
     gen = torch.Generator().manual_seed(3)
     a, b = torch.randint(1, 200, (1, 10), generator=gen), torch.randint(1, 200, (1, 6), generator=gen)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections import Counter
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -43,6 +47,61 @@ def _shards():
     return batches[0::2], batches[1::2]  # rank 0 gets A, rank 1 gets B
 
 
+# the collectives a data-parallel fit may make, named by the innermost tl_sparsity function on the stack
+KINDS = ("same_batch_count", "finite_row_counts", "_all_gather_ints", "_gather_ordered", "_mean_max", "_phi_grad")
+COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_single", "all_gather_object", "all_reduce",
+               "broadcast", "broadcast_object_list", "gather", "reduce", "scatter", "reduce_scatter_tensor",
+               "all_to_all_single", "barrier")
+
+
+@contextlib.contextmanager
+def _counting_collectives(calls: list[str]):
+    """Record, for each ``torch.distributed`` collective called, the innermost of :data:`KINDS` calling it."""
+    saved = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def wrap(fn):
+        def counted(*args, **kwargs):
+            frame, names = sys._getframe(1), []
+            while frame is not None:
+                names.append(frame.f_code.co_name)
+                frame = frame.f_back
+            calls.append(next((n for n in names if n in KINDS), "/".join(reversed(names[:4]))))
+            return fn(*args, **kwargs)
+        return counted
+
+    for name, fn in saved.items():
+        setattr(dist, name, wrap(fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
+def _fed_with_counts(rank: int, coder) -> list[str]:
+    """Feed ``coder`` the rows of :func:`_chunks` with every rank's count given, NaN rows dropped first (as the
+    collector does); at call 3 also make calls with wrong counts, which must raise and change nothing."""
+    errors = []
+    for i, (a, b) in enumerate(zip(_chunks(0), _chunks(1))):
+        x = (a, b)[rank]
+        keep = torch.isfinite(x).all(dim=1)
+        counts = [int(torch.isfinite(c).all(dim=1).sum()) for c in (a, b)]
+        if i == 3:
+            bad_own = [c + (r == rank) for r, c in enumerate(counts)]
+            for kwargs in ({"counts": counts[:1]}, {"counts": bad_own}, {"counts": [counts[0], -1]}):
+                try:
+                    coder.partial_fit(x[keep], check_finite=False, **kwargs)
+                except ValueError as e:
+                    errors.append(str(e))
+            if rank == 1:  # its NaN row counted: rejected when checked
+                try:
+                    coder.partial_fit(x, counts=[counts[0], x.shape[0]])
+                except ValueError as e:
+                    errors.append(str(e))
+        coder.partial_fit(x[keep], check_finite=False, counts=counts)
+    return errors
+
+
 def _worker(rank: int, world: int, init: str, out: str, with_model: bool) -> None:
     from tl_sparsity.data_parallel import DataParallelCoder
 
@@ -55,10 +114,19 @@ def _worker(rank: int, world: int, init: str, out: str, with_model: bool) -> Non
         res = {"dict": coder.dictionary_, "lam": coder.lam_, "heldout": coder.heldout_.clone(),
                "counts": (coder.n_tokens_, coder.n_heldout_, coder.n_pending_), "global": coder.global_counts(),
                "eval": coder.evaluate()}
+        counted = DataParallelCoder(**CODER)
+        res["count_errors"] = _fed_with_counts(rank, counted)
+        res["counted"] = {"dict": counted.dictionary_, "heldout": counted.heldout_.clone(), "lam": counted.lam_,
+                          "counts": (counted.n_tokens_, counted.n_heldout_, counted.n_pending_, counted.n_dropped_)}
         if with_model:
             col = SparsityCollector(_model(), hooks=HOOKS, **OPTS)
             assert col.parallel == "data"
-            col.fit(_shards()[rank], progress=False)
+            calls: list[str] = []
+            with _counting_collectives(calls):
+                col.fit(_shards()[rank], progress=False)
+            res["collectives"] = calls
+            res["batches"] = {n: (lr.n_tokens_ + lr.n_heldout_) // lr.batch_size for n, lr in col.learners.items()}
+            res["phi_steps"] = {n: lr.n_steps_ for n, lr in col.learners.items()}
             rep = col.report()
             res["report"] = rep.to_dict()
             res["col_dicts"] = {n: lr.dictionary_.clone() for n, lr in col.learners.items()}
@@ -74,10 +142,18 @@ def _run(tmp_path, with_model: bool) -> list[dict]:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_data_parallel_over_two_processes_equals_one_process_fed_the_ranks_rows_interleaved(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """Both ranks' results of one 2-process run (learner and collector), shared by the tests below."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
     pytest.importorskip("transformer_lens.model_bridge")
-    results = _run(tmp_path, with_model=True)
+    return _run(tmp_path_factory.mktemp("dp"), with_model=True)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_data_parallel_over_two_processes_equals_one_process_fed_the_ranks_rows_interleaved(two_ranks):
+    results = two_ranks
 
     single = OnlineSparseCoder(**CODER)  # the learner: rank 0's rows, then rank 1's, call by call
     for a, b in zip(_chunks(0), _chunks(1)):
@@ -110,6 +186,40 @@ def test_data_parallel_over_two_processes_equals_one_process_fed_the_ranks_rows_
         for name, d in res["col_dicts"].items():
             torch.testing.assert_close(d, one.learners[name].dictionary_, atol=1e-3, rtol=0)
     assert repr(results[0]["report"]["rows"]) == repr(results[1]["report"]["rows"])  # every rank: the same report
+
+
+def test_partial_fit_with_every_ranks_counts_equals_the_exchange_and_rejects_wrong_counts(two_ranks):
+    for rank, res in enumerate(two_ranks):
+        got, want = res["counted"], res
+        assert torch.equal(got["dict"], want["dict"]) and torch.equal(got["heldout"], want["heldout"])  # bit for bit
+        assert got["lam"] == want["lam"]
+        assert got["counts"] == (*want["counts"], 0)  # the caller dropped the NaN row: the learner counted none
+        errors = res["count_errors"]
+        assert len(errors) == 3 + rank, errors  # every wrong call raised (rank 1 also had its NaN row counted)
+        assert all("counts must hold every rank's number of rows" in e for e in errors[:3]), errors
+        assert "rank " + str(rank) in errors[1]
+        if rank == 1:
+            assert "NaN/Inf" in errors[3] and "check_finite=False" in errors[3]
+
+
+def test_data_parallel_fit_counts_all_hooks_rows_with_one_collective_per_forward(two_ranks):
+    """Per forward: one all-gather of every hook's row count (not one per hook). Per learner batch: one all-reduce
+    of the Φ-gradient per Φ-step, at most one all-reduce for λ's warm-up and at most one all-gather of the held-out
+    rows. Per learner, once: the width of the first rows (no d_in given) and the first batch's gather. Per fit: one
+    check that every rank has the same number of batches. Nothing else."""
+    n_forwards, n_hooks = len(_shards()[0]), len(HOOKS.split(","))
+    for res in two_ranks:
+        calls = Counter(res["collectives"])
+        assert set(calls) <= set(KINDS), calls
+        batches, steps = sum(res["batches"].values()), sum(res["phi_steps"].values())
+        assert batches >= 2 * n_hooks  # each learner took several steps
+        assert calls["same_batch_count"] == 1
+        assert calls["finite_row_counts"] == n_forwards  # the empty batch's forward too
+        assert calls["_all_gather_ints"] == n_hooks
+        assert calls["_phi_grad"] == steps == batches  # phi_steps=1
+        assert 1 <= calls["_mean_max"] <= batches
+        assert n_hooks + 1 <= calls["_gather_ordered"] <= n_hooks + batches
+    assert two_ranks[0]["collectives"] == two_ranks[1]["collectives"]  # the ranks' collectives match one for one
 
 
 def test_data_parallel_needs_an_initialised_process_group(model):

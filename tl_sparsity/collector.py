@@ -122,11 +122,15 @@ class SparsityCollector:
     def rows(self, activation: Tensor, attention_mask: Tensor | None = None,
              keep: Bool[Tensor, "batch pos"] | None = None) -> Tensor:
         """The rows a hook keeps from ``activation`` ``[batch, pos, ...]``: a float32 copy ``[n_kept, features]`` of
-        the positions of ``keep`` (default :meth:`keep_mask`)."""
+        the positions of ``keep`` (default :meth:`keep_mask`). Without a mask and ``keep`` the rows are a slice (no
+        boolean indexing, which waits for the device: on CUDA the forward is then not held up at every hook)."""
         act = activation.detach()
-        keep = self.keep_mask(act, attention_mask) if keep is None else keep
         feats = act.reshape(*act.shape[:2], math.prod(act.shape[2:]))  # not -1: ambiguous for empty batches
         with torch.inference_mode(False):  # state built here must be usable outside inference mode too
+            if attention_mask is None and keep is None and act.ndim >= 2:  # every position, or all but BOS
+                first = int(self.skip_bos and act.shape[1] > 0)
+                return feats[:, first:].reshape(-1, feats.shape[2]).to(torch.float32, copy=True)
+            keep = self.keep_mask(act, attention_mask) if keep is None else keep
             return feats[keep].to(torch.float32).clone()
 
     def _hook_fn(self, name: str, attention_mask: Tensor | None = None, use_attribute: bool = False,
@@ -138,7 +142,7 @@ class SparsityCollector:
             mask = self.attention_mask if use_attribute else attention_mask
             act = activation.detach()
             keep = self.keep_mask(act, mask)
-            rows = self.rows(act, keep=keep)
+            rows = self.rows(act) if mask is None else self.rows(act, keep=keep)  # the same rows; a slice: no sync
             if learner.d_in is not None and rows.shape[0] and rows.shape[1] != learner.d_in:
                 raise ValueError(f"hook {name}: its learner has d_in={learner.d_in} but this activation has "
                                  f"{rows.shape[1]} features per position (a different model or hook?).")
@@ -306,17 +310,25 @@ class SparsityCollector:
     def _feed(self, sink: dict[str, list[tuple]]) -> None:
         """Hand one completed forward's kept rows (and neuron inputs) to the learners and side statistics. The rows
         are checked for NaN/Inf with one host synchronisation for all hooks, not one per hook, so on CUDA the CPU
-        queues every hook's learner work without waiting for the previous hook's."""
-        finite = iter(_all_finite([c[0] for chunks in sink.values() for c in chunks]))
-        for name, chunks in sink.items():
+        queues every hook's learner work without waiting for the previous hook's. Data-parallel: that one
+        synchronisation also brings every rank's count of finite rows of every hook (one collective for all hooks);
+        each learner is told them (``counts=``), so it exchanges nothing itself."""
+        if not self.parallel:
+            finite = iter(_all_finite([c[0] for chunks in sink.values() for c in chunks]))
+            for name, chunks in sink.items():
+                for (rows, acts, toks, keep), ok in zip(chunks, [next(finite) for _ in chunks]):
+                    self.learners[name].partial_fit(rows, check_finite=not ok)  # NaN/Inf: the learner drops them
+                    self.extras[name].update(rows, acts, toks, keep)
+            return
+        joined = [torch.cat([c[0] for c in chunks]) if chunks else None for chunks in sink.values()]
+        counts = _dp.finite_row_counts(joined, self._group)  # per hook, every rank's rows, after dropping NaN/Inf
+        for (name, chunks), x, n in zip(sink.items(), joined, counts):
             learner = self.learners[name]
-            clean = [next(finite) for _ in chunks]
-            if self.parallel:  # one collective call per hook and forward, also when this rank kept no row
-                rows = torch.cat([c[0] for c in chunks]) if chunks else torch.zeros(0, 0)
-                learner.partial_fit(rows, check_finite=not all(clean))
-            for (rows, acts, toks, keep), ok in zip(chunks, clean):
-                if not self.parallel:
-                    learner.partial_fit(rows, check_finite=not ok)  # a chunk with NaN/Inf: the learner drops them
+            if x is not None and n[self._rank] < x.shape[0]:  # drop NaN/Inf rows as the learner's own check would
+                learner.n_dropped_ += x.shape[0] - n[self._rank]
+                x = x[torch.isfinite(x).all(dim=1)]
+            learner.partial_fit(torch.zeros(0, 0) if x is None else x, check_finite=False, counts=n)
+            for rows, acts, toks, keep in chunks:
                 self.extras[name].update(rows, acts, toks, keep)
 
     def _checkpoint(self, root: str | Path, done: int, start: int, fp: str | None) -> int:

@@ -14,9 +14,12 @@ learner batch of ``batch_size`` rows of that stream is spread over the ranks tha
 
 So the dictionary, λ, counters and reservoir equal those of one process fed the interleaved stream, up to the order
 of floating-point sums (and near-ties in the pursuit that this order resolves differently). Communication per
-learner batch: one all-reduce of the ``[m, d]`` gradient per Φ-step, the held-out rows (``holdout_frac`` of the
-batch) and, per ``partial_fit`` call, one integer per rank. Every rank must make the same ``partial_fit`` calls
-(rows may be empty); the collector guarantees that for ``fit``.
+learner batch: one all-reduce of the ``[m, d]`` gradient per Φ-step and the held-out rows (``holdout_frac`` of the
+batch); per ``partial_fit`` call, one integer per rank, unless the caller passes every rank's row count (``counts=``;
+the collector counts all hooks' rows with one collective per forward). Which rank holds each row of a batch is known
+on the host from those counts, so after λ's warm-up a call with ``counts`` and ``check_finite=False`` never waits for
+a CUDA device. Every rank must make the same ``partial_fit`` calls (rows may be empty); the collector guarantees that
+for ``fit``.
 """
 
 from __future__ import annotations
@@ -84,17 +87,28 @@ class DataParallelCoder(OnlineSparseCoder):
         return self._n_global_pending
 
     @torch.no_grad()
-    def partial_fit(self, x: Float[Tensor, "n d"], check_finite: bool = True) -> "DataParallelCoder":
+    def partial_fit(self, x: Float[Tensor, "n d"], check_finite: bool = True,
+                    counts: list[int] | None = None) -> "DataParallelCoder":
         """Collective: feed this rank's rows ``x`` [n, d] (n may be 0); every full batch of the ranks' stream is
         processed. Non-finite rows are dropped (counted in this rank's ``n_dropped_``) unless ``check_finite=False``
-        (as in :meth:`OnlineSparseCoder.partial_fit`)."""
-        if x.shape[0]:  # a rank with no rows only takes part in the counting
-            x = self._finite_rows(self._as_rows(x), check_finite)
-        counts = self._all_gather_ints([x.shape[0], x.shape[1] if x.shape[0] else 0])
-        widths = {w for n, w in counts if n}
+        (as in :meth:`OnlineSparseCoder.partial_fit`). ``counts``: every rank's number of rows in this call (``world``
+        ints, the same list on every rank); given, the ranks exchange no counts, and a call with ``check_finite=False``
+        does not synchronise with a CUDA device after λ's warm-up. Rows counted must be finite: drop the others first
+        (and add them to ``n_dropped_``)."""
+        # No host sync after λ's warm-up (check on CUDA: torch.cuda.set_sync_debug_mode("warn") around col.fit once
+        # λ is frozen; per forward only finite_row_counts' .tolist() may warn, plus the hooks' own mask selections)
+        if counts is None:
+            if x.shape[0]:  # a rank with no rows only takes part in the counting
+                x = self._finite_rows(self._as_rows(x), check_finite)
+            got = self._all_gather_ints([x.shape[0], x.shape[1] if x.shape[0] else 0])
+            sizes, widths = [n for n, _ in got], {w for n, w in got if n}
+        else:
+            sizes = self._checked_counts(x, counts, check_finite)
+            x = self._as_rows(x) if x.shape[0] else x
+            widths = self._widths(x, sizes)
         if len(widths) > 1:
             raise ValueError(f"ranks sent rows of different widths {sorted(widths)} to one data-parallel learner.")
-        for r, (n, _) in enumerate(counts):
+        for r, n in enumerate(sizes):
             if n:
                 self._segments.append([r, n])
                 self._n_global_pending += n
@@ -107,10 +121,36 @@ class DataParallelCoder(OnlineSparseCoder):
             return self
         while self._n_global_pending >= self.batch_size:
             with defer_interrupts():
-                rows, pos = self._take(self.batch_size)
-                self._process_shared(rows, pos, self.batch_size, self._width)
+                rows, owner = self._take(self.batch_size)
+                self._process_shared(rows, owner, self.batch_size, self._width)
         self._pending = [p.clone() for p in self._pending]  # own the rest: not a view keeping a large x alive
         return self
+
+    def _checked_counts(self, x: Tensor, counts: Any, check_finite: bool) -> list[int]:
+        try:
+            sizes = [int(c) for c in counts]
+        except TypeError:
+            raise TypeError(f"counts must be a list of {self.world} ints (every rank's rows), got {counts!r}.") from None
+        if len(sizes) != self.world or min(sizes) < 0 or sizes[self.rank] != x.shape[0]:
+            raise ValueError(f"counts must hold every rank's number of rows in this call ({self.world} ints ≥ 0, the "
+                             f"same on every rank); got {sizes}, but this rank (rank {self.rank}) passes "
+                             f"{x.shape[0]} rows. Pass counts=None to have the ranks exchange them.")
+        if check_finite and x.shape[0] and not bool(torch.isfinite(x).all()):
+            raise ValueError("rows with NaN/Inf cannot be counted in counts=: drop them first (adding them to "
+                             "n_dropped_) and pass check_finite=False, or pass counts=None.")
+        return sizes
+
+    def _widths(self, x: Tensor, sizes: list[int]) -> set[int]:
+        """The width of the rows of a call with ``counts`` (checked here where no exchange is needed)."""
+        if not any(sizes):
+            return set()
+        known = self._width or self.d_in  # the same on every rank (d_in is set with the dictionary)
+        if not known:  # the stream's first rows, and no d_in given: every rank asks, once
+            got = self._all_gather_ints([x.shape[1] if x.shape[0] else 0])
+            return {w for (w,), n in zip(got, sizes) if n}
+        if x.shape[0] and x.shape[1] != known:
+            raise ValueError(f"this rank sent rows of width {x.shape[1]}, but the ranks' rows have width {known}.")
+        return {known}
 
     def global_counts(self) -> dict[str, int]:
         """Collective: ``capped`` and ``n_dropped`` summed over the ranks."""
@@ -135,14 +175,14 @@ class DataParallelCoder(OnlineSparseCoder):
 
     # ------------------------------------------------------------------ one batch of the ranks' stream
     def _take(self, size: int) -> tuple[Tensor, Tensor]:
-        """Pop the stream's first ``size`` rows: this rank's rows among them and their positions in the batch."""
-        mine, pos, filled = 0, [], 0
+        """Pop the stream's first ``size`` rows: this rank's rows among them ``[k, d]`` and the rank that holds each
+        row of the batch, ``[size]`` (on the CPU: every rank knows every rank's runs)."""
+        owner, mine, filled = torch.empty(size, dtype=torch.long), 0, 0
         while filled < size:
             seg = self._segments[0]
             t = min(seg[1], size - filled)
-            if seg[0] == self.rank:
-                pos.append(torch.arange(filled, filled + t))
-                mine += t
+            owner[filled : filled + t] = seg[0]
+            mine += t if seg[0] == self.rank else 0
             filled += t
             seg[1] -= t
             if seg[1] == 0:
@@ -150,24 +190,26 @@ class DataParallelCoder(OnlineSparseCoder):
         self._n_global_pending -= size
         if mine == 0:
             dev = self._pending[0].device if self._pending else torch.device(self.device or self._comm)
-            return torch.zeros(0, self._width, device=dev), torch.zeros(0, dtype=torch.long)
+            return torch.zeros(0, self._width, device=dev), owner
         local = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
         rest = local[mine:]  # a view: partial_fit copies what is left once, after its last batch
         self._pending, self._n_pending = ([rest], rest.shape[0]) if rest.shape[0] else ([], 0)
-        return local[:mine], torch.cat(pos)
+        return local[:mine], owner
 
-    def _process_shared(self, rows: Tensor, pos: Tensor, size: int, width: int) -> None:
+    def _process_shared(self, rows: Tensor, owner: Tensor, size: int, width: int) -> None:
         if self.dictionary_ is None:
-            self._init_state(self._gather_ordered(rows, pos, width, rows.device))
+            self._init_state(self._gather_ordered(rows, owner, width, rows.device))
         dev = self.dictionary_.device
         xn = (rows.to(dev) - self.mean_) / self.scale_
-        held = torch.rand(size, generator=self._gen) < self.holdout_frac  # the same draw on every rank
-        mine = held[pos] if pos.numel() else torch.zeros(0, dtype=torch.bool)
-        mine_dev = mine.to(dev)
-        self._add_heldout(self._gather_ordered(xn[mine_dev], pos[mine], width, dev))
+        held = torch.rand(size, generator=self._gen) < self.holdout_frac  # the same draw on every rank, on the CPU
+        mine = held[owner == self.rank]  # which of this rank's rows are held out
+        n_mine = int(mine.sum())
+        idx = torch.cat([mine.nonzero().squeeze(1), (~mine).nonzero().squeeze(1)])  # held, then training rows
+        idx = idx.pin_memory().to(dev, non_blocking=True) if xn.is_cuda else idx.to(dev)
+        self._add_heldout(self._gather_ordered(xn.index_select(0, idx[:n_mine]), owner[held], width, dev))
         n_train = size - int(held.sum())
         if n_train:
-            self._train(xn[~mine_dev], n_train)
+            self._train(xn.index_select(0, idx[n_mine:]), n_train)
 
     # ------------------------------------------------------------------ sums over ranks
     def _code(self, xn: Tensor) -> Tensor:
@@ -210,33 +252,68 @@ class DataParallelCoder(OnlineSparseCoder):
     def _all_reduce_ints(self, values: list[int]) -> list[int]:
         return [int(v) for v in self._all_reduce(torch.tensor(values, dtype=torch.long, device=self._comm)).tolist()]
 
-    def _gather_ordered(self, rows: Tensor, pos: Tensor, width: int, device: torch.device) -> Tensor:
-        """Every rank's ``rows`` (at batch positions ``pos``), on every rank, sorted by position: ``[Σ n_r, width]``."""
-        import torch.distributed as dist
-
+    def _gather_ordered(self, rows: Tensor, owner: Tensor, width: int, device: torch.device) -> Tensor:
+        """Every rank's ``rows`` on every rank, in stream order, ``[n, width]`` float32 (exact). ``owner`` ``[n]``
+        (CPU) names the rank holding each of the n rows in stream order (this rank's ``rows`` are its entries, in
+        order), so sizes and order are known on the host: one all-gather of padded rows, no synchronisation."""
         if self.world == 1:
             return rows.to(device)
-        sizes = [n for n, _ in self._all_gather_ints([rows.shape[0], 0])]
-        n_max = max(sizes)
-        if n_max == 0:
+        n = owner.numel()
+        if n == 0:  # no rank holds a row: nothing to send (every rank knows it)
             return torch.zeros(0, width, device=device)
-        buf = torch.zeros(n_max, width + 1, dtype=torch.float64, device=self._comm)  # positions ride along, exactly
-        if rows.shape[0]:
-            buf[: rows.shape[0], :width] = rows.to(self._comm, torch.float64)
-            buf[: rows.shape[0], width] = pos.to(self._comm, torch.float64)
-        parts = [torch.empty_like(buf) for _ in range(self.world)]
-        dist.all_gather(parts, buf, group=self.group)
-        allrows = torch.cat([p[:n] for p, n in zip(parts, sizes)])
-        order = allrows[:, width].argsort()
-        return allrows[order, :width].to(device, torch.float32)
+        n_max = int(torch.bincount(owner, minlength=self.world).max())
+        buf = torch.zeros(n_max, width, dtype=torch.float32, device=self._comm)
+        buf[: rows.shape[0]] = rows
+        out = torch.empty(self.world * n_max, width, dtype=torch.float32, device=self._comm)
+        all_gather_flat(out, buf, self.group)
+        nth = torch.nn.functional.one_hot(owner, self.world).cumsum(0).gather(1, owner[:, None]).squeeze(1) - 1
+        index = owner * n_max + nth  # row i of the stream: rank owner[i]'s nth[i]-th row
+        index = index.pin_memory().to(out.device, non_blocking=True) if out.is_cuda else index
+        return out.index_select(0, index).to(device)
+
+
+def all_gather_flat(out: Tensor, t: Tensor, group: Any = None) -> Tensor:
+    """Collective: every rank's ``t`` ``[k, ...]`` into ``out`` ``[world·k, ...]``, in rank order."""
+    import torch.distributed as dist
+
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the old name warns (2.13)
+    gather(out, t.contiguous(), group=group)
+    return out
+
+
+def finite_row_counts(rows: list[Tensor | None], group: Any = None) -> list[list[int]]:
+    """Collective: for each entry of ``rows`` (this rank's rows ``[n, d]`` of one hook, or None for none), every
+    rank's number of all-finite rows, ``[len(rows)][world]``, with one all-gather and one host synchronisation."""
+    import torch.distributed as dist
+
+    if not rows:
+        return []
+    dev, world = comm_device(group), dist.get_world_size(group)
+    zero = torch.zeros((), dtype=torch.long, device=dev)
+    local = torch.stack([zero if r is None or r.shape[0] == 0 else torch.isfinite(r).all(dim=1).sum().to(dev)
+                         for r in rows])
+    out = all_gather_flat(torch.empty(world * len(rows), dtype=torch.long, device=dev), local, group)
+    return out.view(world, len(rows)).T.tolist()
 
 
 def comm_device(group: Any = None) -> torch.device:
-    """Where tensors for ``group``'s collectives live: the current CUDA device under NCCL, else the CPU."""
+    """Where tensors for ``group``'s collectives live: the current CUDA device under NCCL, else the CPU.
+
+    Under NCCL each process must first make its own GPU current, ``torch.cuda.set_device(int(os.environ
+    ["LOCAL_RANK"]))`` (torchrun numbers ranks over all nodes, LOCAL_RANK within one). A process with LOCAL_RANK > 0
+    left on the default cuda:0 raises here instead of failing in NCCL ("Duplicate GPU detected")."""
+    import os
+
     import torch.distributed as dist
 
-    nccl = dist.get_backend(group) == "nccl"
-    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    current, local = torch.cuda.current_device(), int(os.environ.get("LOCAL_RANK", "0"))
+    if current == 0 and 0 < local < torch.cuda.device_count():
+        raise RuntimeError(f"this process (LOCAL_RANK {local}) still has cuda:0 as its current CUDA device, like local "
+                           "rank 0, so NCCL would fail; call torch.cuda.set_device(int(os.environ['LOCAL_RANK'])) "
+                           "before torch.distributed.init_process_group, and put the model on that device.")
+    return torch.device("cuda", current)
 
 
 # ---------------------------------------------------------------------- collectors (used by SparsityCollector)
