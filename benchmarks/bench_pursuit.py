@@ -178,6 +178,7 @@ def bench_config(d, a, dev, args, bw, rows):
     if dev.type == "cuda":
         from tl_sparsity import kernels as K
 
+
         dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8,
               "fp8": torch.float8_e4m3fn}
         R0, W0 = K.default_launch(m)

@@ -7,8 +7,9 @@ The pursuit kernel (:func:`greedy_pursuit_triton`): one program per row keeps th
 (m ≤ 32 768, as two power-of-two chunks so m = 6144 needs no padding) and loops argmax → a = c_i* − λ/2 → stop test →
 α_i* += a → c ← c − a·G[i*] on the chip; each step reads one row of G = ΦΦᵀ (m values) from L2/HBM. Rows finish
 independently (longest-norm rows are started first), there is one launch per call and no host synchronisation, and
-the row's correlation buffer is reused for its codes. At d = 768, m = 6144 it reads ~12 KB of G per step and runs at
-the HBM bandwidth of an H100 (``benchmarks/bench_pursuit.py``): its speed is set by the number of steps.
+the row's correlation buffer is reused for its codes. At d = 768, m = 6144 it reads ~12 KB of G per step, yet it is
+bound by each step's dependent chain (argmax → load a row of G → update) rather than by those bytes: G in one byte
+per entry (fitting in L2) ran slower (``benchmarks/bench_pursuit.py``). Its speed is set by the number of steps.
 
 Precision (defaults): G in float16 (formed from Φ/max|Φ| with float32 accumulation), xΦᵀ from float16 operands with
 float32 accumulation, all pursuit arithmetic in float32. Against the float64 reference on trained dictionaries this
@@ -159,43 +160,35 @@ def default_launch(m: int) -> tuple[int, int]:
     return 1, int(min(32, max(4, _next_pow2(-(-int(m) // 1536)))))
 
 
-def _half_rows(dictionary: Tensor, dtype: torch.dtype, unit_rows: bool = False) -> tuple[Tensor, Tensor]:
-    """(Φ / s in ``dtype``, s) with s = max |Φ_ij|, so every entry is in [−1, 1]; ``unit_rows`` (rows of norm 1, so
-    |Φ_ij| ≤ 1 already): s = 1, one conversion pass instead of three."""
-    if unit_rows:
-        return dictionary.to(dtype), torch.ones((), device=dictionary.device)
+def _half_rows(dictionary: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(Φ / s in ``dtype``, s) with s = max |Φ_ij|, so every entry is in [−1, 1]."""
     s = dictionary.abs().amax().clamp_min(1e-30)
     return (dictionary / s).to(dtype), s
 
 
 def gram_matrix(dictionary: Float[Tensor, "m d"], dtype: torch.dtype = GRAM_DTYPE,
-                half_rows: tuple[Tensor, Tensor] | None = None, unit_rows: bool = False
-                ) -> tuple[Tensor, Tensor, Tensor]:
+                half_rows: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """G = ΦΦᵀ for the kernel: ``(G_stored [m, m] in dtype, diag [m] float32, scale [1] float32)``, G = scale·G_stored.
 
     In half precision G is formed from Φ/s (s = max |Φ_ij|; |G_stored| ≤ d) with float32 accumulation.
-    ``unit_rows``: the caller vouches that every row has norm 1 (the learner's dictionary), so diag = 1 and s = 1.
     """
-    m = dictionary.shape[0]
-    diag = torch.ones(m, device=dictionary.device) if unit_rows else (dictionary * dictionary).sum(1)
+    diag = (dictionary * dictionary).sum(1)
     if dtype == torch.float32:
         return dictionary @ dictionary.T, diag, torch.ones(1, device=dictionary.device)
-    p, s = half_rows if half_rows is not None and half_rows[0].dtype == dtype else _half_rows(
-        dictionary, dtype, unit_rows)
+    p, s = half_rows if half_rows is not None and half_rows[0].dtype == dtype else _half_rows(dictionary, dtype)
     return p @ p.T, diag, (s * s).reshape(1)
 
 
 def correlations(x: Float[Tensor, "n d"], dictionary: Float[Tensor, "m d"], dtype: torch.dtype = CORR_DTYPE,
-                 scaled: bool = True, half_rows: tuple[Tensor, Tensor] | None = None,
-                 row_norms: Float[Tensor, " n"] | None = None) -> Float[Tensor, "n m"] | tuple[Tensor, Tensor]:
-    """c = xΦᵀ in float32 ``[n, m]``; with a half ``dtype`` on CUDA, from half operands (x/s_x, Φ/max|Φ|) with
-    float32 accumulation and output, s_x = max |x_ij| (or, given ``row_norms`` ‖x_i‖, their maximum: an upper bound
-    that needs no pass over x). ``scaled=False`` returns ``(c / s, s [1])`` and skips a pass over c."""
+                 scaled: bool = True, half_rows: tuple[Tensor, Tensor] | None = None
+                 ) -> Float[Tensor, "n m"] | tuple[Tensor, Tensor]:
+    """c = xΦᵀ in float32 ``[n, m]``; with a half ``dtype`` on CUDA, from half operands (x/max|x|, Φ/max|Φ|) with
+    float32 accumulation and output. ``scaled=False`` returns ``(c / s, s [1])`` and skips a pass over c."""
     if dtype == torch.float32 or not x.is_cuda:
         c = x @ dictionary.T
         return c if scaled else (c, torch.ones(1, device=x.device))
     p, sp = half_rows if half_rows is not None and half_rows[0].dtype == dtype else _half_rows(dictionary, dtype)
-    sx = (x.abs().amax() if row_norms is None else row_norms.amax()).clamp_min(1e-30)
+    sx = x.abs().amax().clamp_min(1e-30)
     c = torch.mm((x / sx).to(dtype), p.T, out_dtype=torch.float32)
     return c.mul_(sx * sp) if scaled else (c, (sx * sp).reshape(1))
 
@@ -242,14 +235,11 @@ def greedy_pursuit_triton(
     sort_rows: bool = True,
     rows: int | None = None,
     num_warps: int | None = None,
-    unit_rows: bool = False,
 ) -> tuple[Float[Tensor, "n m"], Int[Tensor, " n"], Tensor]:
     """The greedy pursuit of :func:`tl_sparsity.greedy_pursuit` in one fused kernel launch (no host sync).
 
     Args: as :func:`tl_sparsity.greedy_pursuit`; ``gram`` may be float32 or already ``gram_dtype``.
     ``sort_rows`` starts the rows with the largest norm (most steps, usually) first, which shortens the tail.
-    ``unit_rows``: the caller vouches that the dictionary's rows have norm 1 (the learner keeps them so), which saves
-    two reductions over Φ per call.
 
     Returns ``(alpha [n, m] float32, steps [n] int32, capped [n] bool)`` on the device of ``x``.
     """
@@ -260,9 +250,9 @@ def greedy_pursuit_triton(
     cap = default_max_steps(x.shape[1]) if max_steps is None else int(max_steps)
     x = x.contiguous().float()
     dictionary = dictionary.contiguous().float()
-    half = _half_rows(dictionary, corr_dtype, unit_rows) if x.is_cuda and corr_dtype != torch.float32 else None
+    half = _half_rows(dictionary, corr_dtype) if x.is_cuda and corr_dtype != torch.float32 else None
     if gram is None:
-        G, gdiag, gscale = gram_matrix(dictionary, gram_dtype, half, unit_rows)
+        G, gdiag, gscale = gram_matrix(dictionary, gram_dtype, half)
     else:
         gdiag = gram.diagonal().float().contiguous()
         if gram.dtype == gram_dtype:
@@ -270,9 +260,8 @@ def greedy_pursuit_triton(
         else:  # |G_ij| ≤ max_i G_ii for a Gram matrix: scale into [−1, 1]
             s = gdiag.amax().clamp_min(1e-30)
             G, gscale = (gram / s).to(gram_dtype).contiguous(), s.reshape(1)
-    norms = x.norm(dim=1)
-    c, cscale = correlations(x, dictionary, corr_dtype, scaled=False, half_rows=half, row_norms=norms)  # c → α
-    order = torch.argsort(norms, descending=True).to(torch.int32) if sort_rows else None
+    c, cscale = correlations(x, dictionary, corr_dtype, scaled=False, half_rows=half)  # c becomes α in place
+    order = torch.argsort(x.norm(dim=1), descending=True).to(torch.int32) if sort_rows else None
     steps, capped, _ = launch(c.contiguous(), G, gdiag, gscale.float(), lam, cap, tol, order, rows, num_warps,
                               cscale)
     return c, steps, capped.bool()

@@ -305,8 +305,7 @@ class OnlineSparseCoder:
         if triton_applies(xn, self.dictionary_):  # one kernel launch, no host sync
             from .kernels import greedy_pursuit_triton
 
-            alpha, _, capped = greedy_pursuit_triton(xn, self.dictionary_, self.lam_, max_steps=self._cap,
-                                                     unit_rows=True)  # rows are renormalised after every step
+            alpha, _, capped = greedy_pursuit_triton(xn, self.dictionary_, self.lam_, max_steps=self._cap)
             self._last_capped = capped.sum()  # a device tensor: counted without a sync
             return alpha
         alpha, info = greedy_pursuit(xn, self.dictionary_, self.lam_, max_steps=self._cap, return_info=True)
