@@ -18,9 +18,13 @@ a fresh batch of ``--n`` normalised rows is coded by each path:
 * ``gram:*``, ``xPhiT:*`` — the two products around the kernel, in several precisions;
 * ``phi-step``   — the learner's Φ-step (on CUDA: bfloat16 products with float32 accumulation,
   ``tl_sparsity.kernels.phi_products``, and the fused Adam kernel; float32 elsewhere);
-* ``train``      — pursuit + Φ-step per batch of rows, as the learner runs them (G and xΦᵀ included);
-* ``learner``    — ``partial_fit`` on ``--learner-batches`` fresh batches (held-out split, reservoir, host syncs
-  included): the per-hook throughput a collector sees.
+* ``train``      — pursuit + Φ-step per batch of rows, as the learner runs them (G and xΦᵀ included), each timed
+  batch synchronised on its own (so the host's time to queue it is not hidden);
+* ``train (stream)`` — the same, ``--stream`` batches queued back to back and synchronised once, as a collector runs
+  them (the host queues the next batch while the GPU works);
+* ``learner``    — ``partial_fit(rows, check_finite=False)`` (as ``SparsityCollector.fit`` calls it) on
+  ``--learner-batches`` fresh batches, synchronised once: held-out split, reservoir and normalisation included —
+  the per-hook throughput a collector sees.
 
 Bytes model of the kernel (fraction of HBM bandwidth, measured by a device-to-device copy): per row the kernel reads
 its m correlations and writes m zeros (4 B each), and per step reads one row of G (m × 2 B in float16, 4 B in float32)
@@ -89,14 +93,15 @@ def hbm_bandwidth(dev):
     return 2 * a.numel() * 4 / t
 
 
-def quantized_gram(phi, dtype):
+def quantized_gram(phi, dtype, keep_diag=False):
     """G = ΦΦᵀ in a one-byte type for the kernel (``exact_diag=True``): off-diagonal entries scaled so that their
     largest magnitude maps to the type's (int8 127, float8 e4m3 448) and rounded to nearest, the diagonal (float32)
     passed apart. Half the bytes of float16 (38 MB at m = 6144: G stays in an H100's 50 MB L2) — measured slower than
     float16 and far less accurate, so the library does not offer it; kept here as the evidence."""
     g = (phi @ phi.T).float()
     diag = g.diagonal().clone()
-    g.fill_diagonal_(0)
+    if not keep_diag:  # else the diagonal is quantized too (for a run without exact_diag: the same arithmetic as float16)
+        g.fill_diagonal_(0)
     q = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}[dtype]
     gmax = g.abs().amax().clamp_min(1e-30)
     g = g * (q / gmax)
@@ -180,27 +185,30 @@ def bench_config(d, a, dev, args, bw, rows):
 
 
         dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8,
-              "fp8": torch.float8_e4m3fn}
+              "fp8": torch.float8_e4m3fn, "int8+diag": torch.int8, "fp8+diag": torch.float8_e4m3fn}
         R0, W0 = K.default_launch(m)
         variants = [("fp16", "fp16", R0, W0, True, False), ("fp32", "fp16", R0, W0, True, False),
                     ("fp32", "fp32", R0, W0, True, False), ("int8", "fp16", R0, W0, True, True),
-                    ("fp8", "fp16", R0, W0, True, True)]
+                    ("fp8", "fp16", R0, W0, True, True), ("fp16", "fp16", R0, W0, True, True),
+                    ("int8+diag", "fp16", R0, W0, True, False), ("fp8+diag", "fp16", R0, W0, True, False)]
         if args.variants == "all":
             variants += [("fp16", "fp32", R0, W0, True, False), ("bf16", "bf16", R0, W0, True, False),
-                         ("fp16", "fp16", R0, W0, False, False), ("fp16", "fp16", R0, W0, True, True)]
+                         ("fp16", "fp16", R0, W0, False, False)]
             for g in ("fp16", "fp32"):
                 for nw in (4, 8, 16):
                     if (1, nw) != (R0, W0):
                         variants.append((g, "fp16", 1, nw, True, False))
             variants += [("fp16", "fp16", 2, 4, True, False), ("fp16", "fp16", 2, 8, True, False)]
+        variants += [("fp16", "fp16", R0, W0, True, False, r) for r in args.maxnreg]
         c0s = {cd: K.correlations(x, phi, dt[cd]) for cd in {v[1] for v in variants}}
         order = torch.argsort(x.norm(dim=1), descending=True).to(torch.int32)
-        for gd, cd, rows_, nw, srt, exact in variants:
-            G, gdiag, gscale = quantized_gram(phi, dt[gd]) if gd in ("int8", "fp8") else K.gram_matrix(phi, dt[gd])
+        for gd, cd, rows_, nw, srt, exact, *maxnreg in variants:
+            G, gdiag, gscale = (quantized_gram(phi, dt[gd], keep_diag=gd.endswith("+diag")) if gd[:3] in ("int", "fp8")
+                                else K.gram_matrix(phi, dt[gd]))
             c0 = c0s[cd]
             cbuf = torch.empty_like(c0)
             o = order if srt else None
-            kw = {"order": o, "rows": rows_, "num_warps": nw, "exact_diag": exact}
+            kw = {"order": o, "rows": rows_, "num_warps": nw, "exact_diag": exact, "maxnreg": (maxnreg or [None])[0]}
             launch = functools.partial(K.launch, cbuf, G, gdiag, gscale, lam, coder._cap, **kw)
             copy_in = functools.partial(cbuf.copy_, c0)  # the kernel consumes its input; the copy time is subtracted
             t_all = timeit(lambda launch=launch, copy_in=copy_in: (copy_in(), launch()), dev, reps=args.reps)
@@ -208,9 +216,10 @@ def bench_config(d, a, dev, args, bw, rows):
             copy_in()
             st, _, compiled = launch()
             t_k = max(t_all - t_copy, 1e-9)
-            gb = {"fp16": 2, "bf16": 2, "fp32": 4, "int8": 1, "fp8": 1}[gd]
+            gb = {"fp16": 2, "bf16": 2, "fp32": 4}.get(gd, 1)
             nbytes = n * m * 8 + float(st.double().sum()) * (m * gb + 12)
-            name = f"kernel:G{gd}/c{cd}/r{rows_}/w{nw}" + ("" if srt else "/unsorted") + ("/exactdiag" if exact else "")
+            name = f"kernel:G{gd}/c{cd}/r{rows_}/w{nw}" + ("" if srt else "/unsorted") + ("/exactdiag" if exact else "") + (
+                f"/maxnreg{maxnreg[0]}" if maxnreg else "")
             add(name, t_k, n, steps_mean=float(st.double().mean()), GB=nbytes / 1e9, hbm_frac=nbytes / t_k / bw,
                 regs=getattr(compiled, "n_regs", -1), spills=getattr(compiled, "n_spills", -1),
                 **agreement(cbuf[: xr.shape[0]].double(), ref64, lam))
@@ -237,6 +246,12 @@ def bench_config(d, a, dev, args, bw, rows):
     c1 = copy.deepcopy(coder)
     add("phi-step", timeit(lambda: c1._phi_step(x, alpha, n), dev, reps=args.reps), n)
     add("train", timeit(lambda: c1._phi_step(x, c1._code(x), n), dev, reps=args.reps), n)
+
+    def stream():  # batches queued back to back, one synchronisation at the end: how a collector runs them
+        for _ in range(args.stream):
+            c1._phi_step(x, c1._code(x), n)
+
+    add("train (stream)", timeit(stream, dev, reps=max(1, args.reps // 2)), n * args.stream)
     # the learner end to end (partial_fit: held-out split, reservoir, syncs included), per row fed
     sampler = DeviceSampler(src, dev, seed=3)
     feed = [sampler(n) for _ in range(args.learner_batches + 1)]
@@ -245,7 +260,7 @@ def bench_config(d, a, dev, args, bw, rows):
     sync(dev)
     t = time.perf_counter()
     for b in feed[1:]:
-        lc.partial_fit(b)
+        lc.partial_fit(b, check_finite=False)  # as SparsityCollector.fit calls it (no host sync)
     sync(dev)
     add("learner", (time.perf_counter() - t), n * args.learner_batches)
     if args.sklearn:
@@ -300,6 +315,9 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--train-device", default=None, help="train the dictionary there (e.g. cuda for a CPU run)")
     p.add_argument("--learner-batches", type=int, default=8, help="batches fed to each learner (CUDA)")
+    p.add_argument("--stream", type=int, default=8, help="batches per timing of 'train (stream)'")
+    p.add_argument("--maxnreg", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                   help="also time the default kernel with these register caps per thread, e.g. 96,80")
     p.add_argument("--json", default=None, help="write all rows to this file")
     args = p.parse_args()
     if args.threads:
@@ -342,7 +360,8 @@ def print_table(rows):
 
 
 def print_summary(rows):
-    paths = ["reference", "torch", "fast", "train", "learner", "sklearn:partial_fit", "ours:partial_fit"]
+    paths = ["reference", "torch", "fast", "train", "train (stream)", "learner", "sklearn:partial_fit",
+             "ours:partial_fit"]
     keys = sorted({(r["d"], r["a"]) for r in rows})
     present = [p for p in paths if any(r["path"] == p for r in rows)]
     print("| d | a | steps | " + " | ".join(present) + " |")

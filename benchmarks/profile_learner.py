@@ -26,26 +26,40 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rows", type=int, default=12, help="table rows to print")
+    p.add_argument("--train-batches", type=int, default=0, help="train the dictionary first (CUDA; 256 ≈ steady state)")
     args = p.parse_args()
     dev = torch.device(args.device)
     src = SparseLinear(args.d, args.a, sigma=0.1, seed=0)
-    data = next(src.batches(args.batch_size * (args.steps + 8), chunk=args.batch_size * (args.steps + 8))).to(dev)
-    coder = OnlineSparseCoder(d_in=args.d, batch_size=args.batch_size, warmup_tokens=args.batch_size * 4, device=dev)
-    coder.partial_fit(data[: args.batch_size * 8])  # initialise and leave warm-up
+    coder = OnlineSparseCoder(d_in=args.d, batch_size=args.batch_size, device=dev,
+                              warmup_tokens=args.batch_size * max(4, args.train_batches // 2))
+    if dev.type == "cuda":  # rows drawn on the GPU (as bench_pursuit.py does)
+        from bench_pursuit import DeviceSampler
+
+        sample = DeviceSampler(src, dev, seed=1)
+        for _ in range(max(8, args.train_batches)):  # initialise, train, leave warm-up
+            coder.partial_fit(sample(args.batch_size))
+        data = sample(args.batch_size * args.steps)
+    else:
+        data = next(src.batches(args.batch_size * (args.steps + 8), chunk=args.batch_size * (args.steps + 8))).to(dev)
+        coder.partial_fit(data[: args.batch_size * 8])
+        data = data[args.batch_size * 8:]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    batches = [data[args.batch_size * i: args.batch_size * (i + 1)] for i in range(args.steps)]
     sync()
     t = time.perf_counter()
-    for i in range(args.steps):
-        coder.partial_fit(data[args.batch_size * (8 + i): args.batch_size * (9 + i)])
+    for b in batches:
+        coder.partial_fit(b, check_finite=False)  # as SparsityCollector.fit calls it
+    queued = (time.perf_counter() - t) / args.steps
     sync()
     wall = (time.perf_counter() - t) / args.steps
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     print(f"device {name}; d={args.d}, m={coder.dictionary_.shape[0]}, a={args.a:g}, batch {args.batch_size}: "
-          f"{wall * 1e3:.2f} ms per learner batch ({args.batch_size / wall / 1e6:.2f} M rows/s)")
+          f"{wall * 1e3:.2f} ms per learner batch ({args.batch_size / wall / 1e6:.2f} M rows/s); the host had queued "
+          f"them after {queued * 1e3:.2f} ms per batch" + (" — host-bound" if queued > 0.8 * wall else ""))
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts) as prof:
         for i in range(args.steps):
-            coder.partial_fit(data[args.batch_size * (8 + i): args.batch_size * (9 + i)])
+            coder.partial_fit(batches[i], check_finite=False)
         sync()
     key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows))

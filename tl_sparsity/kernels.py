@@ -8,8 +8,9 @@ The pursuit kernel (:func:`greedy_pursuit_triton`): one program per row keeps th
 α_i* += a → c ← c − a·G[i*] on the chip; each step reads one row of G = ΦΦᵀ (m values) from L2/HBM. Rows finish
 independently (longest-norm rows are started first), there is one launch per call and no host synchronisation, and
 the row's correlation buffer is reused for its codes. At d = 768, m = 6144 it reads ~12 KB of G per step, yet it is
-bound by each step's dependent chain (argmax → load a row of G → update) rather than by those bytes: G in one byte
-per entry (fitting in L2) ran slower (``benchmarks/bench_pursuit.py``). Its speed is set by the number of steps.
+bound mostly by each step's dependent work on the row (argmax → load a row of G → update): G in one byte per entry
+(fitting in L2) ran only 8–18 % faster, more rows resident per SM not at all (``benchmarks/bench_pursuit.py``). Its
+speed is set by the number of steps.
 
 Precision (defaults): G in float16 (formed from Φ/max|Φ| with float32 accumulation), xΦᵀ from float16 operands with
 float32 accumulation, all pursuit arithmetic in float32. Against the float64 reference on trained dictionaries this
@@ -195,11 +196,12 @@ def correlations(x: Float[Tensor, "n d"], dictionary: Float[Tensor, "m d"], dtyp
 
 def launch(c: Tensor, G: Tensor, gdiag: Tensor, gscale: Tensor, lam: float, cap: int, tol: float = STOP_TOL,
            order: Tensor | None = None, rows: int | None = None, num_warps: int | None = None,
-           cscale: Tensor | None = None, exact_diag: bool = False):
+           cscale: Tensor | None = None, exact_diag: bool = False, maxnreg: int | None = None):
     """Run the kernel on correlations ``c`` [n, m] float32 (true correlations = ``cscale``·c; overwritten by α).
 
     ``exact_diag`` applies the selected atom's own update with ``gdiag`` (float32) instead of G's stored diagonal
-    (equal for unit rows: the float16 diagonal is then exactly 1 after scaling). Returns (steps int32 [n],
+    (equal for unit rows: the float16 diagonal is then exactly 1 after scaling). ``maxnreg`` caps the registers per
+    thread (more rows resident per SM, at the risk of spills; a tuning knob). Returns (steps int32 [n],
     capped int8 [n], the compiled kernel — its ``n_regs`` / ``n_spills`` help when tuning).
     """
     n, m = c.shape
@@ -218,7 +220,7 @@ def launch(c: Tensor, G: Tensor, gdiag: Tensor, gscale: Tensor, lam: float, cap:
     compiled = _kernel()[(-(-n // rows),)](
         c, cscale, G, gdiag, gscale, steps, capped, order, n, float(lam) / 2.0, float(tol) * float(lam) / 2.0,
         int(cap), M=m, ROWS=rows, BLOCK_A=block_a, BLOCK_B=block_b, EXACT_DIAG=bool(exact_diag),
-        num_warps=num_warps)
+        num_warps=num_warps, **({} if maxnreg is None else {"maxnreg": int(maxnreg)}))
     return steps, capped, compiled
 
 
