@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import checkpoint as _ckpt
 from . import data_parallel as _dp
+from . import ranks as _ranks
 from . import extras as _extras
 from . import hooks as _hooks
 from .learner import OnlineSparseCoder
@@ -245,9 +246,9 @@ class SparsityCollector:
         if self._distributed:  # data- or hook-parallel: every rank runs the same number of forwards
             token_batches = list(token_batches)
             if checkpoint_dir is not None:  # one folder per rank; resume from the newest checkpoint all ranks have
-                checkpoint_dir = _dp.rank_dir(checkpoint_dir, self._rank, self._world)
-                resume_from = _dp.common_checkpoint(checkpoint_dir, self._group)
-            _dp.same_batch_count(token_batches, self._group)
+                checkpoint_dir = _ranks.rank_dir(checkpoint_dir, self._rank, self._world)
+                resume_from = _ranks.common_checkpoint(checkpoint_dir, self._group)
+            _ranks.same_batch_count(token_batches, self._group)
             progress = progress and self._rank == 0
         layers = [_hooks.parse_hook_name(n)[0] for n in self.hook_points]
         if (all(layer is not None for layer in layers) and "stop_at_layer" not in forward_kwargs
@@ -321,7 +322,7 @@ class SparsityCollector:
                     self.extras[name].update(rows, acts, toks, keep)
             return
         joined = [torch.cat([c[0] for c in chunks]) if chunks else None for chunks in sink.values()]
-        counts = _dp.finite_row_counts(joined, self._group)  # per hook, every rank's rows, after dropping NaN/Inf
+        counts = _ranks.finite_row_counts(joined, self._group)  # per hook, every rank's rows, after dropping NaN/Inf
         for (name, chunks), x, n in zip(sink.items(), joined, counts):
             learner = self.learners[name]
             if x is not None and n[self._rank] < x.shape[0]:  # drop NaN/Inf rows as the learner's own check would
@@ -350,7 +351,7 @@ class SparsityCollector:
         every file); written atomically beside the previous one,
         which is kept. Returns the new checkpoint's folder. See :mod:`tl_sparsity.checkpoint` for the layout."""
         if self._distributed:  # every rank writes its own folder
-            path = _dp.rank_dir(path, self._rank, self._world)
+            path = _ranks.rank_dir(path, self._rank, self._world)
         return _ckpt.save_collector(self, path)
 
     @classmethod
@@ -378,7 +379,7 @@ class SparsityCollector:
             for row in rows:
                 row.update(self.learners[row["hook"]].global_counts())
             view = copy.copy(self)
-            view.extras = _dp.merged_extras(self)
+            view.extras = _ranks.merged_extras(self)
         if all(r["status"].startswith("no tokens") for r in rows):
             raise RuntimeError(
                 "no activations collected yet: run the model with col.fwd_hooks(), inside `with col.attach():`, "

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .collector import SparsityCollector
-from .data_parallel import comm_device
+from .ranks import comm_device
 from .report import SparsityReport
 
 __all__ = ["HookParallelCollector"]
@@ -200,7 +200,7 @@ def _gather_rows(rows: Tensor | None, dst: int, world: int, group: Any, width: i
 
 def _comm_device(group: Any, sink: dict[str, list[tuple]]) -> torch.device:
     """Where collectives' tensors live: the CPU for gloo (its gather takes CPU tensors only), else (NCCL) the device of
-    this rank's activations (:func:`~tl_sparsity.data_parallel.comm_device` when this rank has none)."""
+    this rank's activations (:func:`~tl_sparsity.ranks.comm_device` when this rank has none)."""
     device = comm_device(group)
     if device.type == "cpu":
         return device
