@@ -176,3 +176,23 @@ def test_an_interrupted_hook_parallel_fit_resumes_from_the_newest_checkpoint_eve
         assert list(res["same"]) == res["owned"] and all(res["same"].values()), res  # every owned one, bit for bit
         assert res["n"][0] == res["n"][1] > 0
         assert res["rows"][0] == res["rows"][1]  # the same report, neuron columns included
+
+
+def test_comm_device_names_a_missing_set_device_under_nccl(monkeypatch):
+    """Under NCCL a process with LOCAL_RANK > 0 still on cuda:0 would collide with local rank 0 ("Duplicate GPU
+    detected" deep inside NCCL): comm_device says what to call instead. gloo collectives run on the CPU."""
+    from tl_sparsity.ranks import comm_device
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert comm_device() == torch.device("cpu")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(RuntimeError, match=r"torch.cuda.set_device\(int\(os.environ\['LOCAL_RANK'\]\)\)"):
+        comm_device()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert comm_device() == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert comm_device() == torch.device("cuda", 1)
