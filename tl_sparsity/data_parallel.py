@@ -93,7 +93,9 @@ class DataParallelCoder(OnlineSparseCoder):
         (as in :meth:`OnlineSparseCoder.partial_fit`). ``counts``: every rank's number of rows in this call (``world``
         ints, the same list on every rank); given, the ranks exchange no counts, and a call with ``check_finite=False``
         does not synchronise with a CUDA device after λ's warm-up. Rows counted must be finite: drop the others first
-        (and add them to ``n_dropped_``)."""
+        (and add them to ``n_dropped_``). With ``counts`` each rank checks only its own arguments, so an error raised
+        on one rank (wrong counts, a wrong width) leaves the others waiting at their next collective, as any
+        exception on one rank does under ``torch.distributed``; the collector checks widths before it calls."""
         # No host sync after λ's warm-up (check on CUDA: torch.cuda.set_sync_debug_mode("warn") around col.fit once
         # λ is frozen; per forward only finite_row_counts' .tolist() may warn, plus the hooks' own mask selections)
         if counts is None:
