@@ -111,3 +111,24 @@ def interrupted_and_resumed(make, shard, root, rank: int, crashed_rank: int) -> 
     return {"same": {n: torch.equal(full.learners[n].dictionary_, resumed.learners[n].dictionary_) for n in held},
             "n": (full.n_tokens, resumed.n_tokens),
             "rows": (repr(full.report().to_dict()["rows"]), repr(resumed.report().to_dict()["rows"]))}
+
+
+def _gloo_worker(rank: int, world: int, init: str, out: str, fn, args: tuple) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.save(fn(rank, *args), f"{out}/rank{rank}.pt")
+        dist.barrier()  # tear down together: gloo aborts a rank whose peer has already gone
+    finally:
+        dist.destroy_process_group()
+
+
+def on_two_gloo_ranks(fn, out, *args) -> list:
+    """Run ``fn(rank, *args)`` in 2 spawned processes joined by a gloo process group (store and results in the
+    folder ``out``); returns each rank's return value, rank 0's first. ``fn`` must be a module-level function."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_worker, args=(2, f"file://{out}/store", str(out), fn, args), nprocs=2, join=True)
+    return [torch.load(f"{out}/rank{r}.pt", weights_only=False) for r in range(2)]

@@ -9,7 +9,6 @@ from collections import Counter
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tl_sparsity import OnlineSparseCoder, SparsityCollector
 
@@ -102,44 +101,33 @@ def _fed_with_counts(rank: int, coder) -> list[str]:
     return errors
 
 
-def _worker(rank: int, world: int, init: str, out: str, with_model: bool) -> None:
+def _worker(rank: int) -> dict:
+    """One rank's results (run by conftest.on_two_gloo_ranks)."""
     from tl_sparsity.data_parallel import DataParallelCoder
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        coder = DataParallelCoder(**CODER)
-        for x in _chunks(rank):
-            coder.partial_fit(x)
-        res = {"dict": coder.dictionary_, "lam": coder.lam_, "heldout": coder.heldout_.clone(),
-               "counts": (coder.n_tokens_, coder.n_heldout_, coder.n_pending_), "global": coder.global_counts(),
-               "eval": coder.evaluate()}
-        counted = DataParallelCoder(**CODER)
-        res["count_errors"] = _fed_with_counts(rank, counted)
-        res["counted"] = {"dict": counted.dictionary_, "heldout": counted.heldout_.clone(), "lam": counted.lam_,
-                          "counts": (counted.n_tokens_, counted.n_heldout_, counted.n_pending_, counted.n_dropped_)}
-        if with_model:
-            col = SparsityCollector(_model(), hooks=HOOKS, **OPTS)
-            assert col.parallel == "data"
-            calls: list[str] = []
-            with _counting_collectives(calls):
-                col.fit(_shards()[rank], progress=False)
-            res["collectives"] = calls
-            res["batches"] = {n: (lr.n_tokens_ + lr.n_heldout_) // lr.batch_size for n, lr in col.learners.items()}
-            res["phi_steps"] = {n: lr.n_steps_ for n, lr in col.learners.items()}
-            rep = col.report()
-            res["report"] = rep.to_dict()
-            res["col_dicts"] = {n: lr.dictionary_.clone() for n, lr in col.learners.items()}
-            res["n_tokens"] = col.n_tokens
-        torch.save(res, f"{out}/rank{rank}.pt")
-        dist.barrier()  # tear down together: gloo aborts a rank whose peer has already gone
-    finally:
-        dist.destroy_process_group()
-
-
-def _run(tmp_path, with_model: bool) -> list[dict]:
-    mp.spawn(_worker, args=(2, f"file://{tmp_path}/store", str(tmp_path), with_model), nprocs=2, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    coder = DataParallelCoder(**CODER)
+    for x in _chunks(rank):
+        coder.partial_fit(x)
+    res = {"dict": coder.dictionary_, "lam": coder.lam_, "heldout": coder.heldout_.clone(),
+           "counts": (coder.n_tokens_, coder.n_heldout_, coder.n_pending_), "global": coder.global_counts(),
+           "eval": coder.evaluate()}
+    counted = DataParallelCoder(**CODER)
+    res["count_errors"] = _fed_with_counts(rank, counted)
+    res["counted"] = {"dict": counted.dictionary_, "heldout": counted.heldout_.clone(), "lam": counted.lam_,
+                      "counts": (counted.n_tokens_, counted.n_heldout_, counted.n_pending_, counted.n_dropped_)}
+    col = SparsityCollector(_model(), hooks=HOOKS, **OPTS)
+    assert col.parallel == "data"
+    calls: list[str] = []
+    with _counting_collectives(calls):
+        col.fit(_shards()[rank], progress=False)
+    res["collectives"] = calls
+    res["batches"] = {n: (lr.n_tokens_ + lr.n_heldout_) // lr.batch_size for n, lr in col.learners.items()}
+    res["phi_steps"] = {n: lr.n_steps_ for n, lr in col.learners.items()}
+    rep = col.report()
+    res["report"] = rep.to_dict()
+    res["col_dicts"] = {n: lr.dictionary_.clone() for n, lr in col.learners.items()}
+    res["n_tokens"] = col.n_tokens
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +136,9 @@ def two_ranks(tmp_path_factory) -> list[dict]:
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     pytest.importorskip("transformer_lens.model_bridge")
-    return _run(tmp_path_factory.mktemp("dp"), with_model=True)
+    from conftest import on_two_gloo_ranks
+
+    return on_two_gloo_ranks(_worker, tmp_path_factory.mktemp("dp"))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -236,28 +226,21 @@ CK_HOOKS = "blocks.0.hook_resid_post,blocks.1.mlp.hook_post"
 CK_OPTS = dict(batch_size=64, warmup_tokens=128, neurons=False, parallel="data")
 
 
-def _ckpt_worker(rank: int, world: int, init: str, out: str) -> None:
+def _ckpt_worker(rank: int, out: str) -> dict:
     from pathlib import Path
 
     from conftest import interrupted_and_resumed
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        torch.save(interrupted_and_resumed(lambda: SparsityCollector(_model(), hooks=CK_HOOKS, **CK_OPTS),
-                                           _shards()[rank], Path(out) / "ckpt", rank, crashed_rank=1),
-                   f"{out}/ck{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    return interrupted_and_resumed(lambda: SparsityCollector(_model(), hooks=CK_HOOKS, **CK_OPTS), _shards()[rank],
+                                   Path(out) / "ckpt", rank, crashed_rank=1)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_an_interrupted_data_parallel_fit_resumes_from_the_newest_checkpoint_every_rank_has(tmp_path):
     pytest.importorskip("transformer_lens.model_bridge")
-    mp.spawn(_ckpt_worker, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
-    for r in range(2):
-        res = torch.load(tmp_path / f"ck{r}.pt", weights_only=False)
+    from conftest import on_two_gloo_ranks
+
+    for res in on_two_gloo_ranks(_ckpt_worker, tmp_path, str(tmp_path)):
         assert res["n"][0] == res["n"][1]
         assert res["rows"][0] == res["rows"][1]  # the same report as the uninterrupted run
         assert list(res["same"]) == CK_HOOKS.split(",")  # every rank holds every hook's learner

@@ -10,7 +10,6 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tl_sparsity import SparsityCollector
 from tl_sparsity.distributed import HookParallelCollector, _pack, _unpack
@@ -39,35 +38,30 @@ def _shards():
     return a, b  # rank 0 gets A, rank 1 gets B
 
 
-def _worker(rank: int, world: int, init: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        model = _model()
-        default = HookParallelCollector(model, hooks=HOOKS, batch_size=128).neuron_hooks
-        col = HookParallelCollector(model, hooks=HOOKS, **OPTS)
-        col.fit(_shards()[rank], progress=False)
-        rep = col.report()
-        dicts = {n: col.learners[n].dictionary_.clone() for n in col.owned()}
-        neurons = {n: col.extras[n].neurons.state_dict() for n in col.owned() if n in NEURON_HOOKS}
-        unowned = [n for n in NEURON_HOOKS if n not in col.owned() and col.extras[n].neurons is not None]
-        torch.save({"report": rep.to_dict(), "dicts": dicts, "n_tokens": col.n_tokens, "neurons": neurons,
-                    "unowned_with_stats": unowned, "default_neuron_hooks": default}, f"{out}/rank{rank}.pt")
-        dist.barrier()  # tear down together: gloo aborts a rank whose peer has already gone
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int) -> dict:
+    """One rank's results (run by conftest.on_two_gloo_ranks)."""
+    model = _model()
+    default = HookParallelCollector(model, hooks=HOOKS, batch_size=128).neuron_hooks
+    col = HookParallelCollector(model, hooks=HOOKS, **OPTS)
+    col.fit(_shards()[rank], progress=False)
+    rep = col.report()
+    dicts = {n: col.learners[n].dictionary_.clone() for n in col.owned()}
+    neurons = {n: col.extras[n].neurons.state_dict() for n in col.owned() if n in NEURON_HOOKS}
+    unowned = [n for n in NEURON_HOOKS if n not in col.owned() and col.extras[n].neurons is not None]
+    return {"report": rep.to_dict(), "dicts": dicts, "n_tokens": col.n_tokens, "neurons": neurons,
+            "unowned_with_stats": unowned, "default_neuron_hooks": default}
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_hook_parallel_over_two_processes_equals_one_process_fed_the_shards_interleaved(tmp_path):
     pytest.importorskip("transformer_lens.model_bridge")
-    init = f"file://{tmp_path}/store"
-    mp.spawn(_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    from conftest import on_two_gloo_ranks
+
+    results = on_two_gloo_ranks(_worker, tmp_path)
     a, b = _shards()
     single = SparsityCollector(_model(), hooks=HOOKS, **OPTS)
     single.fit([x for pair in zip(a, b) for x in pair], progress=False)
     want = single.report().to_dict()
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for res in results:  # the full report on every rank, equal to the single process's
         got = res["report"]
         assert [r["hook"] for r in got["rows"]] == [r["hook"] for r in want["rows"]]
@@ -150,29 +144,23 @@ def test_hook_parallel_needs_an_initialised_process_group(model):
         HookParallelCollector(model, hooks="blocks.0.hook_resid_post")
 
 
-def _ckpt_worker(rank: int, world: int, init: str, out: str) -> None:
+def _ckpt_worker(rank: int, out: str) -> dict:
     from pathlib import Path
 
     from conftest import interrupted_and_resumed
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        opts = {**OPTS, "controls": False}
-        res = interrupted_and_resumed(lambda: HookParallelCollector(_model(), hooks=HOOKS, **opts),
-                                      _shards()[rank], Path(out) / "ckpt", rank, crashed_rank=0)
-        torch.save({**res, "owned": HookParallelCollector(_model(), hooks=HOOKS, **opts).owned()}, f"{out}/ck{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    opts = {**OPTS, "controls": False}
+    res = interrupted_and_resumed(lambda: HookParallelCollector(_model(), hooks=HOOKS, **opts),
+                                  _shards()[rank], Path(out) / "ckpt", rank, crashed_rank=0)
+    return {**res, "owned": HookParallelCollector(_model(), hooks=HOOKS, **opts).owned()}
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_an_interrupted_hook_parallel_fit_resumes_from_the_newest_checkpoint_every_rank_has(tmp_path):
     pytest.importorskip("transformer_lens.model_bridge")
-    mp.spawn(_ckpt_worker, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
-    for r in range(2):
-        res = torch.load(tmp_path / f"ck{r}.pt", weights_only=False)
+    from conftest import on_two_gloo_ranks
+
+    for res in on_two_gloo_ranks(_ckpt_worker, tmp_path, str(tmp_path)):
         assert list(res["same"]) == res["owned"] and all(res["same"].values()), res  # every owned one, bit for bit
         assert res["n"][0] == res["n"][1] > 0
         assert res["rows"][0] == res["rows"][1]  # the same report, neuron columns included
