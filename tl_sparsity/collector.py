@@ -325,9 +325,8 @@ class SparsityCollector:
         counts = _ranks.finite_row_counts(joined, self._group)  # per hook, every rank's rows, after dropping NaN/Inf
         for (name, chunks), x, n in zip(sink.items(), joined, counts):
             learner = self.learners[name]
-            if x is not None and n[self._rank] < x.shape[0]:  # drop NaN/Inf rows as the learner's own check would
-                learner.n_dropped_ += x.shape[0] - n[self._rank]
-                x = x[torch.isfinite(x).all(dim=1)]
+            if x is not None and n[self._rank] < x.shape[0]:  # NaN/Inf rows: dropped and counted by the learner's check
+                x = learner._finite_rows(x, check_finite=True)
             learner.partial_fit(torch.zeros(0, 0) if x is None else x, check_finite=False, counts=n)
             for rows, acts, toks, keep in chunks:
                 self.extras[name].update(rows, acts, toks, keep)

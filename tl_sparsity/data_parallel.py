@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .learner import OnlineSparseCoder
+from .learner import OnlineSparseCoder, split_rows, to_device
 from .ranks import all_gather_flat, comm_device
 from .safe_io import defer_interrupts
 
@@ -203,14 +203,11 @@ class DataParallelCoder(OnlineSparseCoder):
         dev = self.dictionary_.device
         xn = (rows.to(dev) - self.mean_) / self.scale_
         held = torch.rand(size, generator=self._gen) < self.holdout_frac  # the same draw on every rank, on the CPU
-        mine = held[owner == self.rank]  # which of this rank's rows are held out
-        n_mine = int(mine.sum())
-        idx = torch.cat([mine.nonzero().squeeze(1), (~mine).nonzero().squeeze(1)])  # held, then training rows
-        idx = idx.pin_memory().to(dev, non_blocking=True) if xn.is_cuda else idx.to(dev)
-        self._add_heldout(self._gather_ordered(xn.index_select(0, idx[:n_mine]), owner[held], width, dev))
+        heldout, train = split_rows(xn, held[owner == self.rank])  # this rank's rows, held out or not
+        self._add_heldout(self._gather_ordered(heldout, owner[held], width, dev))
         n_train = size - int(held.sum())
         if n_train:
-            self._train(xn.index_select(0, idx[n_mine:]), n_train)
+            self._train(train, n_train)
 
     # ------------------------------------------------------------------ sums over ranks
     def _code(self, xn: Tensor) -> Tensor:
@@ -269,5 +266,4 @@ class DataParallelCoder(OnlineSparseCoder):
         all_gather_flat(out, buf, self.group)
         nth = torch.nn.functional.one_hot(owner, self.world).cumsum(0).gather(1, owner[:, None]).squeeze(1) - 1
         index = owner * n_max + nth  # row i of the stream: rank owner[i]'s nth[i]-th row
-        index = index.pin_memory().to(out.device, non_blocking=True) if out.is_cuda else index
-        return out.index_select(0, index).to(device)
+        return out.index_select(0, to_device(index, out.device)).to(device)

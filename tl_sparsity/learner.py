@@ -317,11 +317,8 @@ class OnlineSparseCoder:
             self._init_state(batch)
         xn = (batch - self.mean_) / self.scale_
         held = torch.rand(xn.shape[0], generator=self._gen) < self.holdout_frac  # on the CPU: no device sync
-        n_held = int(held.sum())
-        idx = torch.cat([held.nonzero().squeeze(1), (~held).nonzero().squeeze(1)])
-        idx = idx.pin_memory().to(xn.device, non_blocking=True) if xn.is_cuda else idx
-        self._add_heldout(xn.index_select(0, idx[:n_held]))
-        x = xn.index_select(0, idx[n_held:])
+        heldout, x = split_rows(xn, held)
+        self._add_heldout(heldout)
         if x.shape[0] == 0:
             return
         self._train(x, x.shape[0])
@@ -393,9 +390,22 @@ class OnlineSparseCoder:
             return
         idx = torch.arange(seen + take, seen + k, dtype=torch.float64) + 1  # 1-based index of each newcomer
         slot = (torch.rand(rest.shape[0], generator=self._gen, dtype=torch.float64) * idx).long()
-        slot = slot.pin_memory().to(rows.device, non_blocking=True) if rows.is_cuda else slot
+        slot = to_device(slot, rows.device)
         r = self.reservoir_size  # vectorised Algorithm R: the last newcomer aimed at a slot wins it, as sequentially
         last = torch.full((r + 1,), -1, dtype=torch.long, device=rows.device)  # entry r collects the misses
         last.scatter_reduce_(0, slot.clamp_max(r), torch.arange(rest.shape[0], device=rows.device), reduce="amax")
         src = last[:r]
         self._reservoir.copy_(torch.where((src >= 0)[:, None], rest[src.clamp_min(0)], self._reservoir))
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor ``t`` on ``device``; to a CUDA device through pinned memory without waiting (no host sync)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def split_rows(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x[mask], x[~mask])`` for a CPU bool ``mask`` [n], in order, by ``index_select`` with host-built indices:
+    no device sync (boolean indexing of a CUDA tensor waits for the device to count the rows)."""
+    n = int(mask.sum())
+    idx = to_device(torch.cat([mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)]), x.device)
+    return x.index_select(0, idx[:n]), x.index_select(0, idx[n:])
