@@ -80,7 +80,7 @@ class DeviceSampler:
         s, p = self.src, self.src.a / self.src.n_features
         u = torch.rand(n, s.n_features, generator=self.gen, device=self.dev)
         coef = torch.rand(n, s.n_features, generator=self.gen, device=self.dev) * (u < p)
-        noise = torch.randn(n, s.d, generator=self.gen, device=self.dev) * (s.a * s.sigma**2 / s.d) ** 0.5
+        noise = torch.randn(n, s.d, generator=self.gen, device=self.dev) * s.noise_var**0.5  # the source's convention
         return (coef @ self.f + noise - self.shift) / s.scale
 
 
