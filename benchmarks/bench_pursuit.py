@@ -13,8 +13,8 @@ a fresh batch of ``--n`` normalised rows is coded by each path:
 * ``reference``  — ``greedy_pursuit_reference`` (one row at a time; ``--ref-rows`` rows only);
 * ``torch``      — ``greedy_pursuit(backend="torch")`` (batched, compacting; float32);
 * ``fast``       — ``greedy_pursuit`` with its default dispatch (the Triton kernel on CUDA), G and xΦᵀ included;
-* ``kernel:G../c../r../w..`` — the kernel alone (G and xΦᵀ precomputed): G's dtype, xΦᵀ's operand dtype, rows and
-  warps per program; ``--variants all`` adds a precision and launch-shape grid;
+* ``kernel:G../c../w..`` — the kernel alone (G and xΦᵀ precomputed): G's dtype, xΦᵀ's operand dtype, warps per
+  program (one row each); ``--variants all`` adds a precision and launch-shape grid;
 * ``gram:*``, ``xPhiT:*`` — the two products around the kernel, in several precisions;
 * ``phi-step``   — the learner's Φ-step (on CUDA: bfloat16 products with float32 accumulation,
   ``tl_sparsity.kernels.phi_products``, and the fused Adam kernel; float32 elsewhere);
@@ -189,29 +189,28 @@ def bench_config(d, a, dev, args, bw, rows):
 
         dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8,
               "fp8": torch.float8_e4m3fn, "int8+diag": torch.int8, "fp8+diag": torch.float8_e4m3fn}
-        R0, W0 = K.default_launch(m)
-        variants = [("fp16", "fp16", R0, W0, True, False), ("fp32", "fp16", R0, W0, True, False),
-                    ("fp32", "fp32", R0, W0, True, False), ("int8", "fp16", R0, W0, True, True),
-                    ("fp8", "fp16", R0, W0, True, True), ("fp16", "fp16", R0, W0, True, True),
-                    ("int8+diag", "fp16", R0, W0, True, False), ("fp8+diag", "fp16", R0, W0, True, False)]
+        W0 = K.kernel_shape(m)["num_warps"]
+        variants = [("fp16", "fp16", W0, True, False), ("fp32", "fp16", W0, True, False),
+                    ("fp32", "fp32", W0, True, False), ("int8", "fp16", W0, True, True),
+                    ("fp8", "fp16", W0, True, True), ("fp16", "fp16", W0, True, True),
+                    ("int8+diag", "fp16", W0, True, False), ("fp8+diag", "fp16", W0, True, False)]
         if args.variants == "all":
-            variants += [("fp16", "fp32", R0, W0, True, False), ("bf16", "bf16", R0, W0, True, False),
-                         ("fp16", "fp16", R0, W0, False, False)]
+            variants += [("fp16", "fp32", W0, True, False), ("bf16", "bf16", W0, True, False),
+                         ("fp16", "fp16", W0, False, False)]
             for g in ("fp16", "fp32"):
-                for nw in (4, 8, 16):
-                    if (1, nw) != (R0, W0):
-                        variants.append((g, "fp16", 1, nw, True, False))
-            variants += [("fp16", "fp16", 2, 4, True, False), ("fp16", "fp16", 2, 8, True, False)]
-        variants += [("fp16", "fp16", R0, W0, True, False, r) for r in args.maxnreg]
+                for nw in (2, 4, 8, 16):
+                    if nw != W0:
+                        variants.append((g, "fp16", nw, True, False))
+        variants += [("fp16", "fp16", W0, True, False, r) for r in args.maxnreg]
         c0s = {cd: K.correlations(x, phi, dt[cd]) for cd in {v[1] for v in variants}}
         order = torch.argsort(x.norm(dim=1), descending=True).to(torch.int32)
-        for gd, cd, rows_, nw, srt, exact, *maxnreg in variants:
+        for gd, cd, nw, srt, exact, *maxnreg in variants:
             G, gdiag, gscale = (quantized_gram(phi, dt[gd], keep_diag=gd.endswith("+diag")) if gd[:3] in ("int", "fp8")
                                 else K.gram_matrix(phi, dt[gd]))
             c0 = c0s[cd]
             cbuf = torch.empty_like(c0)
             o = order if srt else None
-            kw = {"order": o, "rows": rows_, "num_warps": nw, "exact_diag": exact, "maxnreg": (maxnreg or [None])[0]}
+            kw = {"order": o, "num_warps": nw, "exact_diag": exact, "maxnreg": (maxnreg or [None])[0]}
             launch = functools.partial(K.launch, cbuf, G, gdiag, gscale, lam, coder._cap, **kw)
             copy_in = functools.partial(cbuf.copy_, c0)  # the kernel consumes its input; the copy time is subtracted
             t_all = timeit(lambda launch=launch, copy_in=copy_in: (copy_in(), launch()), dev, reps=args.reps)
@@ -221,7 +220,7 @@ def bench_config(d, a, dev, args, bw, rows):
             t_k = max(t_all - t_copy, 1e-9)
             gb = {"fp16": 2, "bf16": 2, "fp32": 4}.get(gd, 1)
             nbytes = n * m * 8 + float(st.double().sum()) * (m * gb + 12)
-            name = f"kernel:G{gd}/c{cd}/r{rows_}/w{nw}" + ("" if srt else "/unsorted") + ("/exactdiag" if exact else "") + (
+            name = f"kernel:G{gd}/c{cd}/w{nw}" + ("" if srt else "/unsorted") + ("/exactdiag" if exact else "") + (
                 f"/maxnreg{maxnreg[0]}" if maxnreg else "")
             add(name, t_k, n, steps_mean=float(st.double().mean()), GB=nbytes / 1e9, hbm_frac=nbytes / t_k / bw,
                 regs=getattr(compiled, "n_regs", -1), spills=getattr(compiled, "n_spills", -1),

@@ -27,6 +27,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rows", type=int, default=12, help="table rows to print")
     p.add_argument("--train-batches", type=int, default=0, help="train the dictionary first (CUDA; 256 ≈ steady state)")
+    p.add_argument("--shapes", action="store_true", help="also a device-time table per operator and input shapes")
+    p.add_argument("--trace", default=None, help="write a Chrome trace (JSON) of the profiled steps to this file")
     args = p.parse_args()
     dev = torch.device(args.device)
     src = SparseLinear(args.d, args.a, sigma=0.1, seed=0)
@@ -57,13 +59,18 @@ def main() -> None:
           f"{wall * 1e3:.2f} ms per learner batch ({args.batch_size / wall / 1e6:.2f} M rows/s); the host had queued "
           f"them after {queued * 1e3:.2f} ms per batch" + (" — host-bound" if queued > 0.8 * wall else ""))
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=args.shapes or bool(args.trace), with_stack=bool(args.trace)) as prof:
         for i in range(args.steps):
             coder.partial_fit(batches[i], check_finite=False)
         sync()
     key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    if args.shapes:
+        table = prof.key_averages(group_by_input_shape=True).table
+        print(table(sort_by=key, row_limit=3 * args.rows, max_name_column_width=40, max_shapes_column_width=70))
 
 
 if __name__ == "__main__":

@@ -124,18 +124,31 @@ def test_auto_backend_on_cpu_is_the_torch_path_and_triton_backend_is_refused():
 _INTERPRET_SCRIPT = r"""
 import torch
 from tl_sparsity import greedy_pursuit_reference
-from tl_sparsity.kernels import adam_sphere_step, greedy_pursuit_triton
+from tl_sparsity.kernels import adam_sphere_step, greedy_pursuit_triton, kernel_shape
 g = torch.Generator().manual_seed(0)
-phi = torch.randn(40, 12, generator=g); phi /= phi.norm(dim=1, keepdim=True)  # m = 40 = 32 + 8: two chunks
 x = torch.randn(13, 12, generator=g)
-for lam, cap, rows in [(0.5, None, 1), (0.5, None, 4), (1e-3, 5, 2)]:
+# m = 40: one masked chunk; 300: a second, masked chunk; 768: three full chunk rows (2 + 1) of T = 256
+for m, lam, cap in [(40, 0.5, None), (40, 1e-3, 5), (300, 0.5, None), (768, 0.2, None)]:
+    phi = torch.randn(m, 12, generator=g); phi /= phi.norm(dim=1, keepdim=True)
     ref, info = greedy_pursuit_reference(x, phi, lam, max_steps=cap)
     a, steps, capped = greedy_pursuit_triton(x, phi, lam, max_steps=cap, gram_dtype=torch.float32,
-                                             corr_dtype=torch.float32, rows=rows)
-    assert torch.equal(ref != 0, a != 0), "support differs"
+                                             corr_dtype=torch.float32)
+    assert torch.equal(ref != 0, a != 0), ("support differs", m, kernel_shape(m))
     torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-5)
     assert torch.equal(steps.long(), info.steps) and int(capped.sum()) == info.capped
+# exact ties: three copies of each one-hot atom, in the first chunk (5-16), across the chunks (250-261) and in the
+# second (280-291); the other atoms have negative entries and are never chosen. The smallest index wins, as with
+# torch.argmax.
+phi = -torch.randn(300, 12, generator=g).abs()
+for start in (5, 250, 280):
+    phi[start : start + 12] = torch.eye(12)
+phi /= phi.norm(dim=1, keepdim=True)
+xt = torch.tensor([[1.0, 1.0, 0.5] + [0.0] * 9, [0.0] * 11 + [2.0], [0.25] * 12])
+ref, info = greedy_pursuit_reference(xt, phi, 0.1)
+a, steps, _ = greedy_pursuit_triton(xt, phi, 0.1, gram_dtype=torch.float32, corr_dtype=torch.float32)
+assert torch.equal(a, ref) and torch.equal(steps.long(), info.steps), (a.nonzero(), ref.nonzero())
 # one Adam step on the sphere, against the learner's arithmetic written out
+phi = torch.randn(40, 12, generator=g); phi /= phi.norm(dim=1, keepdim=True)
 grad, mom, var = (torch.randn(40, 12, generator=g) for _ in range(3))
 var = var.abs()
 t, lr = 3, 0.01
@@ -165,15 +178,14 @@ def test_triton_kernels_equal_references_in_float32_under_the_triton_interpreter
 
 
 @cuda
-@pytest.mark.parametrize("rows", [1, 2, 4])
-def test_cuda_kernel_in_float32_matches_reference_support_steps_and_values(rows):
+@pytest.mark.parametrize("d", [64, 72, 96])  # m = 512: one chunk; 576: two, the second masked; 768: 2 + 1 rows
+def test_cuda_kernel_in_float32_matches_reference_support_steps_and_values(d):
     from tl_sparsity.kernels import greedy_pursuit_triton
 
-    x, phi = _planted(n=255, device="cuda")  # n not a multiple of rows: the last program has empty slots
+    x, phi = _planted(n=255, d=d, device="cuda")
     lam = 0.05
     ref, info = greedy_pursuit_reference(x, phi, lam)
-    a, steps, capped = greedy_pursuit_triton(x, phi, lam, gram_dtype=torch.float32, corr_dtype=torch.float32,
-                                             rows=rows)
+    a, steps, capped = greedy_pursuit_triton(x, phi, lam, gram_dtype=torch.float32, corr_dtype=torch.float32)
     same = ((ref != 0) == (a != 0)).all(1)
     assert same.float().mean() > 0.97
     torch.testing.assert_close(a[same], ref[same], rtol=1e-4, atol=1e-5)

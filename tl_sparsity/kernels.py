@@ -3,14 +3,16 @@
 Imported lazily (by :func:`tl_sparsity.greedy_pursuit` on CUDA float32 tensors); ``triton`` is imported only when a
 kernel is launched. Nothing here runs on the CPU except under ``TRITON_INTERPRET=1`` (used by the tests).
 
-The pursuit kernel (:func:`greedy_pursuit_triton`): one program per row keeps that row's m correlations in registers
-(m ≤ 32 768, as two power-of-two chunks so m = 6144 needs no padding) and loops argmax → a = c_i* − λ/2 → stop test →
-α_i* += a → c ← c − a·G[i*] on the chip; each step reads one row of G = ΦΦᵀ (m values) from L2/HBM. Rows finish
-independently (longest-norm rows are started first), there is one launch per call and no host synchronisation, and
-the row's correlation buffer is reused for its codes. At d = 768, m = 6144 it reads ~12 KB of G per step, yet it is
-bound mostly by each step's dependent work on the row (argmax → load a row of G → update): G in one byte per entry
-(fitting in L2) ran only 8–18 % faster, more rows resident per SM not at all (``benchmarks/bench_pursuit.py``). Its
-speed is set by the number of steps.
+The pursuit kernel (:func:`greedy_pursuit_triton`, source in :mod:`tl_sparsity._triton_src`): one program per row
+keeps that row's m correlations in registers (m ≤ 32 768, as [RA, T] + [RB, T] chunks, :func:`kernel_shape`, so
+m = 6144 needs no padding) and loops argmax → a = c_i* − λ/2 → stop test → α_i* += a → c ← c − a·G[i*] on the chip;
+each step reads one row of G = ΦΦᵀ (m values) from L2/HBM. Rows finish independently (longest-norm rows are started
+first), there is one launch per call and no host synchronisation, and the row's correlation buffer is reused for its
+codes. At d = 768, m = 6144 a step reads 12 KB of float16 G, and that is what bounds the kernel: with float32 G
+(twice the bytes, same arithmetic) it runs at half the speed. So the argmax is cut to the bone (reduced within each
+thread first, one cross-thread exchange per step; 336 instructions a step per thread against 477 before) mostly to
+free registers: 96 per thread, five rows resident per SM instead of three or four, more G rows in flight
+(``benchmarks/bench_pursuit.py``; same codes bit for bit as the previous two-chunk kernel, 1.18× its speed on an H100).
 
 Precision (defaults): G in float16 (formed from Φ/max|Φ| with float32 accumulation), xΦᵀ from float16 operands with
 float32 accumulation, all pursuit arithmetic in float32. Against the float64 reference on trained dictionaries this
@@ -57,90 +59,14 @@ def available() -> bool:
 
 @functools.cache
 def _kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def greedy_kernel(C, CSCALE, G, GDIAG, GSCALE, STEPS, CAPPED, ORDER, n, half, floor, cap, M: tl.constexpr,
-                      ROWS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, EXACT_DIAG: tl.constexpr):
-        # ROWS rows per program, each row's M correlations in registers as two chunks [0, A) and [A, A + B) so that
-        # M = 6144 = 4096 + 2048 needs no padding. Rows of one program step together; finished rows are masked.
-        slot = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        okrow = slot < n
-        row = tl.load(ORDER + slot, mask=okrow, other=0).to(tl.int64)
-        oa = tl.arange(0, BLOCK_A)
-        ob = BLOCK_A + tl.arange(0, BLOCK_B)
-        ma = (oa < M)[None, :] & okrow[:, None]
-        mb = (ob < M)[None, :] & okrow[:, None]
-        base = C + row[:, None] * M
-        cscale = tl.load(CSCALE)  # c is stored divided by this (half-precision products are scaled into range)
-        ca = tl.load(base + oa[None, :], mask=ma, other=float("-inf")) * cscale
-        cb = tl.load(base + ob[None, :], mask=mb, other=float("-inf")) * cscale
-        gscale = tl.load(GSCALE)
-        va, ia = tl.max(ca, axis=1, return_indices=True)
-        vb, ib = tl.max(cb, axis=1, return_indices=True)
-        take_b = vb > va  # a tie goes to the smaller index, as torch.argmax does
-        val = tl.where(take_b, vb, va)
-        idx = tl.where(take_b, ib + BLOCK_A, ia)
-        # Every thread has its values (the reductions above consumed them): the buffer can now hold α.
-        tl.debug_barrier()
-        tl.store(base + oa[None, :], tl.zeros([ROWS, BLOCK_A], dtype=tl.float32), mask=ma)
-        tl.store(base + ob[None, :], tl.zeros([ROWS, BLOCK_B], dtype=tl.float32), mask=mb)
-        tl.debug_barrier()  # the zeros are written before the first atomic add
-        a = val - half
-        k = tl.zeros([ROWS], dtype=tl.int32)
-        act = (a > floor) & (k < cap) & okrow
-        while tl.max(act.to(tl.int32), axis=0) > 0:
-            a = tl.where(act, a, 0.0)
-            tl.atomic_add(C + row * M + idx, a, mask=act, sem="relaxed")
-            i64 = idx.to(tl.int64)
-            ga = tl.load(G + i64[:, None] * M + oa[None, :], mask=ma & act[:, None], other=0.0).to(tl.float32)
-            gb = tl.load(G + i64[:, None] * M + ob[None, :], mask=mb & act[:, None], other=0.0).to(tl.float32)
-            s = (a * gscale)[:, None]
-            if EXACT_DIAG:  # the selected atom's own update with its float32 squared norm
-                new = (val - a * tl.load(GDIAG + i64, mask=act, other=0.0))[:, None]
-                ca = tl.where(oa[None, :] == idx[:, None], new, ca - s * ga)
-                cb = tl.where(ob[None, :] == idx[:, None], new, cb - s * gb)
-            else:
-                ca = ca - s * ga
-                cb = cb - s * gb
-            k += act.to(tl.int32)
-            va, ia = tl.max(ca, axis=1, return_indices=True)
-            vb, ib = tl.max(cb, axis=1, return_indices=True)
-            take_b = vb > va
-            val = tl.where(take_b, vb, va)
-            idx = tl.where(take_b, ib + BLOCK_A, ia)
-            a = val - half
-            act = (a > floor) & (k < cap) & okrow
-        tl.store(STEPS + row, k, mask=okrow)
-        tl.store(CAPPED + row, ((a > floor) & okrow).to(tl.int8), mask=okrow)
+    from ._triton_src import greedy_kernel
 
     return greedy_kernel
 
 
 @functools.cache
 def _adam_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def adam_sphere_kernel(PHI, GRAD, MOM, VAR, m, d, gscale, lr_t, b1, b2, eps, bc2,
-                           ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-        r = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
-        o = tl.arange(0, BLOCK_D)
-        msk = (r < m)[:, None] & (o < d)[None, :]
-        off = r[:, None] * d + o[None, :]
-        phi = tl.load(PHI + off, mask=msk, other=0.0)
-        g = tl.load(GRAD + off, mask=msk, other=0.0) * gscale
-        g = g - tl.sum(g * phi, axis=1)[:, None] * phi  # tangent to the unit sphere
-        mo = b1 * tl.load(MOM + off, mask=msk, other=0.0) + (1 - b1) * g
-        va = b2 * tl.load(VAR + off, mask=msk, other=0.0) + (1 - b2) * g * g
-        phi = phi - lr_t * mo / (tl.sqrt(va / bc2) + eps)
-        nrm = tl.sqrt(tl.sum(phi * phi, axis=1))[:, None]
-        phi = phi / tl.where(nrm > 0, nrm, 1.0)
-        tl.store(PHI + off, phi, mask=msk)
-        tl.store(MOM + off, mo, mask=msk)
-        tl.store(VAR + off, va, mask=msk)
+    from ._triton_src import adam_sphere_kernel
 
     return adam_sphere_kernel
 
@@ -149,16 +75,34 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
-def _chunks(m: int) -> tuple[int, int]:
-    """m = A + rest with A the largest power of two ≤ m; the second chunk is rest rounded up (≥ 16)."""
-    a = 1 << (int(m).bit_length() - 1)
-    return a, max(16, _next_pow2(m - a))
+def default_warps(m: int) -> int:
+    """Warps per program (one row each): about 48 correlations per thread (measured best at m = 6144: 4 warps, one
+    row per program; see ``bench_pursuit.py --variants all``)."""
+    return int(min(32, max(4, _next_pow2(-(-int(m) // 1536)))))
 
 
-def default_launch(m: int) -> tuple[int, int]:
-    """(rows per program, warps per program): one row, about 48 correlations per thread (measured best at m = 6144:
-    4 warps, 109 registers, 4 rows resident per SM; see ``bench_pursuit.py --variants all``)."""
-    return 1, int(min(32, max(4, _next_pow2(-(-int(m) // 1536)))))
+def kernel_shape(m: int, num_warps: int | None = None) -> dict:
+    """How the kernel holds a row of ``m`` correlations: ``num_warps``, T = 256 × warps columns per chunk row,
+    RA (+ RB) chunk rows, powers of two, with masks where RA·T or (RA + RB)·T overshoots m."""
+    nw = default_warps(m) if num_warps is None else int(num_warps)
+    top = 1 << (int(m).bit_length() - 1)  # the largest power of two ≤ m
+    nw = max(1, min(nw, top // 256))  # a chunk row no wider than the row itself (m ≥ 256)
+    t = 256 * nw
+    r = -(-int(m) // t)
+    ra = 1 << (r.bit_length() - 1)
+    rb = _next_pow2(r - ra) if r > ra else 1
+    return {"num_warps": nw, "T": t, "RA": ra, "RB": rb, "HAS_B": r > ra, "MASK_A": ra * t > m,
+            "MASK_B": r > ra and (ra + rb) * t != m}
+
+
+def default_maxnreg(shape: dict) -> int | None:
+    """Register cap per thread for a :func:`kernel_shape`: 72 when a thread holds 48 correlations (m = 6144 at 4
+    warps), else none. The kernel is bound by how many G rows are in flight, so more resident rows help as long as
+    nothing spills: at m = 6144 (H100, ``bench_pursuit.py --maxnreg``) 96 registers (uncapped, 5 rows per SM) gave
+    7.7 M rows/s, 80 → 8.1, 72 (7 rows per SM) → 8.3, 64 spilled → 6.0. At m = 4608 (40 per thread) caps measured
+    no steady gain (9.4 uncapped; 8.4–10.3 capped), at m = 24 576 none at all, so they run uncapped."""
+    per_thread = 8 * (shape["RA"] + (shape["RB"] if shape["HAS_B"] else 0))
+    return 72 if per_thread == 48 else None
 
 
 def _half_rows(dictionary: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -195,32 +139,29 @@ def correlations(x: Float[Tensor, "n d"], dictionary: Float[Tensor, "m d"], dtyp
 
 
 def launch(c: Tensor, G: Tensor, gdiag: Tensor, gscale: Tensor, lam: float, cap: int, tol: float = STOP_TOL,
-           order: Tensor | None = None, rows: int | None = None, num_warps: int | None = None,
-           cscale: Tensor | None = None, exact_diag: bool = False, maxnreg: int | None = None):
+           order: Tensor | None = None, num_warps: int | None = None, cscale: Tensor | None = None,
+           exact_diag: bool = False, maxnreg: int | None = None):
     """Run the kernel on correlations ``c`` [n, m] float32 (true correlations = ``cscale``·c; overwritten by α).
 
-    ``exact_diag`` applies the selected atom's own update with ``gdiag`` (float32) instead of G's stored diagonal
-    (equal for unit rows: the float16 diagonal is then exactly 1 after scaling). ``maxnreg`` caps the registers per
-    thread (more rows resident per SM, at the risk of spills; a tuning knob). Returns (steps int32 [n],
-    capped int8 [n], the compiled kernel — its ``n_regs`` / ``n_spills`` help when tuning).
+    ``exact_diag`` applies the selected atom's own update with ``gdiag`` (float32) instead of G's stored
+    diagonal (equal for unit rows: the float16 diagonal is then exactly 1 after scaling). ``maxnreg`` caps the
+    registers per thread (default :func:`default_maxnreg`; 0: no cap). Returns (steps int32 [n], capped int8 [n],
+    the compiled kernel — its ``n_regs`` / ``n_spills`` help when tuning).
     """
     n, m = c.shape
     steps = torch.empty(n, dtype=torch.int32, device=c.device)
     capped = torch.empty(n, dtype=torch.int8, device=c.device)
     if n == 0:
         return steps, capped, None
-    rows0, warps0 = default_launch(m)
-    rows = rows0 if rows is None else int(rows)
-    num_warps = warps0 if num_warps is None else int(num_warps)
+    shape = kernel_shape(m, num_warps)
+    maxnreg = default_maxnreg(shape) if maxnreg is None else (int(maxnreg) or None)
     if order is None:
         order = torch.arange(n, device=c.device, dtype=torch.int32)
     if cscale is None:
         cscale = torch.ones(1, device=c.device)
-    block_a, block_b = _chunks(m)
-    compiled = _kernel()[(-(-n // rows),)](
-        c, cscale, G, gdiag, gscale, steps, capped, order, n, float(lam) / 2.0, float(tol) * float(lam) / 2.0,
-        int(cap), M=m, ROWS=rows, BLOCK_A=block_a, BLOCK_B=block_b, EXACT_DIAG=bool(exact_diag),
-        num_warps=num_warps, **({} if maxnreg is None else {"maxnreg": int(maxnreg)}))
+    compiled = _kernel()[(n,)](
+        c, cscale, G, gdiag, gscale, steps, capped, order, float(lam) / 2.0, float(tol) * float(lam) / 2.0,
+        int(cap), M=m, EXACT_DIAG=bool(exact_diag), **shape, **({} if maxnreg is None else {"maxnreg": maxnreg}))
     return steps, capped, compiled
 
 
@@ -235,7 +176,6 @@ def greedy_pursuit_triton(
     gram_dtype: torch.dtype = GRAM_DTYPE,
     corr_dtype: torch.dtype = CORR_DTYPE,
     sort_rows: bool = True,
-    rows: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[Float[Tensor, "n m"], Int[Tensor, " n"], Tensor]:
     """The greedy pursuit of :func:`tl_sparsity.greedy_pursuit` in one fused kernel launch (no host sync).
@@ -264,8 +204,7 @@ def greedy_pursuit_triton(
             G, gscale = (gram / s).to(gram_dtype).contiguous(), s.reshape(1)
     c, cscale = correlations(x, dictionary, corr_dtype, scaled=False, half_rows=half)  # c becomes α in place
     order = torch.argsort(x.norm(dim=1), descending=True).to(torch.int32) if sort_rows else None
-    steps, capped, _ = launch(c.contiguous(), G, gdiag, gscale.float(), lam, cap, tol, order, rows, num_warps,
-                              cscale)
+    steps, capped, _ = launch(c.contiguous(), G, gdiag, gscale.float(), lam, cap, tol, order, num_warps, cscale)
     return c, steps, capped.bool()
 
 
