@@ -128,3 +128,31 @@ def test_check_finite_false_skips_only_the_check():
     bad = x[:5].clone()
     bad[3, 1] = float("inf")
     assert _all_finite([x[:7], bad, torch.zeros(0, 8), torch.tensor([[float("nan")]])]) == [True, False, True, False]
+
+
+def test_reservoir_equals_sequential_algorithm_r_with_the_same_draws():
+    """The vectorised reservoir (host-resolved slots, one gather and one scatter) keeps exactly the rows a plain
+    one-row-at-a-time Algorithm R keeps, given the same uniform draws, across chunks of any size."""
+    coder = OnlineSparseCoder(d_in=3, expansion=1, reservoir_size=7, seed=5)
+    coder._init_state(torch.randn(16, 3))
+    start = coder._gen.get_state()
+    rows = torch.arange(60 * 3, dtype=torch.float32).reshape(60, 3)  # row i holds 3i, 3i+1, 3i+2
+    chunks = [rows[:4], rows[4:5], rows[5:9], rows[9:30], rows[30:31], rows[31:60]]
+    for c in chunks:
+        coder._add_heldout(c)
+    gen = torch.Generator().manual_seed(0)
+    gen.set_state(start)
+    want, seen = [None] * 7, 0
+    for c in chunks:
+        fill = sum(r is not None for r in want)
+        take = min(7 - fill, c.shape[0])
+        for j in range(take):
+            want[fill + j] = c[j]
+        if c.shape[0] > take:
+            u = torch.rand(c.shape[0] - take, generator=gen, dtype=torch.float64)
+            for j, uj in enumerate(u.tolist()):
+                slot = int(uj * (seen + take + j + 1))
+                if slot < 7:
+                    want[slot] = c[take + j]
+        seen += c.shape[0]
+    assert coder.n_heldout_ == 60 and torch.equal(coder.heldout_, torch.stack(want))

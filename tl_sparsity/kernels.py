@@ -107,17 +107,19 @@ def default_maxnreg(shape: dict) -> int | None:
 
 def _half_rows(dictionary: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(Φ / s in ``dtype``, s) with s = max |Φ_ij|, so every entry is in [−1, 1]."""
-    s = dictionary.abs().amax().clamp_min(1e-30)
-    return (dictionary / s).to(dtype), s
+    s = torch.linalg.vector_norm(dictionary, float("inf")).clamp_min(1e-30)
+    return torch.div(dictionary, s, out=torch.empty(dictionary.shape, dtype=dtype, device=dictionary.device)), s
 
 
 def gram_matrix(dictionary: Float[Tensor, "m d"], dtype: torch.dtype = GRAM_DTYPE,
-                half_rows: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                half_rows: tuple[Tensor, Tensor] | None = None, with_diag: bool = True
+                ) -> tuple[Tensor, Tensor | None, Tensor]:
     """G = ΦΦᵀ for the kernel: ``(G_stored [m, m] in dtype, diag [m] float32, scale [1] float32)``, G = scale·G_stored.
 
-    In half precision G is formed from Φ/s (s = max |Φ_ij|; |G_stored| ≤ d) with float32 accumulation.
+    In half precision G is formed from Φ/s (s = max |Φ_ij|; |G_stored| ≤ d) with float32 accumulation. The float32
+    diagonal (read only by ``exact_diag`` launches) is ``None`` unless ``with_diag``.
     """
-    diag = (dictionary * dictionary).sum(1)
+    diag = (dictionary * dictionary).sum(1) if with_diag else None
     if dtype == torch.float32:
         return dictionary @ dictionary.T, diag, torch.ones(1, device=dictionary.device)
     p, s = half_rows if half_rows is not None and half_rows[0].dtype == dtype else _half_rows(dictionary, dtype)
@@ -133,8 +135,9 @@ def correlations(x: Float[Tensor, "n d"], dictionary: Float[Tensor, "m d"], dtyp
         c = x @ dictionary.T
         return c if scaled else (c, torch.ones(1, device=x.device))
     p, sp = half_rows if half_rows is not None and half_rows[0].dtype == dtype else _half_rows(dictionary, dtype)
-    sx = x.abs().amax().clamp_min(1e-30)
-    c = torch.mm((x / sx).to(dtype), p.T, out_dtype=torch.float32)
+    sx = torch.linalg.vector_norm(x, float("inf")).clamp_min(1e-30)
+    xs = torch.div(x, sx, out=torch.empty(x.shape, dtype=dtype, device=x.device))  # one pass: scale and round
+    c = torch.mm(xs, p.T, out_dtype=torch.float32)
     return c.mul_(sx * sp) if scaled else (c, (sx * sp).reshape(1))
 
 
@@ -156,7 +159,7 @@ def launch(c: Tensor, G: Tensor, gdiag: Tensor, gscale: Tensor, lam: float, cap:
     shape = kernel_shape(m, num_warps)
     maxnreg = default_maxnreg(shape) if maxnreg is None else (int(maxnreg) or None)
     if order is None:
-        order = torch.arange(n, device=c.device, dtype=torch.int32)
+        order = torch.arange(n, device=c.device)
     if cscale is None:
         cscale = torch.ones(1, device=c.device)
     compiled = _kernel()[(n,)](
@@ -194,7 +197,8 @@ def greedy_pursuit_triton(
     dictionary = dictionary.contiguous().float()
     half = _half_rows(dictionary, corr_dtype) if x.is_cuda and corr_dtype != torch.float32 else None
     if gram is None:
-        G, gdiag, gscale = gram_matrix(dictionary, gram_dtype, half)
+        G, _, gscale = gram_matrix(dictionary, gram_dtype, half, with_diag=False)
+        gdiag = gscale  # not read: the default launch takes G's own diagonal
     else:
         gdiag = gram.diagonal().float().contiguous()
         if gram.dtype == gram_dtype:
@@ -203,9 +207,9 @@ def greedy_pursuit_triton(
             s = gdiag.amax().clamp_min(1e-30)
             G, gscale = (gram / s).to(gram_dtype).contiguous(), s.reshape(1)
     c, cscale = correlations(x, dictionary, corr_dtype, scaled=False, half_rows=half)  # c becomes α in place
-    order = torch.argsort(x.norm(dim=1), descending=True).to(torch.int32) if sort_rows else None
+    order = torch.argsort(x.norm(dim=1), descending=True) if sort_rows else None
     steps, capped, _ = launch(c.contiguous(), G, gdiag, gscale.float(), lam, cap, tol, order, num_warps, cscale)
-    return c, steps, capped.bool()
+    return c, steps, capped.view(torch.bool)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -160,7 +161,7 @@ class OnlineSparseCoder:
             self._n_pending += n
             return self
         with defer_interrupts():
-            self._process(torch.cat([*self._pending, x[:done]]))
+            self._process(torch.cat([*self._pending, x[:done]]) if self._pending else x[:done])
             self._pending, self._n_pending = [], 0
         while n - done >= size:
             with defer_interrupts():
@@ -389,13 +390,15 @@ class OnlineSparseCoder:
         if rest.shape[0] == 0 or self.reservoir_size == 0:
             return
         idx = torch.arange(seen + take, seen + k, dtype=torch.float64) + 1  # 1-based index of each newcomer
-        slot = (torch.rand(rest.shape[0], generator=self._gen, dtype=torch.float64) * idx).long()
-        slot = to_device(slot, rows.device)
-        r = self.reservoir_size  # vectorised Algorithm R: the last newcomer aimed at a slot wins it, as sequentially
-        last = torch.full((r + 1,), -1, dtype=torch.long, device=rows.device)  # entry r collects the misses
-        last.scatter_reduce_(0, slot.clamp_max(r), torch.arange(rest.shape[0], device=rows.device), reduce="amax")
-        src = last[:r]
-        self._reservoir.copy_(torch.where((src >= 0)[:, None], rest[src.clamp_min(0)], self._reservoir))
+        slot = (torch.rand(rest.shape[0], generator=self._gen, dtype=torch.float64) * idx).long().numpy()
+        # Vectorised Algorithm R, resolved on the host (the draws are there): of the newcomers aimed at one slot the
+        # last wins it, as sequentially; then one gather and one scatter on the rows' device.
+        aimed = np.flatnonzero(slot < self.reservoir_size)
+        last = np.full(self.reservoir_size, -1, dtype=np.int64)
+        np.maximum.at(last, slot[aimed], aimed)
+        dst = np.flatnonzero(last >= 0)
+        ids = to_device(torch.from_numpy(np.concatenate([dst, last[dst]])), rows.device)
+        self._reservoir.index_copy_(0, ids[: dst.size], rest.index_select(0, ids[dst.size :]))
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -404,8 +407,10 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
 
 
 def split_rows(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """``(x[mask], x[~mask])`` for a CPU bool ``mask`` [n], in order, by ``index_select`` with host-built indices:
-    no device sync (boolean indexing of a CUDA tensor waits for the device to count the rows)."""
-    n = int(mask.sum())
-    idx = to_device(torch.cat([mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)]), x.device)
-    return x.index_select(0, idx[:n]), x.index_select(0, idx[n:])
+    """``(x[mask], x[~mask])`` for a CPU bool ``mask`` [n], in order, by one ``index_select`` with a host-built
+    index: no device sync (boolean indexing of a CUDA tensor waits for the device to count the rows). The two parts
+    are views of one gathered tensor."""
+    m = mask.numpy()
+    picked = np.flatnonzero(m)
+    both = x.index_select(0, to_device(torch.from_numpy(np.concatenate([picked, np.flatnonzero(~m)])), x.device))
+    return both[: picked.size], both[picked.size :]
