@@ -147,6 +147,20 @@ xt = torch.tensor([[1.0, 1.0, 0.5] + [0.0] * 9, [0.0] * 11 + [2.0], [0.25] * 12]
 ref, info = greedy_pursuit_reference(xt, phi, 0.1)
 a, steps, _ = greedy_pursuit_triton(xt, phi, 0.1, gram_dtype=torch.float32, corr_dtype=torch.float32)
 assert torch.equal(a, ref) and torch.equal(steps.long(), info.steps), (a.nonzero(), ref.nonzero())
+# k = 2 dictionaries in one grouped launch (rows 0-12 for the first, 13-25 for the second, λ of their own)
+from tl_sparsity.kernels import launch
+phis = torch.randn(2, 300, 12, generator=g); phis /= phis.norm(dim=2, keepdim=True)
+xs = torch.randn(2, 13, 12, generator=g)
+lams = [0.3, 0.6]
+c = torch.bmm(xs, phis.transpose(1, 2)).reshape(26, 300).contiguous()
+G = torch.bmm(phis, phis.transpose(1, 2)).contiguous()
+hf = torch.tensor([[lam / 2, 1e-4 * lam / 2] for lam in lams])
+ones = torch.ones(2)
+steps, capped, _ = launch(c, G, ones, ones, 0.0, 48, order=torch.arange(26).flip(0), cscale=ones, group=(13, hf))
+for h in range(2):
+    ref, info = greedy_pursuit_reference(xs[h], phis[h], lams[h])
+    torch.testing.assert_close(c[13 * h : 13 * (h + 1)], ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(steps[13 * h : 13 * (h + 1)].long(), info.steps)
 # one Adam step on the sphere, against the learner's arithmetic written out
 phi = torch.randn(40, 12, generator=g); phi /= phi.norm(dim=1, keepdim=True)
 grad, mom, var = (torch.randn(40, 12, generator=g) for _ in range(3))

@@ -37,14 +37,23 @@ def _load(ptr, mask, other, MASKED: tl.constexpr):
     return tl.load(ptr)
 
 @triton.jit
-def greedy_kernel(C, CSCALE, G, GDIAG, GSCALE, STEPS, CAPPED, ORDER, half, floor, cap, M: tl.constexpr,
+def greedy_kernel(C, CSCALE, G, GDIAG, GSCALE, STEPS, CAPPED, ORDER, half, floor, cap, NPER, HF, M: tl.constexpr,
                   T: tl.constexpr, RA: tl.constexpr, RB: tl.constexpr, HAS_B: tl.constexpr,
-                  MASK_A: tl.constexpr, MASK_B: tl.constexpr, EXACT_DIAG: tl.constexpr):
+                  MASK_A: tl.constexpr, MASK_B: tl.constexpr, EXACT_DIAG: tl.constexpr, GROUPED: tl.constexpr):
     # One row per program. Its M correlations live in registers as [RA, T] (columns 0 .. RA·T) and, with
     # HAS_B, [RB, T] (the rest, masked past M when MASK_B; RA, RB powers of two). T = 256 × warps, so each
     # thread holds 8 consecutive columns of every chunk row (one 16-byte load of float16 G) and axis 0 never
-    # crosses threads. The codes α overwrite the row of C.
+    # crosses threads. The codes α overwrite the row of C. GROUPED: rows [h·NPER, (h+1)·NPER) belong to dictionary h,
+    # whose G is G[h] ([M, M]), scales CSCALE[h], GSCALE[h], and λ/2 and the stop floor HF[h, 0:2].
     row = tl.load(ORDER + tl.program_id(0)).to(tl.int64)
+    if GROUPED:
+        h = row // NPER
+        G = G + h * M * M
+        GDIAG = GDIAG + h * M
+        CSCALE = CSCALE + h
+        GSCALE = GSCALE + h
+        half = tl.load(HF + 2 * h)
+        floor = tl.load(HF + 2 * h + 1)
     oa = tl.arange(0, RA)[:, None] * T + tl.arange(0, T)[None, :]
     ob = RA * T + tl.arange(0, RB)[:, None] * T + tl.arange(0, T)[None, :]
     ma = oa < M

@@ -25,6 +25,7 @@ from . import data_parallel as _dp
 from . import ranks as _ranks
 from . import extras as _extras
 from . import hooks as _hooks
+from .grouped import train_together
 from .learner import OnlineSparseCoder
 from .report import SparsityReport
 
@@ -311,15 +312,22 @@ class SparsityCollector:
     def _feed(self, sink: dict[str, list[tuple]]) -> None:
         """Hand one completed forward's kept rows (and neuron inputs) to the learners and side statistics. The rows
         are checked for NaN/Inf with one host synchronisation for all hooks, not one per hook, so on CUDA the CPU
-        queues every hook's learner work without waiting for the previous hook's. Data-parallel: that one
+        queues every hook's learner work without waiting for the previous hook's, and learners of one shape take
+        their batches together (:func:`tl_sparsity.grouped.train_together`: on CUDA, one set of launches for all
+        hooks' r-th batches). Data-parallel: that one
         synchronisation also brings every rank's count of finite rows of every hook (one collective for all hooks);
         each learner is told them (``counts=``), so it exchanges nothing itself."""
         if not self.parallel:
             finite = iter(_all_finite([c[0] for chunks in sink.values() for c in chunks]))
+            queues = []  # per hook, the full batches this forward completes, in stream order
             for name, chunks in sink.items():
+                learner, batches = self.learners[name], []
                 for (rows, acts, toks, keep), ok in zip(chunks, [next(finite) for _ in chunks]):
-                    self.learners[name].partial_fit(rows, check_finite=not ok)  # NaN/Inf: the learner drops them
+                    batches.extend(learner._batches(rows, check_finite=not ok))  # NaN/Inf: the learner drops them
                     self.extras[name].update(rows, acts, toks, keep)
+                queues.append((learner, batches))
+            for r in range(max((len(b) for _, b in queues), default=0)):  # each hook's r-th batch, all together
+                train_together([(lr, lr._prepare(b[r])) for lr, b in queues if r < len(b)])
             return
         joined = [torch.cat([c[0] for c in chunks]) if chunks else None for chunks in sink.values()]
         counts = _ranks.finite_row_counts(joined, self._group)  # per hook, every rank's rows, after dropping NaN/Inf

@@ -38,6 +38,7 @@ __all__ = [
     "correlations",
     "gram_matrix",
     "greedy_pursuit_triton",
+    "grouped_codes",
     "phi_products",
 ]
 
@@ -143,12 +144,14 @@ def correlations(x: Float[Tensor, "n d"], dictionary: Float[Tensor, "m d"], dtyp
 
 def launch(c: Tensor, G: Tensor, gdiag: Tensor, gscale: Tensor, lam: float, cap: int, tol: float = STOP_TOL,
            order: Tensor | None = None, num_warps: int | None = None, cscale: Tensor | None = None,
-           exact_diag: bool = False, maxnreg: int | None = None):
+           exact_diag: bool = False, maxnreg: int | None = None, group: tuple[int, Tensor] | None = None):
     """Run the kernel on correlations ``c`` [n, m] float32 (true correlations = ``cscale``·c; overwritten by α).
 
     ``exact_diag`` applies the selected atom's own update with ``gdiag`` (float32) instead of G's stored
     diagonal (equal for unit rows: the float16 diagonal is then exactly 1 after scaling). ``maxnreg`` caps the
-    registers per thread (default :func:`default_maxnreg`; 0: no cap). Returns (steps int32 [n], capped int8 [n],
+    registers per thread (default :func:`default_maxnreg`; 0: no cap). ``group=(nper, hf)``: k dictionaries at once —
+    row r of ``c`` belongs to dictionary r // nper, whose G is ``G[h]`` (``G`` [k, m, m]), scales ``cscale[h]``,
+    ``gscale[h]`` and λ/2 and stop floor ``hf[h]`` ([k, 2] float32; ``lam`` and ``tol`` are then unused). Returns (steps int32 [n], capped int8 [n],
     the compiled kernel — its ``n_regs`` / ``n_spills`` help when tuning).
     """
     n, m = c.shape
@@ -164,7 +167,9 @@ def launch(c: Tensor, G: Tensor, gdiag: Tensor, gscale: Tensor, lam: float, cap:
         cscale = torch.ones(1, device=c.device)
     compiled = _kernel()[(n,)](
         c, cscale, G, gdiag, gscale, steps, capped, order, float(lam) / 2.0, float(tol) * float(lam) / 2.0,
-        int(cap), M=m, EXACT_DIAG=bool(exact_diag), **shape, **({} if maxnreg is None else {"maxnreg": maxnreg}))
+        int(cap), 1 if group is None else int(group[0]), gscale if group is None else group[1], M=m,
+        EXACT_DIAG=bool(exact_diag), GROUPED=group is not None, **shape,
+        **({} if maxnreg is None else {"maxnreg": maxnreg}))
     return steps, capped, compiled
 
 
@@ -213,21 +218,57 @@ def greedy_pursuit_triton(
 
 
 @torch.no_grad()
-def phi_products(x: Float[Tensor, "n d"], alpha: Float[Tensor, "n m"], dictionary: Float[Tensor, "m d"],
-                 dtype: torch.dtype = torch.bfloat16) -> tuple[Float[Tensor, "n d"], Float[Tensor, "m d"]]:
-    """The Φ-step's two products: ``(resid = x − αΦ [n, d], grad = −(2/n)·αᵀ·resid [m, d])``, float32.
+def grouped_codes(x: Float[Tensor, "k n d"], dictionaries: Float[Tensor, "k m d"], hf: Float[Tensor, "k 2"],
+                  cap: int) -> tuple[Float[Tensor, "k n m"], Tensor]:
+    """The pursuit of k row sets against k dictionaries of one shape in one launch of each kind (two batched GEMMs,
+    one sort, one kernel), as :func:`greedy_pursuit_triton` with its defaults does for each set alone.
+
+    ``x`` [k, n, d] float32 CUDA (rows past a set's own count are zero: they take no step and get α = 0),
+    ``dictionaries`` [k, m, d], ``hf`` [k, 2] = (λ_h/2, STOP_TOL·λ_h/2) on the device. Returns
+    ``(alpha [k, n, m] float32, capped [k, n] bool)``.
+    """
+    k, n, d = x.shape
+    m = dictionaries.shape[1]
+    if m > MAX_ATOMS:
+        raise ValueError(f"the Triton pursuit holds at most {MAX_ATOMS} atoms per row; got m={m}.")
+    s = torch.linalg.vector_norm(dictionaries, float("inf"), dim=(1, 2)).clamp_min(1e-30)  # [k]
+    p = torch.div(dictionaries, s[:, None, None], out=torch.empty(dictionaries.shape, dtype=GRAM_DTYPE,
+                                                                  device=x.device))
+    G = torch.bmm(p, p.transpose(1, 2))  # [k, m, m] float16, float32 accumulation
+    sx = torch.linalg.vector_norm(x, float("inf"), dim=(1, 2)).clamp_min(1e-30)
+    xs = torch.div(x, sx[:, None, None], out=torch.empty(x.shape, dtype=CORR_DTYPE, device=x.device))
+    c = torch.bmm(xs, p.transpose(1, 2), out_dtype=torch.float32).view(k * n, m)
+    # Hook-major order, longest rows first within each set: the programs running at any moment then read the G of
+    # one or two sets, which keeps their rows in L2 (all sets' rows sorted together ran slower than one at a time).
+    order = (torch.argsort(x.norm(dim=2), dim=1, descending=True) + torch.arange(0, k * n, n, device=x.device)[:, None])
+    order = order.view(k * n)
+    gscale = s * s
+    _, capped, _ = launch(c, G, gscale, gscale, 0.0, cap, order=order, cscale=sx * s, group=(n, hf))
+    return c.view(k, n, m), capped.view(torch.bool).view(k, n)
+
+
+@torch.no_grad()
+def phi_products(x: Float[Tensor, "*k n d"], alpha: Float[Tensor, "*k n m"], dictionary: Float[Tensor, "*k m d"],
+                 dtype: torch.dtype = torch.bfloat16, scale: Tensor | None = None
+                 ) -> tuple[Float[Tensor, "*k n d"], Float[Tensor, "*k m d"]]:
+    """The Φ-step's two products: ``(resid = x − αΦ, grad = scale·αᵀ·resid)``, float32, for one row set ([n, d],
+    [n, m], [m, d]) or k sets at once ([k, n, d], [k, n, m], [k, m, d]; ``scale`` then [k]). Default scale −2/n.
 
     On CUDA both take ``dtype`` operands (bfloat16: no range issue, 2⁻⁹ relative rounding per operand — about 1 % of
     the residual, far below the noise of a stochastic gradient) with float32 accumulation; elsewhere float32.
     """
-    n = x.shape[0]
+    batched = x.ndim == 3
     if not x.is_cuda or dtype == torch.float32:
         resid = x - alpha @ dictionary
-        return resid, (-2.0 / n) * (alpha.T @ resid)
-    a16 = alpha.to(dtype)
-    resid = x - torch.mm(a16, dictionary.to(dtype), out_dtype=torch.float32)
-    grad = torch.mm(a16.T, resid.to(dtype), out_dtype=torch.float32)
-    return resid, grad.mul_(-2.0 / n)
+        grad = alpha.transpose(-1, -2) @ resid
+    else:
+        a16 = alpha.to(dtype)
+        mm = torch.bmm if batched else torch.mm
+        resid = x - mm(a16, dictionary.to(dtype), out_dtype=torch.float32)
+        grad = mm(a16.transpose(-1, -2), resid.to(dtype), out_dtype=torch.float32)
+    if scale is None:
+        return resid, grad.mul_(-2.0 / x.shape[-2])
+    return resid, grad.mul_(scale.reshape(-1, 1, 1) if batched else scale)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ with the closed-form gradient −(2/n)·αᵀ(x − αΦ), tangent to the unit s
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -151,25 +152,32 @@ class OnlineSparseCoder:
         A Ctrl-C arriving while a batch is processed is delivered when that batch is done, so the state is always
         that of whole batches.
         """
+        for batch in self._batches(x, check_finite):
+            with defer_interrupts():
+                self._process(batch)
+        return self
+
+    def _batches(self, x: Tensor, check_finite: bool) -> Iterator[Tensor]:
+        """The full batches that ``x`` completes, pending rows first, in stream order; what is left becomes the
+        pending rows (copied) once the last batch has been taken. The pending rows are released as the first batch
+        is handed out, so a consumer that stops early (Ctrl-C after a batch) never processes a row twice."""
         x = self._finite_rows(self._as_rows(x), check_finite)
         n, size = x.shape[0], self.batch_size
         if n == 0:
-            return self
+            return
         done = size - self._n_pending  # rows of x that complete the pending batch
         if done > n:
             self._pending.append(x.clone())
             self._n_pending += n
-            return self
-        with defer_interrupts():
-            self._process(torch.cat([*self._pending, x[:done]]) if self._pending else x[:done])
-            self._pending, self._n_pending = [], 0
+            return
+        first = torch.cat([*self._pending, x[:done]]) if self._pending else x[:done]
+        self._pending, self._n_pending = [], 0
+        yield first
         while n - done >= size:
-            with defer_interrupts():
-                self._process(x[done : done + size])
+            yield x[done : done + size]
             done += size
         rest = x[done:]  # copied below, so a view of its tail does not keep a large x alive
         self._pending, self._n_pending = ([rest.clone()], rest.shape[0]) if rest.shape[0] else ([], 0)
-        return self
 
     @torch.no_grad()
     def transform(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n m"]:
@@ -314,15 +322,19 @@ class OnlineSparseCoder:
         return alpha
 
     def _process(self, batch: Tensor) -> None:
+        x = self._prepare(batch)
+        if x.shape[0]:
+            self._train(x, x.shape[0])
+
+    def _prepare(self, batch: Tensor) -> Tensor:
+        """Normalise a batch, keep its held-out rows; returns the training rows (normalised)."""
         if self.dictionary_ is None:
             self._init_state(batch)
         xn = (batch - self.mean_) / self.scale_
         held = torch.rand(xn.shape[0], generator=self._gen) < self.holdout_frac  # on the CPU: no device sync
         heldout, x = split_rows(xn, held)
         self._add_heldout(heldout)
-        if x.shape[0] == 0:
-            return
-        self._train(x, x.shape[0])
+        return x
 
     def _train(self, x: Tensor, n_total: int) -> None:
         """Code the training rows ``x``, adapt λ during warm-up, take the Φ-steps. ``n_total``: the rows of this step
@@ -354,9 +366,11 @@ class OnlineSparseCoder:
             return phi_products(x, alpha, self.dictionary_)[1]
         return (-2.0 / x.shape[0]) * (alpha.T @ (x - alpha @ self.dictionary_))
 
-    def _phi_step(self, x: Tensor, alpha: Tensor, n_total: int) -> None:
+    def _phi_step(self, x: Tensor, alpha: Tensor | None, n_total: int, grad: Tensor | None = None) -> None:
+        """One Adam step on Φ from the codes ``alpha`` of rows ``x`` (or from ``grad``, their gradient, when given:
+        :mod:`tl_sparsity.grouped` forms it for several learners at once)."""
         phi = self.dictionary_
-        grad = self._phi_grad(x, alpha, n_total)
+        grad = self._phi_grad(x, alpha, n_total) if grad is None else grad
         self.n_steps_ += 1
         if triton_applies(x, phi):  # one fused Adam-on-the-sphere kernel
             from .kernels import adam_sphere_step

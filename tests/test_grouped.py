@@ -1,0 +1,96 @@
+import copy
+
+import pytest
+import torch
+
+from tl_sparsity import OnlineSparseCoder, SparsityCollector
+from tl_sparsity.grouped import group_key, train_together
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _learners(k=3, d=16, device="cpu", **opts):
+    """k learners of one shape past their first batches (λ fixed, so no warm-up), each on its own data."""
+    out = []
+    for seed in range(k):
+        lr = OnlineSparseCoder(d_in=d, expansion=4, lam=0.05, batch_size=64, seed=seed, reservoir_size=32,
+                               device=device, **opts)
+        lr.partial_fit(torch.randn(192, d, generator=torch.Generator().manual_seed(seed)).to(device))
+        out.append(lr)
+    return out
+
+
+def _rows(sizes, d=16, device="cpu"):
+    g = torch.Generator().manual_seed(99)
+    return [torch.randn(n, d, generator=g).to(device) for n in sizes]
+
+
+def _assert_same_state(a, b, rtol, atol):
+    for name in ("dictionary_", "_adam_m", "_adam_v"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=rtol, atol=atol, msg=name)
+    assert (a.n_tokens_, a.n_steps_, a.capped_) == (b.n_tokens_, b.n_steps_, b.capped_)
+
+
+def test_training_together_equals_training_each_alone_with_ragged_row_counts():
+    """Three learners, 50, 57 and 64 training rows: the zero rows padding the stack take no step and add nothing
+    to any gradient, and each learner's gradient is scaled by its own −2/n (compared through the Adam moments,
+    which the direction-only Adam update would hide)."""
+    together, alone = _learners(), None
+    alone = copy.deepcopy(together)
+    rows = _rows([50, 57, 64])
+    train_together(list(zip(together, rows)), force=True)
+    for lr, x in zip(alone, rows):
+        lr._train(x, x.shape[0])
+    for a, b in zip(together, alone):
+        _assert_same_state(a, b, rtol=1e-5, atol=1e-7)
+    assert together[0].n_steps_ == alone[0].n_steps_ == 4
+
+
+def test_learners_in_warm_up_or_of_another_shape_or_solver_train_alone_bit_for_bit():
+    warm = OnlineSparseCoder(d_in=16, expansion=4, batch_size=64, warmup_tokens=10**6, seed=4)
+    warm.partial_fit(torch.randn(64, 16, generator=torch.Generator().manual_seed(4)))
+    wide = _learners(k=1, d=24)[0]
+    lasso = _learners(k=1, solver="lasso")[0]
+    pair = _learners(k=2)
+    jobs = list(zip([warm, wide, lasso, *pair], _rows([40, 41], d=16)[:1] + _rows([40], d=24) + _rows([42, 43, 44])))
+    assert [group_key(lr, x, force=True) is None for lr, x in jobs] == [True, False, True, False, False]
+    before = copy.deepcopy([lr for lr, _ in jobs])
+    train_together(jobs, force=True)
+    for (lr, x), b in zip(jobs[:3], before[:3]):
+        b._train(x, x.shape[0])
+        _assert_same_state(lr, b, rtol=0, atol=0)
+    assert warm.lam_ == before[0].lam_  # λ adapted during warm-up, as alone
+
+
+def test_on_the_cpu_nothing_trains_together_unless_forced():
+    learners = _learners(k=2)
+    assert all(group_key(lr, x) is None for lr, x in zip(learners, _rows([10, 10])))
+
+
+def test_fit_feeds_hooks_round_by_round_with_the_states_of_hook_by_hook_feeding(model):
+    """fit() takes each hook's r-th batch together (several batches per forward here); the hooks attached with
+    attach() feed each hook in turn through partial_fit. The learners end bit for bit equal."""
+    opts = dict(batch_size=16, warmup_tokens=32, reservoir_size=24, expansion=2)
+    tokens = torch.randint(1, 200, (4, 17), generator=torch.Generator().manual_seed(1))
+    fitted = SparsityCollector(model, "resid_post", **opts).fit([tokens, tokens.flip(0)])
+    attached = SparsityCollector(model, "resid_post", **opts)
+    for t in (tokens, tokens.flip(0)):
+        with attached.attach():
+            model(t)
+    for name, a in fitted.learners.items():
+        b = attached.learners[name]
+        assert a.n_steps_ == b.n_steps_ > 4
+        _assert_same_state(a, b, rtol=0, atol=0)
+
+
+@cuda
+def test_cuda_training_together_matches_alone_through_the_grouped_kernel():
+    together = _learners(k=4, d=96, device="cuda")
+    alone = copy.deepcopy(together)
+    rows = _rows([200, 231, 256, 190], d=96, device="cuda")
+    assert all(group_key(lr, x) is not None for lr, x in zip(together, rows))
+    train_together(list(zip(together, rows)))
+    for lr, x in zip(alone, rows):
+        lr._train(x, x.shape[0])
+    for a, b in zip(together, alone):  # the same kernel codes; batched vs single bf16 GEMMs in the Φ-step
+        _assert_same_state(a, b, rtol=2e-3, atol=1e-5)
