@@ -94,3 +94,22 @@ def test_cuda_training_together_matches_alone_through_the_grouped_kernel():
         lr._train(x, x.shape[0])
     for a, b in zip(together, alone):  # the same kernel codes; batched vs single bf16 GEMMs in the Φ-step
         _assert_same_state(a, b, rtol=2e-3, atol=1e-5)
+
+
+def test_a_group_over_the_memory_budget_trains_in_chunks_with_the_same_result(monkeypatch):
+    import tl_sparsity.grouped as grouped
+
+    calls = []
+    real = grouped._train_group
+    monkeypatch.setattr(grouped, "_train_group", lambda chunk: (calls.append(len(chunk)), real(chunk)))
+    together = _learners(k=5)
+    alone = copy.deepcopy(together)
+    rows = _rows([60, 61, 62, 63, 64])
+    m, d = together[0].dictionary_.shape
+    monkeypatch.setattr(grouped, "GROUP_BYTES", 2 * (2 * m * m + 8 * 64 * m + 12 * m * d + 12 * 64 * d))
+    train_together(list(zip(together, rows)), force=True)
+    assert calls == [2, 2]  # 2 + 2 together, the fifth alone
+    for lr, x in zip(alone, rows):
+        lr._train(x, x.shape[0])
+    for a, b in zip(together, alone):
+        _assert_same_state(a, b, rtol=1e-5, atol=1e-7)

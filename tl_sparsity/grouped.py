@@ -26,7 +26,12 @@ from torch import Tensor
 from .learner import OnlineSparseCoder, to_device
 from .pursuit import STOP_TOL, triton_applies
 
-__all__ = ["group_key", "train_together"]
+__all__ = ["GROUP_BYTES", "group_key", "train_together"]
+
+#: Most transient memory one grouped pass may take (stacked G in float16, correlations and codes, products): a
+#: group needing more is trained in chunks. At d = 768 (m = 6144) and batches of 4096 a learner needs ~0.35 GB, so
+#: 12 hooks go in one pass; at d = 3072 (m = 24 576) ~3 GB, one at a time.
+GROUP_BYTES = 4 << 30
 
 
 def group_key(learner: OnlineSparseCoder, x: Tensor, force: bool = False) -> tuple | None:
@@ -53,11 +58,16 @@ def train_together(jobs: Sequence[tuple[OnlineSparseCoder, Tensor]], force: bool
         else:
             groups.setdefault(key, []).append((learner, x))
     for group in groups.values():
-        if len(group) == 1:
-            learner, x = group[0]
-            learner._train(x, x.shape[0])
-        else:
-            _train_group(group)
+        m, d = group[0][0].dictionary_.shape
+        n = max(x.shape[0] for _, x in group)
+        per = max(1, GROUP_BYTES // (2 * m * m + 8 * n * m + 12 * m * d + 12 * n * d))  # transient bytes per learner
+        for start in range(0, len(group), per):
+            chunk = group[start : start + per]
+            if len(chunk) == 1:
+                learner, x = chunk[0]
+                learner._train(x, x.shape[0])
+            else:
+                _train_group(chunk)
 
 
 @torch.no_grad()
