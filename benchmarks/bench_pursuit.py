@@ -135,6 +135,8 @@ def train_dictionary(d, a, dev, args):
 
 
 def bench_config(d, a, dev, args, bw, rows):
+    if dev.type == "cuda":  # each configuration starts from an empty allocator cache (the previous ones' blocks
+        torch.cuda.empty_cache()  # are of other sizes, and a timed step must not wait for cudaMalloc)
     src, coder, x, train_s = train_dictionary(d, a, dev, args)
     phi, lam, n, m = coder.dictionary_, coder.lam_, args.n, coder.dictionary_.shape[0]
     base = {"d": d, "m": m, "a": a, "n": n, "lam": lam, "train_tokens": args.train_tokens, "train_s": round(train_s, 2)}

@@ -314,9 +314,9 @@ class SparsityCollector:
         are checked for NaN/Inf with one host synchronisation for all hooks, not one per hook, so on CUDA the CPU
         queues every hook's learner work without waiting for the previous hook's, and learners of one shape take
         their batches together (:func:`tl_sparsity.grouped.train_together`: on CUDA, one set of launches for all
-        hooks' r-th batches). Data-parallel: that one
-        synchronisation also brings every rank's count of finite rows of every hook (one collective for all hooks);
-        each learner is told them (``counts=``), so it exchanges nothing itself."""
+        hooks' r-th batches). Data-parallel: that one synchronisation also brings every rank's count of finite rows
+        of every hook (one collective for all hooks); each learner is told them (``counts=``), so it exchanges
+        nothing itself."""
         if not self.parallel:
             finite = iter(_all_finite([c[0] for chunks in sink.values() for c in chunks]))
             queues = []  # per hook, the full batches this forward completes, in stream order

@@ -8,8 +8,10 @@ one sort, one pursuit kernel over all k·n rows (each row reads its own dictiona
 Φ-step, then each learner's own Adam step. Each learner ends where training it alone would leave it, up to
 float rounding: batched GEMMs may sum in another order than single ones (the tests bound the difference).
 
-On an H100 (``benchmarks/bench_grouped.py``) 12 learners at d = 768 and batches of 4096 queue a round in ~3 ms of
-host time instead of ~10–11 ms, and the round takes 11.2 ms instead of 12.3–13.0 (at 16 384: 1.02×).
+On an H100 (``benchmarks/bench_grouped.py``) 12 learners at d = 768 and batches of 4096 queue a round in 2.4–3.1 ms
+of host time instead of 8.8–11.4 ms, and the round takes 11.2 ms instead of 12.3–13.0 ms (1.10–1.13×; 1.02× at
+16 384). End to end (``benchmarks/bench_e2e.py``) it measured no different: there the model's forward, which the
+learners' GPU work follows, sets the pace.
 
 Learners train together only where it pays and the arithmetic is the single learner's: greedy solver, CUDA with
 the Triton kernels, λ frozen (after warm-up, or fixed), one Φ-step per batch, the same d and m. Any other job

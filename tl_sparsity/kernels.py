@@ -96,14 +96,15 @@ def kernel_shape(m: int, num_warps: int | None = None) -> dict:
             "MASK_B": r > ra and (ra + rb) * t != m}
 
 
-def default_maxnreg(shape: dict) -> int | None:
-    """Register cap per thread for a :func:`kernel_shape`: 72 when a thread holds 48 correlations (m = 6144 at 4
-    warps), else none. The kernel is bound by how many G rows are in flight, so more resident rows help as long as
-    nothing spills: at m = 6144 (H100, ``bench_pursuit.py --maxnreg``) 96 registers (uncapped, 5 rows per SM) gave
+def default_maxnreg(shape: dict, gram_dtype: torch.dtype = GRAM_DTYPE) -> int | None:
+    """Register cap per thread for a :func:`kernel_shape` and G's dtype: 72 when a thread holds 48 correlations
+    (m = 6144 at 4 warps) and G is 16-bit, else none (float32 G needs more registers: capped, it spills). The
+    kernel is bound by how many G rows are in flight, so more resident rows help as long as nothing spills: at
+    m = 6144 (H100, ``bench_pursuit.py --maxnreg``) 96 registers (uncapped, 5 rows per SM) gave
     7.7 M rows/s, 80 → 8.1, 72 (7 rows per SM) → 8.3, 64 spilled → 6.0. At m = 4608 (40 per thread) caps measured
     no steady gain (9.4 uncapped; 8.4–10.3 capped), at m = 24 576 none at all, so they run uncapped."""
     per_thread = 8 * (shape["RA"] + (shape["RB"] if shape["HAS_B"] else 0))
-    return 72 if per_thread == 48 else None
+    return 72 if per_thread == 48 and gram_dtype.itemsize == 2 else None
 
 
 def _half_rows(dictionary: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -151,8 +152,8 @@ def launch(c: Tensor, G: Tensor, gdiag: Tensor, gscale: Tensor, lam: float, cap:
     diagonal (equal for unit rows: the float16 diagonal is then exactly 1 after scaling). ``maxnreg`` caps the
     registers per thread (default :func:`default_maxnreg`; 0: no cap). ``group=(nper, hf)``: k dictionaries at once —
     row r of ``c`` belongs to dictionary r // nper, whose G is ``G[h]`` (``G`` [k, m, m]), scales ``cscale[h]``,
-    ``gscale[h]`` and λ/2 and stop floor ``hf[h]`` ([k, 2] float32; ``lam`` and ``tol`` are then unused). Returns (steps int32 [n], capped int8 [n],
-    the compiled kernel — its ``n_regs`` / ``n_spills`` help when tuning).
+    ``gscale[h]`` and λ/2 and stop floor ``hf[h]`` ([k, 2] float32; ``lam`` and ``tol`` are then unused).
+    Returns (steps int32 [n], capped int8 [n], the compiled kernel — its ``n_regs`` / ``n_spills`` help when tuning).
     """
     n, m = c.shape
     steps = torch.empty(n, dtype=torch.int32, device=c.device)
@@ -160,7 +161,7 @@ def launch(c: Tensor, G: Tensor, gdiag: Tensor, gscale: Tensor, lam: float, cap:
     if n == 0:
         return steps, capped, None
     shape = kernel_shape(m, num_warps)
-    maxnreg = default_maxnreg(shape) if maxnreg is None else (int(maxnreg) or None)
+    maxnreg = default_maxnreg(shape, G.dtype) if maxnreg is None else (int(maxnreg) or None)
     if order is None:
         order = torch.arange(n, device=c.device)
     if cscale is None:
