@@ -30,9 +30,10 @@ from .pursuit import STOP_TOL, triton_applies
 
 __all__ = ["GROUP_BYTES", "group_key", "train_together"]
 
-#: Most transient memory one grouped pass may take (stacked G in float16, correlations and codes, products): a
-#: group needing more is trained in chunks. At d = 768 (m = 6144) and batches of 4096 a learner needs ~0.35 GB, so
-#: 12 hooks go in one pass; at d = 3072 (m = 24 576) ~3 GB, one at a time.
+#: Most transient memory one grouped pass may take (stacked G in float16, correlations and codes, products; on a
+#: GPU with less than 32 GiB, an eighth of its memory): a group needing more is trained in chunks. At d = 768
+#: (m = 6144) and batches of 4096 a learner needs ~0.35 GB, so 12 hooks go in one pass; at d = 3072 (m = 24 576)
+#: ~3 GB, one at a time.
 GROUP_BYTES = 4 << 30
 
 
@@ -62,7 +63,8 @@ def train_together(jobs: Sequence[tuple[OnlineSparseCoder, Tensor]], force: bool
     for group in groups.values():
         m, d = group[0][0].dictionary_.shape
         n = max(x.shape[0] for _, x in group)
-        per = max(1, GROUP_BYTES // (2 * m * m + 8 * n * m + 12 * m * d + 12 * n * d))  # transient bytes per learner
+        need = 2 * m * m + 8 * n * m + 12 * m * d + 12 * n * d  # transient bytes per learner in a grouped pass
+        per = max(1, _budget(group[0][0].dictionary_.device) // need)
         for start in range(0, len(group), per):
             chunk = group[start : start + per]
             if len(chunk) == 1:
@@ -70,6 +72,13 @@ def train_together(jobs: Sequence[tuple[OnlineSparseCoder, Tensor]], force: bool
                 learner._train(x, x.shape[0])
             else:
                 _train_group(chunk)
+
+
+def _budget(device: torch.device) -> int:
+    """:data:`GROUP_BYTES`, or an eighth of a smaller GPU's memory."""
+    if device.type != "cuda":
+        return GROUP_BYTES
+    return min(GROUP_BYTES, torch.cuda.get_device_properties(device).total_memory // 8)
 
 
 @torch.no_grad()
