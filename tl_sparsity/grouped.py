@@ -99,12 +99,12 @@ def _train_group(group: list[tuple[OnlineSparseCoder, Tensor]]) -> None:
         alpha, capped = grouped_codes(x, phi, to_device(lams, dev), learners[0]._cap)
         counts = capped.sum(1)
         for h, lr in enumerate(learners):
-            lr._capped_dev = counts[h] + (0 if lr._capped_dev is None else lr._capped_dev)
+            lr._count_capped(counts[h])
     else:  # the torch pursuit, one set at a time (CPU; exercised by the tests through force=True)
         alpha = torch.zeros(k, n, phi.shape[1], device=dev)
         for h, lr in enumerate(learners):
             alpha[h, : sizes[h]] = lr._code(x[h, : sizes[h]])
-            lr._capped += lr._last_capped
+            lr._count_capped(lr._last_capped)
     from .kernels import phi_products
 
     scale = to_device(torch.tensor([-2.0 / s for s in sizes], dtype=torch.float32), dev)

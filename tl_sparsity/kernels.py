@@ -108,10 +108,11 @@ def default_maxnreg(shape: dict, gram_dtype: torch.dtype = GRAM_DTYPE) -> int | 
     return 72 if per_thread == 48 and gram_dtype.itemsize == 2 else None
 
 
-def _half_rows(dictionary: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(Φ / s in ``dtype``, s) with s = max |Φ_ij|, so every entry is in [−1, 1]."""
-    s = torch.linalg.vector_norm(dictionary, float("inf")).clamp_min(1e-30)
-    return torch.div(dictionary, s, out=torch.empty(dictionary.shape, dtype=dtype, device=dictionary.device)), s
+def _half_rows(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(t / s in ``dtype``, s) with s = max |t_ij| of each matrix (t [n, d] → s [1, 1]; t [k, n, d] → s [k, 1, 1]),
+    so every entry is in [−1, 1]; scaled and rounded in one pass."""
+    s = torch.linalg.vector_norm(t, float("inf"), dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+    return torch.div(t, s, out=torch.empty(t.shape, dtype=dtype, device=t.device)), s
 
 
 def gram_matrix(dictionary: Float[Tensor, "m d"], dtype: torch.dtype = GRAM_DTYPE,
@@ -138,8 +139,7 @@ def correlations(x: Float[Tensor, "n d"], dictionary: Float[Tensor, "m d"], dtyp
         c = x @ dictionary.T
         return c if scaled else (c, torch.ones(1, device=x.device))
     p, sp = half_rows if half_rows is not None and half_rows[0].dtype == dtype else _half_rows(dictionary, dtype)
-    sx = torch.linalg.vector_norm(x, float("inf")).clamp_min(1e-30)
-    xs = torch.div(x, sx, out=torch.empty(x.shape, dtype=dtype, device=x.device))  # one pass: scale and round
+    xs, sx = _half_rows(x, dtype)
     c = torch.mm(xs, p.T, out_dtype=torch.float32)
     return c.mul_(sx * sp) if scaled else (c, (sx * sp).reshape(1))
 
@@ -233,19 +233,16 @@ def grouped_codes(x: Float[Tensor, "k n d"], dictionaries: Float[Tensor, "k m d"
     m = dictionaries.shape[1]
     if m > MAX_ATOMS:
         raise ValueError(f"the Triton pursuit holds at most {MAX_ATOMS} atoms per row; got m={m}.")
-    s = torch.linalg.vector_norm(dictionaries, float("inf"), dim=(1, 2)).clamp_min(1e-30)  # [k]
-    p = torch.div(dictionaries, s[:, None, None], out=torch.empty(dictionaries.shape, dtype=GRAM_DTYPE,
-                                                                  device=x.device))
+    p, s = _half_rows(dictionaries, GRAM_DTYPE)  # s [k, 1, 1]
     G = torch.bmm(p, p.transpose(1, 2))  # [k, m, m] float16, float32 accumulation
-    sx = torch.linalg.vector_norm(x, float("inf"), dim=(1, 2)).clamp_min(1e-30)
-    xs = torch.div(x, sx[:, None, None], out=torch.empty(x.shape, dtype=CORR_DTYPE, device=x.device))
+    xs, sx = _half_rows(x, CORR_DTYPE)
     c = torch.bmm(xs, p.transpose(1, 2), out_dtype=torch.float32).view(k * n, m)
     # Hook-major order, longest rows first within each set: the programs running at any moment then read the G of
     # one or two sets, which keeps their rows in L2 (all sets' rows sorted together ran slower than one at a time).
     order = (torch.argsort(x.norm(dim=2), dim=1, descending=True) + torch.arange(0, k * n, n, device=x.device)[:, None])
     order = order.view(k * n)
-    gscale = s * s
-    _, capped, _ = launch(c, G, gscale, gscale, 0.0, cap, order=order, cscale=sx * s, group=(n, hf))
+    gscale = (s * s).view(k)
+    _, capped, _ = launch(c, G, gscale, gscale, 0.0, cap, order=order, cscale=(sx * s).view(k), group=(n, hf))
     return c.view(k, n, m), capped.view(torch.bool).view(k, n)
 
 

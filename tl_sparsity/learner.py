@@ -308,6 +308,13 @@ class OnlineSparseCoder:
     def capped_(self, value: int) -> None:
         self._capped, self._capped_dev = int(value), None
 
+    def _count_capped(self, count: int | Tensor) -> None:
+        """Add a pursuit's capped rows: an int on the host, or a device tensor kept on the device (no sync)."""
+        if isinstance(count, Tensor):
+            self._capped_dev = count + (0 if self._capped_dev is None else self._capped_dev)
+        else:
+            self._capped += count
+
     def _code(self, xn: Tensor) -> Tensor:
         if self.solver == "lasso":
             return lasso_pursuit(xn, self.dictionary_, self.lam_)
@@ -341,10 +348,7 @@ class OnlineSparseCoder:
         over all processes (``x.shape[0]`` here; more in :class:`tl_sparsity.data_parallel.DataParallelCoder`)."""
         alpha = self._code(x)
         if self.solver == "greedy":
-            if isinstance(self._last_capped, Tensor):
-                self._capped_dev = self._last_capped + (0 if self._capped_dev is None else self._capped_dev)
-            else:
-                self._capped += self._last_capped
+            self._count_capped(self._last_capped)
         if self.lam is None and self.n_tokens_ < self.warmup_tokens:
             mean_max = self._mean_max(alpha, n_total)
             if mean_max > 0:
