@@ -10,10 +10,10 @@ each step reads one row of G = ΦΦᵀ (m values) from L2/HBM. Rows finish indep
 first), there is one launch per call and no host synchronisation, and the row's correlation buffer is reused for its
 codes. At d = 768, m = 6144 a step reads 12 KB of float16 G, and that is what bounds the kernel: with float32 G
 (twice the bytes, same arithmetic) it runs at half the speed. So the argmax is cut to the bone (reduced within each
-thread first, one cross-thread exchange per step; 336 instructions a step per thread against 477 before) mostly to
-free registers: 96 per thread, and 72 under the default cap (:func:`default_maxnreg`), seven rows resident per SM
-instead of four, more G rows in flight (``benchmarks/bench_pursuit.py``; same codes bit for bit as the previous
-two-chunk kernel, 1.28× its speed on an H100, 1.18× uncapped).
+thread first, one cross-thread exchange per step) mostly to free registers: 96 per thread, and 72 under the default
+cap (:func:`default_maxnreg`), seven rows resident per SM instead of four, more G rows in flight
+(``benchmarks/bench_pursuit.py``; against the previous two-chunk kernel, ``benchmarks/bench_kernel_ab.py``: same
+codes bit for bit, 1.28× its speed on an H100, 1.18× uncapped).
 
 Precision (defaults): G in float16 (formed from Φ/max|Φ| with float32 accumulation), xΦᵀ from float16 operands with
 float32 accumulation, all pursuit arithmetic in float32. Against the float64 reference on trained dictionaries this
