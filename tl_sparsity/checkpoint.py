@@ -54,6 +54,7 @@ from .state_io import (
     learner_from_bytes,
     learner_state,
     restore_learner,
+    saved_params,
 )
 
 __all__ = ["learner_state", "restore_learner", "save_learner", "load_learner", "save_collector", "read_collector",
@@ -75,7 +76,7 @@ def load_learner(path: str | Path, device: str | torch.device | None = None) -> 
 
     path = Path(path)
     tensors, meta = learner_from_bytes(_read(path), str(path))
-    lr = OnlineSparseCoder(**meta["params"], device=device or meta.get("device"))
+    lr = OnlineSparseCoder(**saved_params(meta), device=device or meta.get("device"))
     return restore_learner(lr, tensors, meta, device)
 
 

@@ -65,12 +65,16 @@ class DataParallelCoder(OnlineSparseCoder):
     (``n_tokens_``, ``n_heldout_``, ``n_pending_``) count all ranks' rows; ``capped_`` and ``n_dropped_`` count this
     rank's (:meth:`global_counts` sums them). Its state (:meth:`state_dict`, :meth:`save`) is that of this rank: the
     shared dictionary and counters, this rank's pending rows and its place in the ranks' stream.
+
+    It replays no rows (``replay`` is 0 whatever is asked): the ranks together already see ``world`` times the rows
+    per forward, and replay draws would differ between ranks, whose shared generator must draw the same.
     """
 
     def __init__(self, *args: Any, group: Any = None, **kwargs: Any) -> None:
         import torch.distributed as dist
 
         super().__init__(*args, **kwargs)
+        self.replay = 0
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("DataParallelCoder needs torch.distributed initialised first (init_process_group).")
         self.group = group
@@ -198,11 +202,12 @@ class DataParallelCoder(OnlineSparseCoder):
         return local[:mine], owner
 
     def _process_shared(self, rows: Tensor, owner: Tensor, size: int, width: int) -> None:
-        if self.dictionary_ is None:
-            self._init_state(self._gather_ordered(rows, owner, width, rows.device))
+        held = self._heldout_mask(size)  # the same draw on every rank, on the CPU, before anything learns
+        if self.dictionary_ is None:  # normaliser, seed and λ's guess from the training rows only
+            self._init_state(self._gather_ordered(split_rows(rows, held[owner == self.rank])[1], owner[~held], width,
+                                                  rows.device))
         dev = self.dictionary_.device
         xn = (rows.to(dev) - self.mean_) / self.scale_
-        held = torch.rand(size, generator=self._gen) < self.holdout_frac  # the same draw on every rank, on the CPU
         heldout, train = split_rows(xn, held[owner == self.rank])  # this rank's rows, held out or not
         self._add_heldout(self._gather_ordered(heldout, owner[held], width, dev))
         n_train = size - int(held.sum())
@@ -210,11 +215,11 @@ class DataParallelCoder(OnlineSparseCoder):
             self._train(train, n_train)
 
     # ------------------------------------------------------------------ sums over ranks
-    def _code(self, xn: Tensor) -> Tensor:
+    def _code(self, xn: Tensor, warm: bool = False) -> Tensor:
         if xn.shape[0] == 0:  # this rank holds none of the batch's training rows
             self._last_capped = 0
             return torch.zeros(0, self.dictionary_.shape[0], device=xn.device)
-        return super()._code(xn)
+        return super()._code(xn, warm)
 
     def _mean_max(self, alpha: Tensor, n_total: int) -> float:
         local = alpha.max(dim=1).values.double().sum() if alpha.shape[0] else torch.zeros((), dtype=torch.float64)

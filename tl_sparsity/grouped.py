@@ -41,7 +41,7 @@ def group_key(learner: OnlineSparseCoder, x: Tensor, force: bool = False) -> tup
     """What learners must share to train together on rows ``x``; ``None`` if this one trains alone. ``force``
     drops the CUDA/Triton condition (the tests run the grouped arithmetic on the CPU)."""
     if (type(learner) is not OnlineSparseCoder or learner.solver != "greedy" or learner.phi_steps != 1
-            or (learner.lam is None and learner.n_tokens_ < learner.warmup_tokens)
+            or learner.lam_adapting
             or not (force or triton_applies(x, learner.dictionary_))):
         return None
     return (tuple(learner.dictionary_.shape), learner.dictionary_.device, learner._cap)
@@ -112,3 +112,4 @@ def _train_group(group: list[tuple[OnlineSparseCoder, Tensor]]) -> None:
     for h, lr in enumerate(learners):
         lr._phi_step(x[h, : sizes[h]], None, sizes[h], grad=grad[h])
         lr.n_tokens_ += sizes[h]
+        lr._after_batch(x[h, : sizes[h]])  # replay steps (alone) and the convergence trace

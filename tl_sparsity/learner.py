@@ -4,12 +4,18 @@ Rows arrive in any chunking through :meth:`OnlineSparseCoder.partial_fit`; they 
 batches of ``batch_size`` rows, and all randomness comes from one seeded generator drawn once per batch, so the
 learned state does not depend on how the stream was chunked (streaming equals one call on the concatenation).
 
-Per batch: (first batch only) freeze the normaliser — centre with the batch mean (unless ``center=False``), scale so
-the average L2 norm is 1 — and draw a random unit-norm dictionary; split off held-out rows (probability
-``holdout_frac``, never trained on, kept in a bounded reservoir by reservoir sampling); code the training rows
-(greedy pursuit, or the exact lasso); while in warm-up (the first ``warmup_tokens`` training rows) set λ ←
-``lam_ratio`` × mean max coefficient (the paper's adaptive rule), then freeze it; take ``phi_steps`` Adam steps on Φ
-with the closed-form gradient −(2/n)·αᵀ(x − αΦ), tangent to the unit sphere, and renormalise the rows.
+Per batch: first split off held-out rows (probability ``holdout_frac``; never trained on, kept in a bounded
+reservoir by reservoir sampling, the first ``probe_size`` of them also in a fixed probe). Nothing learns from a
+held-out row: on the first batch the normaliser (centre with the training rows' mean unless ``center=False``, scale
+so their average L2 norm is 1), the dictionary's seed and λ's first guess come from the training rows only. Then
+code the training rows (greedy pursuit, or the exact lasso); while λ adapts (the first ``warmup_steps`` dictionary
+steps) set λ ← ``lam_ratio`` × mean max coefficient (the paper's adaptive rule), then freeze it; take ``phi_steps``
+Adam steps on Φ with the closed-form gradient −(2/n)·αᵀ(x − αΦ), tangent to the unit sphere, and renormalise the
+rows. Then ``replay`` more steps on batches drawn from a bounded buffer of recent training rows (``replay_size``):
+what matters for convergence is the number of dictionary steps, and replay buys them without model forwards.
+
+Along training the held-out normalized loss of the probe is traced (:mod:`tl_sparsity.convergence`), and
+``converged_`` says whether it has stopped moving (``tol`` over the last half of at least ``min_steps`` steps).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch import Tensor
 
 from . import checkpoint as _ckpt
 from .safe_io import defer_interrupts
+from .convergence import ConvergenceTrace
 from .metrics import MetricAccumulator
 from .pursuit import default_max_steps, greedy_pursuit, lasso_pursuit, triton_applies
 
@@ -32,13 +39,21 @@ __all__ = ["OnlineSparseCoder", "state_bytes"]
 
 _SOLVERS = ("greedy", "lasso")
 
+#: Most greedy steps per row while λ adapts. Those codes only set λ (from each row's largest coefficient, found in
+#: the first steps) and drive the first Φ-steps; with a young dictionary and a λ still too small, uncapped pursuits
+#: fit noise up to the 4·d cap (at d = 576 on a 2-core CPU: 4.5 s per batch of 1024 instead of ~0.5 s).
+WARMUP_CAP = 64
 
-def state_bytes(d: int, m: int, reservoir_size: int, n_pending: int = 0) -> int:
+
+def state_bytes(d: int, m: int, reservoir_size: int, n_pending: int = 0, probe_size: int = 0,
+                replay_size: int = 0) -> int:
     """Bytes of tensors an initialised learner keeps, whatever the number of tokens seen (float32):
-    4·d·(3m + 1 + reservoir_size + n_pending) — dictionary, two Adam moments [m, d], mean [d], the held-out
-    reservoir and pending rows (n_pending < batch_size) — plus the CPU generator's 5056-byte state, held outside.
-    Each batch also allocates, transiently, O(batch_size·m + m² + m·d) floats (codes, correlations, Gram matrix)."""
-    return 4 * d * (3 * m + 1 + reservoir_size + n_pending)
+    4·d·(3m + 1 + reservoir_size + probe_size + replay_size + n_pending) — dictionary, two Adam moments [m, d],
+    mean [d], the held-out reservoir, the held-out probe, the replay buffer and pending rows (n_pending <
+    batch_size) — plus the CPU generator's 5056-byte state and the convergence trace (≤ 512 points), held outside.
+    Each batch also allocates, transiently, O(batch_size·m + m² + m·d) floats (codes, correlations, Gram matrix).
+    At d = 576 with the defaults (m = 4608, reservoir 8192, probe 512, replay 8192): 51 MB per hook."""
+    return 4 * d * (3 * m + 1 + reservoir_size + probe_size + replay_size + n_pending)
 
 
 class OnlineSparseCoder:
@@ -50,13 +65,21 @@ class OnlineSparseCoder:
         lam: fixed λ; ``None`` (default) uses the adaptive rule during warm-up, then freezes it.
         solver: ``"greedy"`` (the paper's pursuit) or ``"lasso"`` (exact non-negative lasso; slow reference).
         seed: seeds the dictionary, the held-out split and the reservoir.
-        batch_size: rows per dictionary step.
+        batch_size: rows per batch taken from the stream (one dictionary step, plus ``replay`` steps).
         lr: Adam learning rate for Φ (entries of unit rows of width d are ~1/√d, so the default is ``0.05/√d``).
-        warmup_tokens: training rows during which λ adapts.
+        warmup_steps: dictionary steps during which λ adapts (then it is frozen).
+        warmup_tokens: if given, λ adapts during this many training rows instead of ``warmup_steps`` steps.
         lam_ratio: λ = ``lam_ratio`` × mean max coefficient (paper: 0.1).
         holdout_frac: fraction of rows never trained on, for evaluation.
         reservoir_size: most held-out rows kept (reservoir sampling over all held-out rows).
         max_steps: cap on greedy steps per row (default 4·d); rows that hit it are counted in ``capped_``.
+        replay: extra dictionary steps per batch, each on ``batch_size`` rows drawn (with replacement) from the
+            replay buffer; 0 is the plain one-pass online learner. Held-out rows never enter the buffer.
+        replay_size: rows the replay buffer keeps (the most recent training rows); default 8 × ``batch_size``.
+        probe_size: held-out rows (the first ones) on which the convergence trace is measured.
+        tol, min_steps: the convergence rule: the held-out normalized loss moved by at most ``tol`` (relative) over
+            the last half of at least ``min_steps`` dictionary steps, all with λ frozen
+            (:mod:`tl_sparsity.convergence`).
         phi_steps: Adam steps on Φ per batch of codes.
         device: where the state lives; ``None`` uses the first batch's device.
         init: ``"data"`` seeds atoms with random normalised rows of the first batch (plus a little noise);
@@ -67,8 +90,10 @@ class OnlineSparseCoder:
             (``benchmarks/cauchy_study.py``).
 
     Learned state (trailing underscore, as in scikit-learn): ``dictionary_`` [m, d], ``mean_`` [d], ``scale_``,
-    ``lam_``, ``n_tokens_`` (rows trained on), ``n_heldout_`` (held-out rows seen), ``n_steps_``, ``capped_``,
-    ``n_dropped_`` (non-finite rows). Its size is bounded by :func:`state_bytes`; :meth:`save` / :meth:`load`.
+    ``lam_``, ``n_tokens_`` (rows trained on), ``n_heldout_`` (held-out rows seen), ``n_steps_`` (dictionary
+    updates), ``capped_``, ``n_dropped_`` (non-finite rows), ``converged_`` and ``convergence_`` (the rule's verdict
+    and evidence), ``trace_`` (the held-out trace). Its size is bounded by :func:`state_bytes`; :meth:`save` /
+    :meth:`load`.
     """
 
     def __init__(
@@ -78,9 +103,9 @@ class OnlineSparseCoder:
         lam: float | None = None,
         solver: str = "greedy",
         seed: int = 0,
-        batch_size: int = 4096,
+        batch_size: int = 1024,
         lr: float | None = None,
-        warmup_tokens: int = 1_048_576,
+        warmup_tokens: int | None = None,
         lam_ratio: float = 0.1,
         holdout_frac: float = 0.1,
         reservoir_size: int = 8192,
@@ -89,6 +114,12 @@ class OnlineSparseCoder:
         device: str | torch.device | None = None,
         init: str = "data",
         center: bool = True,
+        replay: int = 7,
+        replay_size: int | None = None,
+        warmup_steps: int = 100,
+        probe_size: int = 512,
+        tol: float = 0.02,
+        min_steps: int = 100,
     ) -> None:
         if init not in ("data", "random"):
             raise ValueError(f"init must be 'data' (random normalised first-batch rows) or 'random', got {init!r}.")
@@ -108,13 +139,23 @@ class OnlineSparseCoder:
             raise ValueError(f"lr must be > 0, got {lr!r}.")
         if not lam_ratio > 0:
             raise ValueError(f"lam_ratio must be > 0, got {lam_ratio!r}.")
-        if int(reservoir_size) < 0 or int(warmup_tokens) < 0 or int(phi_steps) < 1:
+        if int(reservoir_size) < 0 or (warmup_tokens is not None and int(warmup_tokens) < 0) or int(phi_steps) < 1:
             raise ValueError("reservoir_size and warmup_tokens must be ≥ 0 and phi_steps ≥ 1.")
+        if int(replay) < 0 or (replay_size is not None and int(replay_size) < 1) or int(warmup_steps) < 0:
+            raise ValueError(f"replay and warmup_steps must be ≥ 0 and replay_size ≥ 1 (or None), got replay={replay!r},"
+                             f" replay_size={replay_size!r}, warmup_steps={warmup_steps!r}.")
+        if int(probe_size) < 8:
+            raise ValueError(f"probe_size must be ≥ 8 held-out rows, got {probe_size!r}.")
+        ConvergenceTrace(tol, min_steps)  # validates tol and min_steps
         self.d_in = None if d_in is None else int(d_in)
         self.expansion = expansion
         self.lam = None if lam is None else float(lam)
         self.solver, self.seed, self.batch_size, self.lr = solver, int(seed), int(batch_size), lr
-        self.warmup_tokens = int(warmup_tokens)
+        self.warmup_tokens = None if warmup_tokens is None else int(warmup_tokens)
+        self.warmup_steps = int(warmup_steps)
+        self.replay = int(replay)
+        self.replay_size = None if replay_size is None else int(replay_size)
+        self.probe_size, self.tol, self.min_steps = int(probe_size), float(tol), int(min_steps)
         self.lam_ratio = float(lam_ratio)
         self.holdout_frac = float(holdout_frac)
         self.reservoir_size = int(reservoir_size)
@@ -124,12 +165,15 @@ class OnlineSparseCoder:
         self._n_pending = 0
         self.n_tokens_ = self.n_heldout_ = self.n_steps_ = self.n_dropped_ = self.capped_ = 0
         self.dictionary_: Tensor | None = None
+        self._gen: torch.Generator | None = None
+        self.trace_ = ConvergenceTrace(self.tol, self.min_steps)
 
     # ------------------------------------------------------------------ public API
     def get_params(self) -> dict:
         """The constructor arguments (for reports and for building an identical learner)."""
         keys = ("d_in", "expansion", "lam", "solver", "seed", "batch_size", "lr", "warmup_tokens", "lam_ratio",
-                "holdout_frac", "reservoir_size", "max_steps", "phi_steps", "init", "center")
+                "holdout_frac", "reservoir_size", "max_steps", "phi_steps", "init", "center", "replay", "replay_size",
+                "warmup_steps", "probe_size", "tol", "min_steps")
         return {k: getattr(self, k) for k in keys}
 
     @property
@@ -267,10 +311,11 @@ class OnlineSparseCoder:
             )
 
     def _init_state(self, batch: Tensor) -> None:
+        """Allocate the state; the normaliser, the dictionary's seed and λ's first guess come from ``batch``, the
+        first batch's training rows (never its held-out rows). The generator ``_gen`` exists already."""
         d = batch.shape[1]
         self.d_in = d
         dev = batch.device
-        self._gen = torch.Generator(device="cpu").manual_seed(self.seed)
         self.mean_ = batch.mean(0) if self.center else torch.zeros(d, device=dev)
         scale = float((batch - self.mean_).norm(dim=1).mean())
         self.scale_ = scale if scale > 0 else 1.0
@@ -289,12 +334,91 @@ class OnlineSparseCoder:
         self._lr = self.lr if self.lr is not None else 0.05 / math.sqrt(d)
         self._reservoir = torch.zeros(self.reservoir_size, d, device=dev)
         self._res_fill = 0
+        self._probe = torch.zeros(self.probe_size, d, device=dev)
+        self._probe_fill = 0
+        self._replay_buf = torch.zeros(self._replay_cap if self.replay else 0, d, device=dev)
+        self._replay_fill = self._replay_pos = 0
         self._cap = default_max_steps(d) if self.max_steps is None else int(self.max_steps)
         if self.lam is not None:
             self.lam_ = self.lam
         else:  # initial guess: the first greedy coefficient is about the largest correlation
             self.lam_ = self.lam_ratio * float((xn0 @ self.dictionary_.T).max(dim=1).values.clamp_min(0).mean())
             self.lam_ = max(self.lam_, 1e-6)
+
+    @property
+    def _replay_cap(self) -> int:
+        return 8 * self.batch_size if self.replay_size is None else self.replay_size
+
+    # ------------------------------------------------------------------ convergence
+    @property
+    def lam_adapting(self) -> bool:
+        """Whether λ still adapts (the adaptive rule's warm-up); False once frozen or when ``lam`` is fixed."""
+        if self.lam is not None:
+            return False
+        if self.warmup_tokens is not None:
+            return self.n_tokens_ < self.warmup_tokens
+        return self.n_steps_ < self.warmup_steps
+
+    @property
+    def convergence_(self) -> dict:
+        """The convergence rule's verdict now: ``converged`` (bool), ``drift`` (relative change of the held-out
+        probe's normalized loss over the last half of training), ``reason``, ``n_steps``, ``lam_frozen_at``."""
+        out = self.trace_.verdict(self.n_steps_)
+        if not self.initialized:
+            out["reason"] = "no dictionary yet"
+        elif self._probe_fill < self.probe_size and not self.trace_.steps:
+            out["reason"] = (f"the held-out probe has {self._probe_fill} of its {self.probe_size} rows; feed more "
+                             "tokens (or raise holdout_frac)")
+        return {**out, "n_steps": self.n_steps_, "lam_frozen_at": self.trace_.lam_frozen_at}
+
+    @property
+    def converged_(self) -> bool:
+        """Whether the held-out normalized loss has converged by the rule of :mod:`tl_sparsity.convergence`."""
+        return bool(self.convergence_["converged"])
+
+    def _track(self) -> None:
+        """Record when λ froze, and take a trace point on the held-out probe when one is due."""
+        if self.trace_.lam_frozen_at is None and not self.lam_adapting:
+            self.trace_.lam_frozen_at = self.n_steps_
+        step = self.n_steps_
+        if self._probe_fill < self.probe_size or (self.trace_.steps and step < self._next_point()):
+            return
+        acc = MetricAccumulator(self.lam_)
+        acc.update(self._probe, self.dictionary_, self._code(self._probe))
+        self.trace_.add(step, acc.result()["normalized_loss"])
+
+    def _next_point(self) -> int:
+        """The first step after the last trace point at which the schedule takes a point."""
+        s = self.trace_.steps[-1] + 1
+        while not ConvergenceTrace.due(s):
+            s += 1
+        return s
+
+    # ------------------------------------------------------------------ replay
+    def _remember(self, x: Tensor) -> None:
+        """Write training rows ``x`` into the replay ring buffer (the oldest are overwritten)."""
+        cap, n = self._replay_buf.shape[0], x.shape[0]
+        if n >= cap:
+            self._replay_buf.copy_(x[n - cap :])
+            self._replay_fill, self._replay_pos = cap, 0
+            return
+        idx = (np.arange(n) + self._replay_pos) % cap
+        self._replay_buf.index_copy_(0, to_device(torch.from_numpy(idx), x.device), x)
+        self._replay_pos = int((self._replay_pos + n) % cap)
+        self._replay_fill = min(cap, self._replay_fill + n)
+
+    def _after_batch(self, x: Tensor) -> None:
+        """After a fresh batch's step on training rows ``x``: ``replay`` steps on rows drawn from the replay buffer,
+        and the convergence trace."""
+        self._track()
+        if not (self.replay and x.shape[0]):
+            return
+        self._remember(x)
+        n = x.shape[0]
+        for _ in range(self.replay):
+            idx = torch.randint(0, self._replay_fill, (n,), generator=self._gen)
+            self._step(self._replay_buf.index_select(0, to_device(idx, x.device)), n)
+            self._track()
 
     @property
     def capped_(self) -> int:
@@ -315,16 +439,19 @@ class OnlineSparseCoder:
         else:
             self._capped += count
 
-    def _code(self, xn: Tensor) -> Tensor:
+    def _code(self, xn: Tensor, warm: bool = False) -> Tensor:
+        """Codes of normalised rows ``xn``. ``warm``: a training step while λ adapts, whose pursuit stops after
+        :data:`WARMUP_CAP` steps and whose capped rows are not counted (see the class docstring)."""
+        cap = min(self._cap, WARMUP_CAP) if warm else self._cap
         if self.solver == "lasso":
             return lasso_pursuit(xn, self.dictionary_, self.lam_)
         if triton_applies(xn, self.dictionary_):  # one kernel launch, no host sync
             from .kernels import greedy_pursuit_triton
 
-            alpha, _, capped = greedy_pursuit_triton(xn, self.dictionary_, self.lam_, max_steps=self._cap)
+            alpha, _, capped = greedy_pursuit_triton(xn, self.dictionary_, self.lam_, max_steps=cap)
             self._last_capped = capped.sum()  # a device tensor: counted without a sync
             return alpha
-        alpha, info = greedy_pursuit(xn, self.dictionary_, self.lam_, max_steps=self._cap, return_info=True)
+        alpha, info = greedy_pursuit(xn, self.dictionary_, self.lam_, max_steps=cap, return_info=True)
         self._last_capped = info.capped
         return alpha
 
@@ -334,29 +461,47 @@ class OnlineSparseCoder:
             self._train(x, x.shape[0])
 
     def _prepare(self, batch: Tensor) -> Tensor:
-        """Normalise a batch, keep its held-out rows; returns the training rows (normalised)."""
+        """Split off a batch's held-out rows (first: nothing learns from them), normalise, keep the held-out rows;
+        returns the training rows (normalised)."""
+        held = self._heldout_mask(batch.shape[0])
         if self.dictionary_ is None:
-            self._init_state(batch)
-        xn = (batch - self.mean_) / self.scale_
-        held = torch.rand(xn.shape[0], generator=self._gen) < self.holdout_frac  # on the CPU: no device sync
-        heldout, x = split_rows(xn, held)
+            self._init_state(split_rows(batch, held)[1])
+        heldout, x = split_rows((batch - self.mean_) / self.scale_, held)
         self._add_heldout(heldout)
         return x
 
+    def _heldout_mask(self, n: int) -> Tensor:
+        """Which of a batch's ``n`` rows are held out (a CPU draw: no device sync). The first batch of a learner
+        creates its generator and keeps at least one training row for the normaliser."""
+        first = self._gen is None or self.dictionary_ is None
+        if first:
+            self._gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        held = torch.rand(n, generator=self._gen) < self.holdout_frac
+        if first and bool(held.all()):
+            held[:] = False  # a tiny first batch drawn all held out: train on it rather than learn from held rows
+        return held
+
     def _train(self, x: Tensor, n_total: int) -> None:
-        """Code the training rows ``x``, adapt λ during warm-up, take the Φ-steps. ``n_total``: the rows of this step
-        over all processes (``x.shape[0]`` here; more in :class:`tl_sparsity.data_parallel.DataParallelCoder`)."""
-        alpha = self._code(x)
-        if self.solver == "greedy":
+        """One fresh batch: code the training rows ``x``, adapt λ during warm-up, take the Φ-steps, then the replay
+        steps and the convergence trace. ``n_total``: the rows of this step over all processes (``x.shape[0]`` here;
+        more in :class:`tl_sparsity.data_parallel.DataParallelCoder`)."""
+        self._step(x, n_total)
+        self.n_tokens_ += n_total
+        self._after_batch(x)
+
+    def _step(self, x: Tensor, n_total: int) -> None:
+        """One dictionary update from rows ``x``: code, adapt λ while it adapts, take ``phi_steps`` Φ-steps."""
+        warm = self.lam_adapting
+        alpha = self._code(x, warm)
+        if self.solver == "greedy" and not warm:
             self._count_capped(self._last_capped)
-        if self.lam is None and self.n_tokens_ < self.warmup_tokens:
+        if warm:
             mean_max = self._mean_max(alpha, n_total)
             if mean_max > 0:
                 self.lam_ = self.lam_ratio * mean_max
-                alpha = self._code(x)
+                alpha = self._code(x, warm)
         for _ in range(self.phi_steps):
             self._phi_step(x, alpha, n_total)
-        self.n_tokens_ += n_total
 
     def _mean_max(self, alpha: Tensor, n_total: int) -> float:
         """Mean over the step's rows of each row's largest coefficient (the adaptive λ rule's ‖α‖∞)."""
@@ -397,6 +542,10 @@ class OnlineSparseCoder:
         k = rows.shape[0]
         if k == 0:
             return
+        if self._probe_fill < self.probe_size:  # the probe: the first held-out rows, fixed once full
+            p = min(k, self.probe_size - self._probe_fill)
+            self._probe[self._probe_fill : self._probe_fill + p] = rows[:p]
+            self._probe_fill += p
         seen = self.n_heldout_
         self.n_heldout_ += k
         free = max(0, self.reservoir_size - self._res_fill)

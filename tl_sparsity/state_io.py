@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["CheckpointError", "learner_state", "restore_learner", "learner_bytes", "learner_from_bytes"]
+__all__ = ["CheckpointError", "saved_params", "learner_state", "restore_learner", "learner_bytes", "learner_from_bytes"]
 
 LEARNER_FORMAT, COLLECTOR_FORMAT, EXTRAS_FORMAT, VERSION = ("tl_sparsity.learner", "tl_sparsity.collector",
                                                             "tl_sparsity.extras", 1)
@@ -33,10 +33,12 @@ def learner_state(lr: Any, copy: bool = True) -> tuple[dict[str, Tensor], dict[s
         tensors["pending"] = torch.cat(lr._pending)
     if lr.initialized:
         state.update(scale_=lr.scale_, lam_=lr.lam_, lr_=lr._lr, cap=lr._cap, res_fill=lr._res_fill,
-                     lam_frozen=lr.lam is not None or lr.n_tokens_ >= lr.warmup_tokens,
-                     device=str(lr.dictionary_.device))
+                     lam_frozen=not lr.lam_adapting, device=str(lr.dictionary_.device),
+                     probe_fill=lr._probe_fill, replay_fill=lr._replay_fill, replay_pos=lr._replay_pos,
+                     trace=lr.trace_.state())
         tensors.update(dictionary=lr.dictionary_, mean=lr.mean_, adam_m=lr._adam_m, adam_v=lr._adam_v,
-                       reservoir=lr._reservoir[: lr._res_fill], rng_state=lr._gen.get_state())
+                       reservoir=lr._reservoir[: lr._res_fill], rng_state=lr._gen.get_state(),
+                       probe=lr._probe[: lr._probe_fill], replay=lr._replay_buf[: lr._replay_fill])
     if hasattr(lr, "parallel_state"):  # a data-parallel learner: its place in the ranks' shared stream
         state["data_parallel"] = lr.parallel_state()
     tensors = {k: (v.detach().clone() if copy else v.detach()) for k, v in tensors.items()}
@@ -70,6 +72,15 @@ def restore_learner(lr: Any, tensors: dict[str, Tensor], meta: dict[str, Any],
         lr._reservoir[: lr._res_fill] = on["reservoir"]
         lr._gen = torch.Generator(device="cpu")
         lr._gen.set_state(tensors["rng_state"].cpu())
+        lr._probe_fill = int(st.get("probe_fill", 0))  # files from before the trace have no probe
+        lr._probe = torch.zeros(lr.probe_size, lr.d_in, device=dev)
+        lr._probe[: lr._probe_fill] = on.get("probe", lr._probe[:0])
+        lr._replay_fill, lr._replay_pos = int(st.get("replay_fill", 0)), int(st.get("replay_pos", 0))
+        lr._replay_buf = torch.zeros(lr._replay_cap if lr.replay else 0, lr.d_in, device=dev)
+        lr._replay_buf[: lr._replay_fill] = on.get("replay", lr._replay_buf[:0])
+    lr.trace_ = type(lr.trace_)(lr.tol, lr.min_steps)
+    if "trace" in st:
+        lr.trace_.load_state(st["trace"])
     return lr
 
 
@@ -117,11 +128,18 @@ def learner_from_bytes(data: bytes, where: str) -> tuple[dict[str, Tensor], dict
     return _unpack(data, where, "learner")
 
 
+def saved_params(meta: dict[str, Any]) -> dict[str, Any]:
+    """A learner file's constructor parameters, with the values that files written before an option existed
+    imply: ``center`` True; no replay and the convergence rule's defaults (the one-pass learner)."""
+    return {"center": True, "replay": 0, "replay_size": None, "warmup_steps": 100, "probe_size": 512, "tol": 0.02,
+            "min_steps": 100, **meta["params"]}
+
+
 def _check_params(lr: Any, meta: dict[str, Any], where: str) -> None:
     if meta.get("format") != LEARNER_FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{where}: not a version-{VERSION} tl_sparsity learner state "
                               f"(format {meta.get('format')!r}, version {meta.get('version')!r}).")
-    saved, mine = {"center": True, **meta["params"]}, lr.get_params()  # files written before `center` existed
+    saved, mine = saved_params(meta), lr.get_params()
     diff = [f"{k}: saved {saved.get(k)!r}, here {v!r}" for k, v in mine.items()
             if saved.get(k) != v and not (k == "d_in" and v is None)]
     if diff:
