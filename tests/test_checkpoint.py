@@ -110,7 +110,7 @@ def test_learner_file_is_plain_safetensors_with_a_json_header(tmp_path):
         names = set(f.keys())
     assert meta["format"] == "tl_sparsity.learner" and meta["version"] == 1
     assert meta["params"]["d_in"] == 8 and meta["state"]["n_tokens_"] + meta["state"]["n_heldout_"] == 128
-    assert names == {"dictionary", "mean", "adam_m", "adam_v", "reservoir", "rng_state", "pending"}
+    assert names == {"dictionary", "mean", "adam_m", "adam_v", "reservoir", "rng_state", "pending", "probe", "replay"}
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])

@@ -42,7 +42,8 @@ def test_run_writes_the_four_files_and_a_report_per_hook(gpt2_folder, tmp_path, 
     rep = SparsityReport.load(out / "report.json")
     assert sorted(r["hook"] for r in rep.rows) == ["blocks.0.hook_resid_post", "blocks.0.mlp.hook_post",
                                                    "blocks.1.hook_resid_post", "blocks.1.mlp.hook_post"]
-    assert all(r["status"] == "ok" and r["n_tokens"] + r["n_heldout"] > 3000 - 256 for r in rep.rows)  # < one batch pending
+    assert all(r["status"].startswith(("ok", "not converged")) and r["n_tokens"] + r["n_heldout"] > 3000 - 256
+               for r in rep.rows)  # < one batch pending
     assert rep.meta["run"]["command"].startswith("tl-sparsity run --model")
     assert (out / "profile.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out

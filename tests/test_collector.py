@@ -141,7 +141,7 @@ def test_works_under_no_grad_and_inference_mode_and_then_fit_and_report(model):
     assert 2000 <= col.n_tokens - 2 * 16 * 16 < 2000 + 8 * 16
     rep = col.report()
     row = rep["blocks.1.hook_resid_post"]
-    assert row["status"] == "ok" and row["n_atoms"] == 8 * 32 and row["d_in"] == 32
+    assert row["status"].startswith(("ok", "not converged")) and row["n_atoms"] == 8 * 32 and row["d_in"] == 32
     assert row["normalized_loss"] > 0 and row["normalized_loss_se"] > 0 and 0 <= row["fvu"] < 1
 
 
@@ -171,7 +171,7 @@ def test_report_before_any_data_is_a_clear_error_and_unfired_hooks_are_flagged(m
     model.run_with_hooks(_tokens(b=16), fwd_hooks=col.fwd_hooks()[:1])
     with pytest.warns(UserWarning, match="never fired"):
         rows = col.report().rows
-    assert rows[0]["status"].startswith("warming up") or rows[0]["status"] == "ok"
+    assert rows[0]["status"].startswith("warming up") or rows[0]["status"].startswith(("ok", "not converged"))
 
 
 def test_mask_of_the_wrong_shape_is_rejected(model):

@@ -145,7 +145,7 @@ def two_ranks(tmp_path_factory) -> list[dict]:
 def test_data_parallel_over_two_processes_equals_one_process_fed_the_ranks_rows_interleaved(two_ranks):
     results = two_ranks
 
-    single = OnlineSparseCoder(**CODER)  # the learner: rank 0's rows, then rank 1's, call by call
+    single = OnlineSparseCoder(**CODER, replay=0)  # replay 0, as data-parallel; rank 0's rows, then rank 1's, call by call
     for a, b in zip(_chunks(0), _chunks(1)):
         single.partial_fit(a).partial_fit(b)
     assert single.n_tokens_ >= 4 * CODER["batch_size"] * 0.8  # several steps happened
@@ -160,7 +160,7 @@ def test_data_parallel_over_two_processes_equals_one_process_fed_the_ranks_rows_
     assert torch.equal(results[0]["dict"], results[1]["dict"])  # every rank holds the same dictionary
 
     a, b = _shards()  # the collector: one process fed the shards interleaved batch by batch
-    one = SparsityCollector(_model(), hooks=HOOKS, parallel=None, **OPTS)
+    one = SparsityCollector(_model(), hooks=HOOKS, parallel=None, **{**OPTS, "replay": 0})  # as data-parallel
     one.fit([x for pair in zip(a, b) for x in pair], progress=False)
     want = one.report().to_dict()
     for res in results:

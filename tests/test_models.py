@@ -283,7 +283,7 @@ def test_local_folder_streams_text_windows_through_the_collector(gpt2_folder):
                             reservoir_size=64, max_steps=16)  # capped pursuit: this test is about the plumbing
     col.fit(token_windows(tok, load_texts("pydoc")[:3], ctx_len=33, batch_size=4), n_tokens=300, progress=False)
     df = col.report().df
-    assert len(df) == 4 and (df["status"] == "ok").all()
+    assert len(df) == 4 and df["status"].str.match("ok|not converged").all()
     assert col.n_tokens == 3 * 4 * 32  # whole batches of 4 windows × 32 non-BOS tokens until >= 300
 
 

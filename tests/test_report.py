@@ -89,3 +89,73 @@ def test_tables_round_trip_and_neurons_view(tmp_path):
     assert back.table("parameter_activation")["share"].tolist() == [0.5]
     with pytest.raises(KeyError, match="no neuron statistics"):
         back.neurons("blocks.1.mlp.hook_post")
+
+
+REASON = "held-out normalized loss moved -4.1% over the last half of 180 steps (tolerance 2%)"
+
+
+def _convergence_report(late: bool = True) -> SparsityReport:
+    """Three hooks: a converged one, one unconverged (when ``late``), one from an old report without the keys."""
+    ok = {"converged": True, "n_steps": 400, "drift": 0.004, "convergence": "converged", "status": "ok"}
+    bad = ({"converged": False, "n_steps": 180, "drift": -0.041, "convergence": REASON,
+            "status": f"not converged: {REASON}"} if late else ok)
+    base = {"site": "resid_post", "normalized_loss_se": 0.123, "fvu": 0.05}
+    rows = [{**base, "hook": "blocks.0.hook_resid_post", "layer": 0, "normalized_loss": 10.0, **ok},
+            {**base, "hook": "blocks.1.hook_<b>", "layer": 1, "normalized_loss": 12.345, **bad},
+            {**base, "hook": "blocks.2.hook_resid_post", "layer": 2, "normalized_loss": 14.0, "status": "ok"}]
+    return SparsityReport(rows, {"model": {"model_name": "toy"}})
+
+
+def test_markdown_flags_unconverged_numbers_and_lists_them_after_the_table():
+    md = _convergence_report().to_markdown()
+    table, footer = md.split("\n\n")
+    lines = table.splitlines()
+    assert lines[0].split(" | ")[-2:] == ["converged", "n_steps |"]
+    assert "12.345 ± 0.123 ⚠" in lines[3] and lines[3].endswith("| NO | 180 |")
+    assert "⚠" not in lines[2] + lines[4] and lines[2].endswith("| yes | 400 |") and lines[4].endswith("| — | — |")
+    assert footer == f"⚠ not converged (1 of 3 hooks): blocks.1.hook_<b>: {REASON}"
+    assert "⚠" not in _convergence_report(late=False).to_markdown()
+
+
+def test_html_marks_unconverged_rows_only_with_an_escaped_note():
+    page = _convergence_report().to_html()
+    assert page.count('class="tl-not-converged"') == 1 and page.count("<tr") == 3 + 2  # 2 header rows
+    row = page.split('class="tl-not-converged"')[1].split("</tr>")[0]
+    assert "blocks.1.hook_&lt;b&gt;" in row and "12.35" in row
+    assert f"⚠ not converged (1 of 3 hooks): blocks.1.hook_&lt;b&gt;: {REASON}" in page
+    assert "<b>:" not in page
+    clean = _convergence_report(late=False).to_html()
+    assert "tl-not-converged" not in clean and "not converged" not in clean
+
+
+def test_plot_rings_unconverged_points_with_a_legend_entry():
+    ax = _convergence_report().plot()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sorted(labels) == ["not converged", "resid_post"]
+    (ring,) = ax.collections[-1:]
+    assert ring.get_label() == "not converged" and ring.get_offsets().tolist() == [[1.0, 12.345]]
+    assert list(ax.containers[0].lines[0].get_ydata()) == [10.0, 12.345, 14.0]  # the line itself is unchanged
+    ax = _convergence_report(late=False).plot()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["resid_post"]
+
+
+def test_convergence_fields_are_columns_and_survive_the_json_round_trip(tmp_path):
+    rep = _convergence_report()
+    rep.rows[1]["drift"] = float("nan")
+    cols = list(rep.df.columns)
+    assert cols[cols.index("fvu") + 1:cols.index("fvu") + 5] == ["converged", "n_steps", "drift", "convergence"]
+    assert cols[-1] == "status"
+    back = SparsityReport.load(rep.save(tmp_path / "r.json"))
+    assert back == rep
+    assert back.rows[0]["converged"] is True and back.rows[1]["converged"] is False
+    assert math.isnan(back.rows[1]["drift"]) and back.rows[1]["n_steps"] == 180
+    assert back.rows[1]["convergence"] == REASON and "converged" not in back.rows[2]
+
+
+def test_old_rows_without_convergence_keys_render_without_a_flag():
+    rep = _report(with_control=True)  # rows as saved before the convergence fields existed
+    md = rep.to_markdown()
+    assert "⚠" not in md and "not converged" not in md and "| — | — |" in md
+    assert "tl-not-converged" not in rep.to_html() and "not converged" not in repr(rep)
+    assert "not converged" not in [t.get_text() for t in rep.plot().get_legend().get_texts()]
+    assert rep.df["converged"].isna().all()

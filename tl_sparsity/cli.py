@@ -37,7 +37,13 @@ def _parser() -> argparse.ArgumentParser:
                    "directory of text files, or a Hugging Face dataset name")
     r.add_argument("--hooks", default="resid_post", help="comma-separated aliases (resid_pre, resid_mid, resid_post, "
                    "mlp_pre, mlp_post, mlp_out, attn_out, embed), HT-style names or globs")
-    r.add_argument("--tokens", type=int, default=8192, help="tokens per hook to collect (after dropping BOS)")
+    r.add_argument("--tokens", type=int, default=1_000_000, help="token budget per hook (after dropping BOS): the "
+                   "run stops there, when the text ends, or when every hook has converged (--until)")
+    r.add_argument("--until", default="converged", choices=("converged", "tokens"), help="converged: stop once "
+                   "every hook has converged (a converged hook is frozen while the others go on); tokens: run the "
+                   "whole budget")
+    r.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget for the fit; hooks not "
+                   "converged by then are reported as such, with the reason")
     r.add_argument("--ctx-len", type=int, default=128, help="tokens per window, BOS included")
     r.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     r.add_argument("--layers", default=None, help="layers for the aliases in --hooks: comma-separated indices "
@@ -47,8 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--lam", type=float, default=None, help="fixed lambda (default: the paper's adaptive rule)")
     r.add_argument("--solver", default="greedy", choices=("greedy", "lasso"), help="coding algorithm")
     r.add_argument("--learner-batch-size", type=int, default=1024, help="rows per dictionary step")
+    r.add_argument("--replay", type=int, default=7, help="extra dictionary steps per learner batch, on rows "
+                   "replayed from a bounded buffer of recent training rows (0: one pass)")
     r.add_argument("--warmup-tokens", type=int, default=None, help="rows over which lambda adapts before it is frozen "
-                   "(default: half of --tokens)")
+                   "(default: the first 100 dictionary steps)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
     r.add_argument("--dtype", default="float32", choices=_DTYPES, help="model dtype (learners always use float32)")
@@ -139,6 +147,8 @@ def _run(args: argparse.Namespace) -> int:
     for name in ("tokens", "ctx_len", "batch_size", "expansion", "learner_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}.")
     if args.ctx_len < 2:
         raise ValueError("--ctx-len must be >= 2 (one BOS plus at least one text token).")
     out = Path(args.out or f"runs/{Path(args.model).name}")
@@ -150,14 +160,15 @@ def _run(args: argparse.Namespace) -> int:
     texts = text.load_texts(args.text) if local else text.iter_texts(args.text)
     batches = list(text.token_windows(tokenizer, texts, ctx_len=args.ctx_len, batch_size=args.batch_size,
                                       max_tokens=args.tokens, seed=args.seed if local else None))
+    batches = [b.to(args.device) for b in batches]  # token ids where the model is (a bridge does not move them)
     available = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
-    if available < args.tokens:
+    if available < args.tokens and args.until == "tokens":
         logging.getLogger("tl_sparsity").warning(
             "%s gives %d tokens in windows of %d (one BOS each), fewer than --tokens %d: using them all.",
             args.text, available, args.ctx_len, args.tokens)
     options: dict[str, Any] = dict(expansion=args.expansion, lam=args.lam, solver=args.solver, seed=args.seed,
-                                   batch_size=args.learner_batch_size,
-                                   warmup_tokens=args.warmup_tokens or max(1, min(args.tokens, available) // 2))
+                                   batch_size=args.learner_batch_size, replay=args.replay,
+                                   warmup_tokens=args.warmup_tokens)
     if args.device != "cpu":
         options["device"] = args.device
     hooks = hook_spec(args.hooks, int(model.cfg.n_layers), args.max_layers, args.layers)
@@ -166,7 +177,8 @@ def _run(args: argparse.Namespace) -> int:
         neurons = [h.strip() for h in neurons.split(",") if h.strip()]
     col = SparsityCollector(model, hooks=hooks, controls=args.controls, neurons=neurons, **options)
     t1 = time.perf_counter()
-    col.fit(batches, n_tokens=args.tokens, progress=not args.no_progress)
+    col.fit(_timed(batches, args.max_minutes), n_tokens=args.tokens, progress=not args.no_progress,
+            until=None if args.until == "tokens" else "converged")
     t_fit = time.perf_counter() - t1
     report = col.report()
     if args.param_activation:
@@ -178,14 +190,28 @@ def _run(args: argparse.Namespace) -> int:
         report.meta["parameter_activation"] = {k: _plain(v) for k, v in pa.attrs.items() if k != "unused"}
     report.meta["run"] = {"command": "tl-sparsity " + " ".join(args.argv),
                           "text": args.text, "ctx_len": args.ctx_len, "batch_size": args.batch_size,
-                          "tokens_requested": args.tokens, "load_seconds": round(t_load, 1),
-                          "fit_seconds": round(t_fit, 1), "device": args.device}
+                          "tokens_requested": args.tokens, "until": args.until, "max_minutes": args.max_minutes,
+                          "load_seconds": round(t_load, 1), "fit_seconds": round(t_fit, 1), "device": args.device}
     write_outputs(report, out)
     print(report.to_markdown())
-    print(f"\n{len(report)} hooks, {col.n_tokens} tokens per hook in {t_fit:.0f} s "
-          f"({col.n_tokens / max(t_fit, 1e-9):.0f} tokens/s; model load {t_load:.0f} s). Wrote {out}/report.json, "
+    n_conv = sum(bool(r.get("converged")) for r in report.rows)
+    print(f"\n{len(report)} hooks, {n_conv} converged; at most {col.n_tokens} tokens per hook in {t_fit:.0f} s of "
+          f"fitting (model load {t_load:.0f} s, {available} tokens of text available). Wrote {out}/report.json, "
           f"report.csv, report.html, profile.png")
     return 0
+
+
+def _timed(batches: list[Any], max_minutes: float | None) -> Any:
+    """``batches``, stopping once ``max_minutes`` of wall-clock time have passed since the first was taken."""
+    if max_minutes is None:
+        yield from batches
+        return
+    end = time.perf_counter() + 60 * max_minutes
+    for batch in batches:
+        if time.perf_counter() > end:
+            logging.getLogger("tl_sparsity").warning("--max-minutes %g reached: stopping the fit.", max_minutes)
+            return
+        yield batch
 
 
 def write_outputs(report: Any, out: Path) -> None:

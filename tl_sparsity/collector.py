@@ -93,11 +93,11 @@ class SparsityCollector:
 
     @property
     def n_tokens(self) -> int:
-        """Rows received by the first hook (trained, held out and pending)."""
+        """Rows received by the hook that received most (trained, held out and pending); hooks frozen by
+        ``fit(..., until="converged")`` stop counting."""
         if not self.learners:
             return 0
-        lr = next(iter(self.learners.values()))
-        return lr.n_tokens_ + lr.n_heldout_ + lr.n_pending_
+        return max(lr.n_tokens_ + lr.n_heldout_ + lr.n_pending_ for lr in self.learners.values())
 
     # ------------------------------------------------------------------ hook functions
     def keep_mask(self, activation: Tensor, attention_mask: Tensor | None = None) -> Bool[Tensor, "batch pos"]:
@@ -185,10 +185,11 @@ class SparsityCollector:
 
     @contextlib.contextmanager
     def _attached(self, attention_mask: Tensor | None, sink: dict[str, list[tuple]] | None = None,
-                  tokens: Tensor | None = None) -> Iterator[None]:
+                  tokens: Tensor | None = None, names: list[str] | None = None) -> Iterator[None]:
         added: list[tuple[Any, list[Any]]] = []
         try:
-            for name, hp in self.hook_points.items():
+            for name in self.hook_points if names is None else names:
+                hp = self.hook_points[name]
                 fn = self._hook_fn(name, attention_mask, sink=sink, tokens=tokens)
                 added.append((hp, _hooks.add_hook(hp, fn, False)))
             yield
@@ -216,10 +217,15 @@ class SparsityCollector:
 
     # ------------------------------------------------------------------ streaming loop
     def fit(self, token_batches: Iterable[Any] | Tensor, n_tokens: int | None = None, progress: bool = True,
-            checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
-            **forward_kwargs: Any) -> "SparsityCollector":
+            checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None, *,
+            until: str | None = None, max_tokens: int | None = None, **forward_kwargs: Any) -> "SparsityCollector":
         """Run the model over ``token_batches`` with the hooks attached, until they end or ``n_tokens`` rows
         (per hook, after BOS/padding removal) were collected.
+
+        ``until="converged"``: also stop once every hook's learner has converged (``OnlineSparseCoder.converged_``);
+        a hook that has converged is frozen for the rest of the call — its hook is no longer attached, so it costs
+        nothing while the others go on (and the forward stops after the last hooked layer still learning).
+        ``max_tokens`` is another name for ``n_tokens``, the budget (give one of them).
 
         Each batch is a token tensor ``[batch, pos]``, a ``(tokens, attention_mask)`` pair or a dict with
         ``input_ids`` (and ``attention_mask``); a single 2-D tensor is one batch. Forwards stop after the last
@@ -237,8 +243,18 @@ class SparsityCollector:
         and a resumed run starts from the newest checkpoint that every rank has (a crash between two ranks' writes
         falls back to the previous one).
         """
+        if max_tokens is not None:
+            if n_tokens is not None:
+                raise ValueError("give the token budget once: n_tokens or max_tokens (the same thing), not both.")
+            n_tokens = max_tokens
         if n_tokens is not None and int(n_tokens) <= 0:
             raise ValueError(f"n_tokens must be a positive integer or None, got {n_tokens!r}.")
+        if until not in (None, "converged"):
+            raise ValueError(f"until must be None (run through the batches or the budget) or 'converged', got "
+                             f"{until!r}.")
+        if until is not None and self._distributed:
+            raise ValueError("fit(until='converged') runs in one process; in data- or hook-parallel mode give a "
+                             "token budget (n_tokens=) and read each hook's `converged` column in the report.")
         if checkpoint_every is not None and (checkpoint_dir is None or int(checkpoint_every) < 1):
             raise ValueError("checkpoint_every must be a positive number of batches, and needs checkpoint_dir.")
         if isinstance(token_batches, Tensor):
@@ -251,13 +267,7 @@ class SparsityCollector:
                 resume_from = _ranks.common_checkpoint(checkpoint_dir, self._group)
             _ranks.same_batch_count(token_batches, self._group)
             progress = progress and self._rank == 0
-        layers = [_hooks.parse_hook_name(n)[0] for n in self.hook_points]
-        if (all(layer is not None for layer in layers) and "stop_at_layer" not in forward_kwargs
-                and "stop_at_layer" in _forward_params(self.model)):  # HookedEncoder has no stop_at_layer
-            n_layers = getattr(self.model.cfg, "n_layers", None)
-            last = max(layers) + 1  # type: ignore[type-var]
-            if n_layers is None or last < n_layers:
-                forward_kwargs["stop_at_layer"] = last
+        auto_stop = "stop_at_layer" not in forward_kwargs and "stop_at_layer" in _forward_params(self.model)
         forward_kwargs.setdefault("return_type", None)
         batches = iter(token_batches)
         done, start, last_fp = 0, self.n_tokens, None
@@ -272,12 +282,18 @@ class SparsityCollector:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n_tokens, initial=self.n_tokens - start, unit="tok", unit_scale=True, desc="tl_sparsity")
+        active = list(self.hook_points)
         try:
             with torch.no_grad():
                 for batch in batches:
+                    if until is not None:  # converged hooks are frozen: not attached, not fed
+                        active = [n for n in active if not self.learners[n].converged_]
+                        if not active:
+                            break
                     tokens, mask = _split_batch(batch)
                     before = self.n_tokens
-                    self._fit_batch(tokens, mask, forward_kwargs)
+                    kwargs = self._stop_early(active, forward_kwargs) if auto_stop else forward_kwargs
+                    self._fit_batch(tokens, mask, kwargs, active)
                     done += 1
                     last_fp = None if checkpoint_dir is None else _ckpt.fingerprint(tokens, mask)
                     if bar is not None:
@@ -293,18 +309,30 @@ class SparsityCollector:
                 bar.close()
         return self
 
-    def _fit_batch(self, tokens: Any, mask: Tensor | None, forward_kwargs: dict[str, Any]) -> None:
+    def _stop_early(self, names: list[str], forward_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``forward_kwargs`` with ``stop_at_layer`` after the last layer of ``names`` when all are in blocks."""
+        layers = [_hooks.parse_hook_name(n)[0] for n in names]
+        if not layers or any(layer is None for layer in layers):
+            return forward_kwargs
+        n_layers = getattr(self.model.cfg, "n_layers", None)
+        last = max(layers) + 1  # type: ignore[type-var]
+        return forward_kwargs if n_layers is not None and last >= n_layers else {**forward_kwargs,
+                                                                                  "stop_at_layer": last}
+
+    def _fit_batch(self, tokens: Any, mask: Tensor | None, forward_kwargs: dict[str, Any],
+                   names: list[str] | None = None) -> None:
+        names = list(self.hook_points) if names is None else names
         if isinstance(tokens, Tensor) and tokens.numel() == 0:  # an empty batch: nothing to run
             if self.parallel:
-                self._feed({name: [] for name in self.hook_points})  # the other ranks' rows still count
+                self._feed({name: [] for name in names})  # the other ranks' rows still count
             return
-        sink: dict[str, list[tuple]] = {name: [] for name in self.hook_points}
+        sink: dict[str, list[tuple]] = {name: [] for name in names}
         ids = tokens if isinstance(tokens, Tensor) and not tokens.is_floating_point() else None
         kwargs = dict(forward_kwargs)
         key = _mask_keyword(self.model) if mask is not None else None
         if key is not None and key not in kwargs:
             kwargs[key] = mask  # padding must not be attended to (bidirectional models, left padding)
-        with self._attached(mask, sink, tokens=ids):
+        with self._attached(mask, sink, tokens=ids, names=names):
             self.model.run_with_hooks(tokens, fwd_hooks=[], **kwargs)
         with _ckpt.defer_interrupts(), torch.inference_mode(False):  # learners and statistics: all or nothing
             self._feed(sink)
@@ -393,8 +421,13 @@ class SparsityCollector:
                 "after col.start(), or through col.fit(...) first."
             )
         for row in rows:
-            if row["status"] != "ok":
+            if row["status"] != "ok" and row["converged"] is not False:
                 warnings.warn(f"{row['hook']}: {row['status']}", stacklevel=2)
+        late = [r for r in rows if r["converged"] is False]
+        if late:
+            warnings.warn(f"{len(late)} of {len(rows)} hooks have not converged; their numbers are not yet the "
+                          "method's (feed more tokens, or fit(..., until='converged')): "
+                          + "; ".join(f"{r['hook']}: {r['convergence']}" for r in late), stacklevel=2)
         meta: dict[str, Any] = {"model": _hooks.model_info(self.model), "options": self.learners_params(),
                                 "skip_bos": self.skip_bos}
         if self.parallel:
@@ -440,7 +473,8 @@ def learner_row(learner: OnlineSparseCoder) -> dict[str, Any]:
         "d_in": learner.d_in, "n_atoms": None, "n_tokens": learner.n_tokens_, "n_heldout": learner.n_heldout_,
         "n_eval": 0, "lam": None, "normalized_loss": float("nan"), "normalized_loss_se": float("nan"),
         "coef_norm": float("nan"), "nnz": float("nan"), "fvu": float("nan"), "capped": learner.capped_,
-        "n_dropped": learner.n_dropped_,
+        "n_dropped": learner.n_dropped_, "converged": None, "n_steps": learner.n_steps_, "drift": float("nan"),
+        "convergence": "no dictionary yet",
     }
     seen = learner.n_tokens_ + learner.n_heldout_ + learner.n_pending_
     if seen == 0:
@@ -459,7 +493,9 @@ def learner_row(learner: OnlineSparseCoder) -> dict[str, Any]:
     row["n_eval"] = int(ev["n_eval"])
     for k in ("normalized_loss", "normalized_loss_se", "coef_norm", "nnz", "fvu"):
         row[k] = ev[k]
-    row["status"] = "ok"
+    verdict = learner.convergence_
+    row.update(converged=bool(verdict["converged"]), drift=float(verdict["drift"]), convergence=verdict["reason"])
+    row["status"] = "ok" if row["converged"] else f"not converged: {verdict['reason']}"
     return row
 
 

@@ -84,6 +84,11 @@ class ConvergenceTrace:
             out["converged"], out["reason"] = True, "converged"
         return out
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ConvergenceTrace):
+            return NotImplemented
+        return vars(self) == vars(other)
+
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
         return {"steps": list(self.steps), "values": list(self.values), "lam_frozen_at": self.lam_frozen_at}

@@ -119,7 +119,7 @@ class OnlineSparseCoder:
         warmup_steps: int = 100,
         probe_size: int = 512,
         tol: float = 0.02,
-        min_steps: int = 100,
+        min_steps: int = 400,
     ) -> None:
         if init not in ("data", "random"):
             raise ValueError(f"init must be 'data' (random normalised first-batch rows) or 'random', got {init!r}.")

@@ -1,7 +1,9 @@
 """``SparsityReport``: one row per hook of the paper's metrics, with the run's metadata.
 
-Views: ``.df`` (pandas), ``_repr_html_`` (notebooks), :meth:`to_markdown`; storage: :meth:`save` / :meth:`load` as
-JSON (floats are written with ``repr``, so the round trip is exact; NaN is kept as JSON ``NaN``).
+Views: ``.df`` (pandas), ``_repr_html_`` (notebooks), :meth:`to_markdown`, :meth:`plot`; storage: :meth:`save` /
+:meth:`load` as JSON (floats are written with ``repr``, so the round trip is exact; NaN is kept as JSON ``NaN``).
+Every view flags the rows whose learner has not converged (``converged`` False): their numbers are not yet the
+method's. Rows without a ``converged`` key (reports saved before it existed) count as unknown, not as unconverged.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 __all__ = ["SparsityReport"]
 
 COLUMNS = ("hook", "layer", "site", "d_in", "n_atoms", "n_tokens", "n_heldout", "n_eval", "lam", "normalized_loss",
-           "normalized_loss_se", "coef_norm", "nnz", "fvu", "capped", "n_dropped", "status")
+           "normalized_loss_se", "coef_norm", "nnz", "fvu", "converged", "n_steps", "drift", "convergence", "capped",
+           "n_dropped", "status")
 _FORMAT_VERSION = 1
 
 
@@ -78,11 +81,12 @@ class SparsityReport:
         return pd.DataFrame([{c: r.get(c) for c in cols} for r in self.rows], columns=cols).set_index("hook")
 
     def to_markdown(self, columns: tuple[str, ...] | None = None) -> str:
-        """A Markdown table; normalized loss is shown as ``value ± se``. Default columns add the control ratio and
-        the dead-neuron fraction when the report has them."""
+        """A Markdown table; normalized loss is shown as ``value ± se``, with ``⚠`` on unconverged rows, and a line
+        after the table lists the unconverged hooks with the reason. Default columns add the control ratio and the
+        dead-neuron fraction when the report has them."""
         if columns is None:
             columns = ("hook", "layer", "site", "d_in", "n_tokens", "lam", "normalized_loss", "coef_norm", "nnz",
-                       "fvu")
+                       "fvu", "converged", "n_steps")
             for extra in ("sparsity_ratio", "dead_frac", "n_token_detectors"):
                 if any(_num_or_none(r.get(extra)) is not None for r in self.rows):
                     columns += (extra,)
@@ -92,11 +96,15 @@ class SparsityReport:
             for c in columns:
                 v = r.get(c)
                 if c == "normalized_loss" and v is not None and not _isnan(v):
-                    cells.append(f"{v:.3f} ± {r.get('normalized_loss_se', float('nan')):.3f}")
+                    se = r.get("normalized_loss_se")
+                    cells.append(f"{v:.3f} ± {_num(se):.3f}" + (" ⚠" if _late(r) else ""))
+                elif c == "converged":
+                    cells.append("—" if v is None or _isnan(v) else "yes" if v else "NO")
                 else:
                     cells.append(_fmt(v))
             lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+        note = _late_note(self.rows)
+        return "\n".join(lines + (["", f"⚠ {note}"] if note else []))
 
     def _repr_html_(self) -> str:
         m = self.meta.get("model", {})
@@ -104,13 +112,23 @@ class SparsityReport:
             f"tl_sparsity — {m.get('model_class', '?')} {m.get('model_name') or ''} · TransformerLens "
             f"{m.get('transformer_lens')} · compat={m.get('compatibility_mode')} · dtype={m.get('dtype')}"
         )
-        return f"<div><b>{caption}</b>{self.df.to_html(float_format=lambda v: f'{v:.4g}', na_rep='—')}</div>"
+        table = self.df.to_html(float_format=lambda v: f"{v:.4g}", na_rep="—")
+        note = _late_note(self.rows)
+        if note:  # mark the body's rows (one <tr> per report row, in order; cell text is escaped, so no stray <tr>)
+            head, body, tail = table.partition("<tbody>")
+            trs = tail.split("<tr>")
+            marked = '<tr class="tl-not-converged" style="background-color:#fde0dc" title="not converged">'
+            table = head + body + trs[0] + "".join(
+                (marked if _late(r) else "<tr>") + t for r, t in zip(self.rows, trs[1:]))
+            note = f'<br><span style="color:#b00020">⚠ {html.escape(note)}</span>'
+        return f"<div><b>{caption}</b>{note}{table}</div>"
 
     # ------------------------------------------------------------------ views across hooks and runs
     def plot(self, column: str = "normalized_loss", ax: Any = None, title: str | None = None) -> Any:
         """Profile by layer: ``column`` (default normalized loss) on y, layer on x, one line per site, ±1 standard
         error bars when the report has them, and a dashed line per site for ``control_<column>`` when present.
-        Hooks outside blocks (``hook_embed``) are drawn at x = −1, labelled "emb". Returns the matplotlib Axes."""
+        Hooks outside blocks (``hook_embed``) are drawn at x = −1, labelled "emb". Points of unconverged rows are
+        ringed in red (legend "not converged"). Returns the matplotlib Axes."""
         if not self.rows:
             raise ValueError("this report has no rows to plot.")
         if all(column not in r for r in self.rows):
@@ -122,18 +140,22 @@ class SparsityReport:
         by_site: dict[str, list[dict[str, Any]]] = {}
         for r in self.rows:
             by_site.setdefault(r.get("site") or r["hook"], []).append(r)
-        has_emb = False
+        has_emb, late = False, []
         for site, rows in by_site.items():
             rows = sorted(rows, key=lambda r: -1 if r.get("layer") is None else r["layer"])
             xs = [-1 if r.get("layer") is None else r["layer"] for r in rows]
             has_emb |= -1 in xs
             ys = [_num(r.get(column)) for r in rows]
+            late += [(x, y) for x, y, r in zip(xs, ys, rows) if _late(r) and not math.isnan(y)]
             se = [_num(r.get(f"{column}_se")) for r in rows]
             yerr = se if any(not math.isnan(v) for v in se) else None
             line = ax.errorbar(xs, ys, yerr=yerr, marker="o", ms=4, capsize=2, label=site)
             ctrl = [_num(r.get(f"control_{column}")) for r in rows]
             if any(not math.isnan(v) for v in ctrl):
                 ax.plot(xs, ctrl, ls="--", color=line.lines[0].get_color(), label=f"{site}: Gaussian control")
+        if late:
+            ax.scatter(*zip(*late), s=90, facecolors="none", edgecolors="red", linewidths=1.5, zorder=3,
+                       label="not converged")
         ax.set_xlabel("layer")
         ax.set_ylabel(column.replace("_", " "))
         if has_emb:
@@ -217,6 +239,19 @@ def _jsonable(v: Any) -> Any:
 
 def _num_or_none(v: Any) -> float | None:
     return None if v is None or _isnan(v) else v
+
+
+def _late(row: dict[str, Any]) -> bool:
+    """Whether the row's learner has not converged (a missing or None ``converged`` is unknown: False here)."""
+    v = row.get("converged")
+    return v is not None and not v
+
+
+def _late_note(rows: list[dict[str, Any]]) -> str:
+    """``"not converged (N of M hooks): <hook>: <reason>; ..."``, or ``""`` when no row is unconverged."""
+    late = [r for r in rows if _late(r)]
+    reasons = "; ".join(f"{r['hook']}: {r.get('convergence') or r.get('status') or '?'}" for r in late)
+    return f"not converged ({len(late)} of {len(rows)} hooks): {reasons}" if late else ""
 
 
 def _num(v: Any) -> float:

@@ -1,0 +1,61 @@
+"""benchmarks/convergence.py --quick runs end to end and returns (and prints) the tables it promises."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "convergence.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("convergence_bench", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fresh_rows_come_from_the_same_distribution_by_another_generator():
+    bench = _load()
+    src = bench.make_source(16, 4.0, seed=3)
+    state = src._gen.get_state()
+    fresh = bench.fresh_rows(src, 256)
+    assert torch.equal(src._gen.get_state(), state)  # the training stream is untouched
+    assert fresh.shape == (256, 16) and not torch.equal(fresh, src.sample(256))
+    twin = bench.make_source(16, 4.0, seed=3)
+    assert torch.equal(twin.features, src.features) and twin.scale == src.scale
+
+
+def test_tokens_to_tol():
+    bench = _load()
+    b = [1, 2, 3, 4]
+    assert bench.tokens_to_tol(b, [2.0, 1.0, 1.2, 1.0]) == 4  # 1.2 is 20 % off: only the last budget counts
+    assert bench.tokens_to_tol(b, [2.0, 1.04, 1.01, 1.0]) == 2
+    assert bench.tokens_to_tol(b, [1.0, 1.0, 1.0, float("nan")]) is None
+
+
+def test_quick_mode_structure(capsys):
+    bench = _load()
+    out = bench.main(["--quick"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("command:") and "device:" in printed and "torch:" in printed and "date:" in printed
+    assert "## summary" in printed and "verdict" in printed
+    assert out["summary"], "no source ran"
+    sources = {r["source"] for r in out["summary"]}
+    for name in sources:
+        rows = [r for r in out["rows"] if r["source"] == name]
+        assert {r["learner"] for r in rows} == {"old", "new"}
+        for lr in ("old", "new"):
+            budgets = [r["budget"] for r in rows if r["learner"] == lr]
+            assert budgets == sorted(budgets) and budgets[-1] <= 30_000
+            for r in rows:
+                assert isinstance(r["converged"], bool) and "drift" in r and "reason" in r
+                assert math.isfinite(r["heldout"]) and math.isfinite(r["fresh"]) and r["n_steps"] >= 1
+    for s in out["summary"]:
+        for lr in ("old", "new"):
+            assert math.isfinite(s[f"{lr}_longrun"]) and math.isfinite(s[f"{lr}_longrun_fresh"])
+            assert s[f"{lr}_tok5"] is not None
+            assert f"{lr}_tok_verdict" in s  # the verdict column (None: never converged within the budgets)
