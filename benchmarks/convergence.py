@@ -38,6 +38,7 @@ import datetime
 import fnmatch
 import math
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -195,6 +196,19 @@ def print_summary(rows: list[dict], max_budget: int) -> None:
               f"{_tok(g('old_tok_verdict')):>11} {_num(g('old_verdict_err'), '+.3f'):>7}")
 
 
+def _revision() -> str:
+    """The checkout's commit, and whether tl_sparsity/ differs from it (the numbers depend on the package's code)."""
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tl_sparsity"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev or "unknown") + (" (tl_sparsity/ modified)" if dirty else "")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark and print it. Returns ``{"header": [lines], "rows": [per-budget records, each with
     "source"], "summary": [per-source rows]}`` — what was printed, as data."""
@@ -229,8 +243,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"device: {dev_name}",
         f"torch: {torch.__version__}",
         f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"revision: {_revision()}",
         f"learners: " + "; ".join(f"{k} = OnlineSparseCoder({', '.join(f'{a}={v}' for a, v in LEARNERS[k].items())})"
                                   for k in learners),
+        "rule (defaults): " + ", ".join(f"{k}={v}" for k, v in OnlineSparseCoder().get_params().items()
+                                        if k in ("tol", "min_steps", "warmup_steps", "probe_size", "replay")),
         f"budgets: {' '.join(_tok(b) for b in budgets)}; seed {args.seed}; fresh set {N_FRESH} rows",
     ]
     for line in header:

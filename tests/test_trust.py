@@ -80,6 +80,12 @@ def test_trace_rule_on_known_curves():
     flat.lam_frozen_at = 150
     assert flat.verdict()["converged"] and flat.verdict()["drift"] == 0.0
     assert flat.verdict(50)["reason"].startswith("50 dictionary steps")
+    swinging = ConvergenceTrace(tol=0.02, min_steps=100)  # no trend, but 33 % swings: not a settled number
+    swinging.lam_frozen_at = 10
+    for s in range(1, 400):
+        swinging.add(s, 3.0 if s % 2 else 4.0)
+    v = swinging.verdict()
+    assert abs(v["drift"]) < 0.02 and not v["converged"] and "swings by 33%" in v["reason"]
     small = ConvergenceTrace(max_points=8)
     for s in range(1, 100):
         small.add(s, 1.0)

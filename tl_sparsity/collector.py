@@ -433,6 +433,10 @@ class SparsityCollector:
         if self.parallel:
             meta["data_parallel"] = {"world_size": self._world}
         tables = _extras.add_to_report(view, rows, meta, self.controls if controls is None else bool(controls))
+        for name, lr in self.learners.items():  # the evidence of each verdict: the held-out probe's trace
+            if lr.trace_.steps:
+                tables[f"trace/{name}"] = [{"step": s, "normalized_loss": v}
+                                           for s, v in zip(lr.trace_.steps, lr.trace_.values)]
         if self.parallel:
             for name, ex in view.extras.items():
                 self.extras[name]._control = ex._control  # keep the control cache

@@ -11,8 +11,13 @@ The rule (:meth:`ConvergenceTrace.verdict`), at step t, with λ frozen since ste
 
 * ``drift`` = (mean of the points in (t/2, 3t/4]) / (mean of the points in (3t/4, t]) − 1, the relative change of
   the held-out normalized loss over the last half of training;
-* converged ⇔ |drift| ≤ ``tol``, t ≥ ``min_steps``, t/2 ≥ t_λ (the whole window has λ frozen), and each half-window
-  holds at least two points.
+* ``spread`` = (largest / smallest point in (t/2, t]) − 1, how far the trace swings within the last half;
+* converged ⇔ |drift| ≤ ``tol``, spread ≤ 2.5·``tol``, t ≥ ``min_steps``, t/2 ≥ t_λ (the whole window has λ
+  frozen), and each half-window holds at least two points.
+
+The spread condition was added by measurement: on SmolLM2-135M's middle residual layers (heavy-tailed activations)
+the probe's trace swings by 10–50 % from point to point, and the drift test alone passed on a lucky pair of windows
+with values 13–30 % away from where 3 900 steps ended (``docs/convergence.md``).
 
 A learning curve that still falls by more than ``tol`` over the last half of its steps is not at its long-run
 value; one that moves less has, on the synthetic sources of ``benchmarks/convergence.py``, come within a few per
@@ -62,13 +67,14 @@ class ConvergenceTrace:
     def verdict(self, step: int | None = None) -> dict[str, Any]:
         """``{"converged": bool, "drift": float, "reason": str}`` at ``step`` (default: the last point)."""
         t = step if step is not None else (self.steps[-1] if self.steps else 0)
-        out: dict[str, Any] = {"converged": False, "drift": float("nan")}
+        out: dict[str, Any] = {"converged": False, "drift": float("nan"), "spread": float("nan")}
         early = [v for s, v in zip(self.steps, self.values) if t / 2 < s <= 3 * t / 4]
         late = [v for s, v in zip(self.steps, self.values) if 3 * t / 4 < s <= t]
         if len(early) >= 2 and len(late) >= 2:
             b = sum(late) / len(late)
-            if b > 0 and math.isfinite(b):
+            if b > 0 and math.isfinite(b) and min(early + late) > 0:
                 out["drift"] = (sum(early) / len(early)) / b - 1.0
+                out["spread"] = max(early + late) / min(early + late) - 1.0
         frozen = self.lam_frozen_at
         if t < self.min_steps:
             out["reason"] = f"{t} dictionary steps, fewer than the {self.min_steps} the rule needs"
@@ -80,6 +86,9 @@ class ConvergenceTrace:
         elif abs(out["drift"]) > self.tol:
             out["reason"] = (f"held-out normalized loss moved {100 * out['drift']:+.1f}% over the last half of {t} "
                              f"steps (tolerance {100 * self.tol:.0f}%)")
+        elif out["spread"] > 2.5 * self.tol:
+            out["reason"] = (f"held-out normalized loss swings by {100 * out['spread']:.0f}% within the last half of "
+                             f"{t} steps (tolerance {250 * self.tol:.0f}%)")
         else:
             out["converged"], out["reason"] = True, "converged"
         return out
