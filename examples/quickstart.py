@@ -35,6 +35,7 @@ def tiny_model():
 
 
 def main(n_batches: int = 10) -> None:
+    warnings.filterwarnings("ignore", message=".*have not converged")  # the tables below carry the flag
     model = tiny_model()
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 1000, (16, 64), generator=gen) for _ in range(n_batches)]
@@ -43,9 +44,15 @@ def main(n_batches: int = 10) -> None:
     col = SparsityCollector(model, hooks=["resid_post", "mlp_post"], batch_size=512)
     for tokens in batches:
         model.run_with_hooks(tokens, fwd_hooks=col.fwd_hooks())  # add other tools' hooks to this list freely
-    report = col.report()
-
+    report = col.report()  # warns: 10 forwards are far from enough, and the table marks every row ⚠
     print(report.to_markdown())
+
+    # the same hooks, fed until every learner's held-out number has converged (converged hooks are frozen)
+    stream = (torch.randint(0, 1000, (16, 64), generator=gen) for _ in range(400))
+    col = SparsityCollector(model, hooks=["resid_post", "mlp_post"], batch_size=512)
+    col.fit(stream, until="converged", max_tokens=300_000, progress=False)
+    print()
+    print(col.report().to_markdown())
 
 
 if __name__ == "__main__":

@@ -259,3 +259,62 @@ def test_plot_draws_share_by_layer_with_labelled_axes():
     assert len(whole.get_lines()) == 1
     with pytest.raises(ValueError, match="lacks columns"):
         plot_parameter_activation(df.drop(columns="share"))
+
+
+def test_native_gated_bridge_pools_its_mlp_and_matches_autograd():
+    pytest.importorskip("transformer_lens.model_bridge", reason="this TransformerLens has no TransformerBridge (2.x)")
+    from conftest import TINY
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        from transformer_lens.config import TransformerBridgeConfig
+    except ImportError:
+        from transformer_lens.model_bridge import TransformerBridgeConfig
+    torch.manual_seed(0)
+    try:
+        model = TransformerBridge.boot_native(TransformerBridgeConfig(**{**TINY, "gated_mlp": True, "act_fn": "silu",
+                                                                          "normalization_type": "RMS"}))
+    except (TypeError, ValueError) as e:
+        pytest.skip(f"this TransformerLens builds no native gated bridge: {e}")
+    tokens = _tokens(b=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left out
+        df = parameter_activation(model, tokens, by_kind=True)
+    d, m = TINY["d_model"], TINY["d_mlp"]
+    assert df.groupby("layer")["n_params"].sum().tolist() == [4 * d * d + 3 * d * m] * 2  # was 4·d·d: MLP skipped
+    assert df[df["layer"] == 0]["kind"].tolist() == ["Q", "K", "V", "O", "MLP_in", "MLP_gate", "MLP_out"]
+    assert df.attrs["unused"] == []
+    scores, params = parameter_scores(model, tokens), dict(model.named_parameters())
+    want = {n: torch.zeros_like(params[n]) for n in scores}
+    for s in range(2):
+        model.zero_grad(set_to_none=True)
+        model(tokens[s: s + 1])[0, -1].max().backward()
+        for n in want:
+            want[n] += (params[n] * params[n].grad).abs().detach() / 2
+    model.zero_grad(set_to_none=True)
+    for n in scores:
+        torch.testing.assert_close(scores[n], want[n], rtol=1e-5, atol=1e-9)
+
+
+def test_unrecognised_weight_matrices_of_a_layer_are_warned_about_and_listed():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(200, 8)
+            self.layers = torch.nn.ModuleList([torch.nn.ModuleDict({
+                "attn": torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)}), "router": torch.nn.Linear(8, 8),
+                "norm": torch.nn.LayerNorm(8)})])
+            self.head = torch.nn.Linear(8, 200)
+
+        def forward(self, tokens):
+            x = self.embed(tokens)
+            for layer in self.layers:
+                x = layer["norm"](x + layer["attn"]["q_proj"](x) + layer["router"](x))
+            return self.head(x)
+
+    model = Tiny()
+    with pytest.warns(UserWarning, match=r"left out of parameter activation: \['layers.0.router.weight'\]"):
+        assert set(parameter_groups(model)) == {"layers.0.attn.q_proj.weight"}
+    with pytest.warns(UserWarning, match="router") as rec:
+        df = parameter_activation(model, _tokens(b=1))
+    assert len(rec) == 1 and df.attrs["unused"] == ["layers.0.router.weight"] and df["n_params"].tolist() == [64]

@@ -15,7 +15,8 @@ rows. Then ``replay`` more steps on batches drawn from a bounded buffer of recen
 what matters for convergence is the number of dictionary steps, and replay buys them without model forwards.
 
 Along training the held-out normalized loss of the probe is traced (:mod:`tl_sparsity.convergence`), and
-``converged_`` says whether it has stopped moving (``tol`` over the last half of at least ``min_steps`` steps).
+``converged_`` says whether it has stopped moving (by at most ``tol`` over the last half of at least ``min_steps``
+steps, without swinging by more than 2.5·``tol`` there).
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ class OnlineSparseCoder:
         replay_size: rows the replay buffer keeps (the most recent training rows); default 8 × ``batch_size``.
         probe_size: held-out rows (the first ones) on which the convergence trace is measured.
         tol, min_steps: the convergence rule: the held-out normalized loss moved by at most ``tol`` (relative) over
-            the last half of at least ``min_steps`` dictionary steps, all with λ frozen
-            (:mod:`tl_sparsity.convergence`).
+            the last half of at least ``min_steps`` dictionary steps, and swung by at most 2.5·``tol`` within it,
+            all with λ frozen (:mod:`tl_sparsity.convergence`).
         phi_steps: Adam steps on Φ per batch of codes.
         device: where the state lives; ``None`` uses the first batch's device.
         init: ``"data"`` seeds atoms with random normalised rows of the first batch (plus a little noise);

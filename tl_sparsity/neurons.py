@@ -32,12 +32,15 @@ Heavy hitters instead of exact (token, neuron) counts (V·n of them, 75 M at 49 
 (item, cnt, err) slots — a space-saving summary fed per batch. Tracked items get their exact batch counts; the batch's
 K heaviest untracked items enter with cnt = batch count + ``floor`` and err = ``floor``; the K largest cnt stay.
 ``floor`` (per neuron) bounds the count of every untracked item (it grows by the (K+1)-th largest untracked batch count
-and to the cnt of evicted items), so ``cnt − err ≤ true ≤ cnt`` always, and ``cnt − err`` is exact since the item
-entered. Everything is exact while a neuron fires on ≤ K distinct items (``floor`` = 0); with 1 M Zipf tokens and
-neurons firing at random (the worst case), floor/activations had median 0.3 % (tokens) and 0.15 % (trigrams). Trigram
-occurrences come from a count-min sketch, which can only over-count. Verdicts use the lower bounds (``cnt − err`` over
-exact or over-counted occurrences), so errors are one-sided: a detector can be missed (``floor`` > 0 and a count or
-coverage near a threshold), never invented. ``result()`` marks the neurons whose counts are exact.
+and to the cnt of evicted items), so ``cnt − err ≤ true ≤ cnt`` always. Everything is exact while a neuron fires on
+≤ K distinct items (``floor`` = 0); with 1 M Zipf tokens and random neurons (the worst case), floor/activations had
+median 0.3 % (tokens) and 0.15 % (trigrams). Trigram occurrences come from a count-min sketch (over-counts only).
+Verdicts use the lower bounds, so a detector can be missed, never invented; ``n_covering_*`` is then an upper bound of
+the exact count (exact when the counts are). "Not a token detector" is certified with the upper bounds (tracked cnt;
+≤ ``floor`` for an untracked token, which can only cover if it occurs ≤ floor/coverage times): ``token_verdict`` is
+"exact" (floor = 0), "bounded" (inexact, verdict certified) or "uncertain"; ``n_covering_tokens_min`` is a lower bound
+(``max_token_items`` + 1: more than allowed). A trigram detector of uncertain token verdict is not claimed:
+``kind = "undetermined"``. ``exact`` marks neurons whose heavy-hitter counts are exact.
 """
 
 from __future__ import annotations
@@ -301,9 +304,10 @@ class NeuronStats:
 
     def result(self) -> pd.DataFrame:
         """One row per neuron: ``neuron, n_active, frequency, kind, dead, position_mi, positional, token_detector,
-        trigram_detector`` and, with tokens, ``n_covering_tokens, covering_tokens`` (ids), ``covering_token_share,
-        n_covering_trigrams, covering_trigrams`` (id triples, None = before the row start), ``covering_trigram_share,
-        exact`` (heavy-hitter counts exact for this neuron). ``df.attrs`` holds ``n_tokens`` and the settings."""
+        trigram_detector`` and, with tokens, ``n_covering_tokens`` (upper bound), ``covering_tokens`` (ids),
+        ``covering_token_share, n_covering_tokens_min`` (lower bound), ``token_verdict, n_covering_trigrams,
+        covering_trigrams`` (id triples, None = before the row start), ``covering_trigram_share, exact`` (heavy-hitter
+        counts exact for this neuron); see the module docstring. ``df.attrs`` holds ``n_tokens`` and the settings."""
         if self.device.type != "cpu":
             return NeuronStats.from_state_dict(self.state_dict()).result()
         fire, n = self.fire_count, self.n_tokens
@@ -312,27 +316,35 @@ class NeuronStats:
                            "frequency": (fire.double() / max(n, 1)).numpy(), "dead": (fire == 0).numpy() & (n > 0),
                            "position_mi": mi.numpy(), "positional": (mi > self.mi_threshold).numpy()})
         df["token_detector"] = df["trigram_detector"] = False
+        und = False  # a trigram detector whose token verdict is uncertain: no label is claimed
         if self.track_tokens:
             tok_hh = self._hh["tok"]
             tok = _detect(tok_hh, self.token_occ[tok_hh.ids.clamp(min=0)], fire, self.coverage, self.mass,
                           self.max_token_items)
             df["token_detector"], df["n_covering_tokens"] = tok["det"], tok["k"]
             df["covering_tokens"], df["covering_token_share"] = tok["items"], tok["share"]
-            exact = tok_hh.floor == 0
+            exact, m = tok_hh.floor == 0, self.max_token_items
+            k_min = _fewest_possible(tok_hh, self.token_occ, fire, self.coverage, self.mass, m)
+            certain = torch.from_numpy(tok["det"]) | (k_min > m) | (fire == 0)  # token verdict certified by bounds
+            df["n_covering_tokens_min"] = k_min.numpy()
+            df["token_verdict"] = pd.Series(["uncertain", "bounded", "exact"]).iloc[
+                (certain.long() + (exact & certain).long()).numpy()].to_numpy()
             if self.trigram_slots:
                 tri_hh = self._hh["tri"]
                 cols = self._buckets(tri_hh.ids.clamp(min=0).view(-1))
                 tri_occ = self.sketch.gather(1, cols).min(0).values.long().view_as(tri_hh.ids)
                 tri = _detect(tri_hh, tri_occ, fire, self.coverage, self.mass, self.max_trigram_items)
-                df["trigram_detector"], df["n_covering_trigrams"] = tri["det"] & ~tok["det"], tri["k"]
-                df["covering_trigrams"] = [[_decode(x) for x in r] for r in tri["items"]]
+                df["trigram_detector"] = tri["det"] & certain.numpy() & ~tok["det"]  # only where no token may cover it
+                und = tri["det"] & ~certain.numpy()
+                df["n_covering_trigrams"], df["covering_trigrams"] = tri["k"], [[_decode(x) for x in r] for r in
+                                                                                tri["items"]]
                 df["covering_trigram_share"] = tri["share"]
                 exact &= tri_hh.floor == 0
             df["exact"] = exact.numpy()
         kind = pd.Series("other", index=df.index)
-        for col, name in [("positional", "positional"), ("trigram_detector", "trigram"), ("token_detector", "token"),
-                          ("dead", "dead")]:  # the first in Voita's order wins
-            kind[df[col].astype(bool)] = name
+        for mask, name in [(df["positional"], "positional"), (df["trigram_detector"], "trigram"), (und, "undetermined"),
+                           (df["token_detector"], "token"), (df["dead"], "dead")]:  # the first in Voita's order wins
+            kind[pd.Series(mask, index=df.index).astype(bool)] = name
         df.insert(3, "kind", kind)
         df.attrs = {"n_tokens": n, "dead_rate_bound": 3.0 / n if n else math.inf, **self.config()}
         return df
@@ -399,6 +411,21 @@ def _decode(key: int) -> tuple:
     m = (1 << _BITS) - 1
     a, b = key >> 2 * _BITS, (key >> _BITS) & m
     return (a - 1 if a else None, b - 1 if b else None, key & m)
+
+
+def _fewest_possible(hh: HeavyHitters, occ: Tensor, fire: Tensor, coverage: float, mass: float, m: int) -> Tensor:
+    """Lower bound on the fewest covering items holding ≥ mass of each row's activations (m + 1: more than m, or
+    none), from upper bounds: min(cnt, occ) of tracked items, min(floor, occ) of the m most frequent items that could
+    be covered at ≤ floor (every item counted there: bounds only loosen). ``occ``: every item's occurrences."""
+    tocc = occ[hh.ids.clamp(min=0)].double()
+    hi = torch.minimum(hh.cnt.double(), tocc)
+    hi = torch.where((hh.ids >= 0) & (hi > 0) & (hi >= coverage * tocc - 1e-9), hi, 0.0)
+    srt, f = occ.double().sort().values, hh.floor.double()
+    top = torch.searchsorted(srt, f / coverage + 1e-9, right=True)[:, None] - torch.arange(1, m + 1)
+    un = torch.where((top >= 0) & (f[:, None] > 0), srt[top.clamp(min=0)].minimum(f[:, None]), 0.0)
+    csum = torch.cat([hi, un], 1).sort(dim=1, descending=True).values[:, :m].cumsum(1)
+    k = (csum < mass * fire.double()[:, None] - 1e-9).sum(1) + 1  # m + 1 when the m largest cannot reach
+    return torch.where(fire > 0, k, 0)
 
 
 def _detect(hh: HeavyHitters, occ: Tensor, fire: Tensor, coverage: float, mass: float, max_items: int) -> dict:

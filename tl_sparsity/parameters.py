@@ -14,15 +14,18 @@ parametrisation: HookedTransformer's default weight processing (LayerNorm foldin
 compatibility mode change the numbers; use unprocessed weights to measure the model as trained.
 
 Parameter names are matched by pattern (no TransformerLens import): HookedTransformer (``blocks.L.attn.W_Q``,
-``blocks.L.mlp.W_in``, …), TransformerBridge native (``layers.L.attn.q``, ``layers.L.mlp.fc_in``) and bridges of
+``blocks.L.mlp.W_in``, …), TransformerBridge native (``layers.L.attn.q``, ``layers.L.mlp.fc_in``; gated:
+``mlp.gate``/``mlp.in``/``mlp.out``; inside an MLP also ``up``/``down``, ``w1``/``w2``/``w3``, T5 ``wi``) and bridges of
 Hugging Face models (GPT-2 ``transformer.h.L.attn.q``/``mlp.c_fc``, Llama ``model.layers.L.self_attn.q_proj``/
 ``mlp.gate_proj``, OPT ``fc1``, GPT-NeoX ``query_key_value``, BERT ``attention.self.query``/``intermediate.dense``).
+Any other weight matrix inside a layer (a router, an adapter, an unknown naming) is left out with a warning naming it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterator
 
 import pandas as pd
@@ -42,16 +45,30 @@ _MODULES = {"q": "Q", "q_proj": "Q", "query": "Q", "k": "K", "k_proj": "K", "key
             "value": "V", "qkv": "QKV", "c_attn": "QKV", "query_key_value": "QKV", "qkv_proj": "QKV", "Wqkv": "QKV",
             "o": "O", "o_proj": "O", "out_proj": "O", "fc_in": "MLP_in", "c_fc": "MLP_in", "up_proj": "MLP_in",
             "fc1": "MLP_in", "dense_h_to_4h": "MLP_in", "gate_up_proj": "MLP_in", "gate_proj": "MLP_gate",
-            "fc_out": "MLP_out", "down_proj": "MLP_out", "fc2": "MLP_out", "dense_4h_to_h": "MLP_out"}
+            "fc_out": "MLP_out", "down_proj": "MLP_out", "fc2": "MLP_out", "dense_4h_to_h": "MLP_out",
+            "wi": "MLP_in", "wi_1": "MLP_in", "wi_0": "MLP_gate"}
+_MLP_CTX = {"mlp", "feed_forward", "ffn", "ff", "feedforward"}
+_IN_MLP = {"in": "MLP_in", "up": "MLP_in", "w3": "MLP_in", "input": "MLP_in", "gate": "MLP_gate", "w1": "MLP_gate",
+           "out": "MLP_out", "down": "MLP_out", "w2": "MLP_out", "output": "MLP_out"}  # native bridges: mlp.gate/in/out
+
+
+def _segments(name: str) -> list[str]:
+    return [s for s in name.split(".") if s not in ("_original_component", "original_component")]
+
+
+def _layer_part(name: str) -> list[str] | None:
+    """The segments after ``<layer list>.<index>`` (None outside the layers)."""
+    segs = _segments(name)
+    at = next((i for i in range(1, len(segs)) if segs[i].isdigit() and segs[i - 1] in _LAYER_LISTS), None)
+    return None if at is None else segs[at + 1:]
 
 
 def _classify(name: str) -> tuple[int, str, bool] | None:
     """(layer, kind, is_bias) of a parameter name, or None for norms, embeddings, unembedding and unknown names."""
-    segs = [s for s in name.split(".") if s not in ("_original_component", "original_component")]
-    at = next((i for i in range(1, len(segs)) if segs[i].isdigit() and segs[i - 1] in _LAYER_LISTS), None)
-    if at is None:
+    segs, rest = _segments(name), _layer_part(name)
+    if rest is None:
         return None
-    rest = segs[at + 1:]
+    at = len(segs) - len(rest) - 1
     if not rest or any(_NORM.search(s) for s in rest):
         return None
     if rest[-1] in _HT:  # HookedTransformer: blocks.L.attn.W_Q, blocks.L.mlp.b_in
@@ -59,24 +76,41 @@ def _classify(name: str) -> tuple[int, str, bool] | None:
     if rest[-1] not in ("weight", "bias") or len(rest) < 2:
         return None
     module, ctx = rest[-2], set(rest[:-2])
-    kind = _MODULES.get(module)
+    kind = _MODULES.get(module) or (_IN_MLP.get(module) if ctx & _MLP_CTX else None)
     if module in ("c_proj", "dense", "wo"):  # context decides: attention output, or the MLP's in/out
         kind = "O" if ctx & _ATTN_CTX else "MLP_in" if "intermediate" in ctx else "MLP_out"
     return None if kind is None else (int(segs[at]), kind, rest[-1] == "bias")
 
 
-def parameter_groups(model: torch.nn.Module, *, include_biases: bool = False) -> dict[str, tuple[int, str]]:
-    """``{parameter name: (layer, kind)}`` of the pooled matrices (kinds: ``KINDS``). Raises if none is recognised."""
-    out = {}
-    for name, _ in model.named_parameters():
+def _grouping(model: torch.nn.Module, include_biases: bool) -> tuple[dict[str, tuple[int, str]], list[str]]:
+    """(pooled parameters as in :func:`parameter_groups`, weight matrices of a layer left out)."""
+    out, left = {}, []
+    for name, p in model.named_parameters():
         hit = _classify(name)
         if hit is not None and (include_biases or not hit[2]):
             out[name] = hit[:2]
+        elif hit is None and p.ndim >= 2 and _layer_part(name) is not None and not any(
+                _NORM.search(s) for s in _layer_part(name)):
+            left.append(name)
     if not out:
         names = [n for n, _ in model.named_parameters()][:8]
         raise ValueError(f"no attention/MLP parameters recognised in {type(model).__name__} (first names: {names}); "
                          "expected HookedTransformer, TransformerBridge or Hugging Face-style layer names "
                          "(e.g. 'blocks.0.attn.W_Q', 'model.layers.0.self_attn.q_proj.weight').")
+    return out, left
+
+
+def _warn_left_out(left: list[str]) -> None:
+    if left:
+        warnings.warn(f"{len(left)} weight matrices of the layers are not recognised as attention or MLP and are left "
+                      f"out of parameter activation: {left}", stacklevel=3)
+
+
+def parameter_groups(model: torch.nn.Module, *, include_biases: bool = False) -> dict[str, tuple[int, str]]:
+    """``{parameter name: (layer, kind)}`` of the pooled matrices (kinds: ``KINDS``). Raises if none is recognised;
+    warns, naming them, if weight matrices of a layer are recognised as neither attention nor MLP."""
+    out, left = _grouping(model, include_biases)
+    _warn_left_out(left)
     return out
 
 
@@ -130,10 +164,14 @@ def parameter_activation(model: torch.nn.Module, tokens: Int[Tensor, "batch pos"
                          lengths: Int[Tensor, " batch"] | None = None) -> pd.DataFrame:
     """One row per layer (``by_kind=True``: per layer and kind): ``layer, [kind,] n_params, n_active, share,
     mean_activation, max_activation`` where ``n_active`` counts parameters whose mean A (over the ``batch`` samples)
-    exceeds ``threshold``. ``df.attrs``: threshold, n_samples, include_biases, and the pooled parameters the forward
-    did not use (``unused``). See :func:`parameter_scores` for A."""
-    scores = parameter_scores(model, tokens, include_biases=include_biases, lengths=lengths)
-    groups = parameter_groups(model, include_biases=include_biases)
+    exceeds ``threshold``. ``df.attrs``: threshold, n_samples, include_biases, and ``unused``: the pooled parameters
+    the forward did not use, then the layers' weight matrices left out as neither attention nor MLP (also warned
+    about). See :func:`parameter_scores` for A."""
+    groups, left = _grouping(model, include_biases)
+    _warn_left_out(left)
+    with warnings.catch_warnings():  # warned once, above
+        warnings.filterwarnings("ignore", message=".*left out of parameter activation")
+        scores = parameter_scores(model, tokens, include_biases=include_biases, lengths=lengths)
     rows: dict[tuple, list[Tensor]] = {}
     for name, a in scores.items():
         layer, kind = groups[name]
@@ -147,7 +185,7 @@ def parameter_activation(model: torch.nn.Module, tokens: Int[Tensor, "batch pos"
                         "max_activation": float(a.max())})
     df = pd.DataFrame.from_records(records)
     df.attrs = {"threshold": threshold, "n_samples": int(tokens.shape[0]), "include_biases": include_biases,
-                "unused": sorted(set(groups) - set(scores))}
+                "unused": sorted(set(groups) - set(scores)) + left}
     return df
 
 
