@@ -266,3 +266,50 @@ def test_header_of_a_learner_file_is_json_under_a_length_prefix(tmp_path):
     header = json.loads(data[8 : 8 + n])
     assert set(header) >= {"__metadata__", "dictionary", "rng_state"}
     assert header["dictionary"]["dtype"] == "F32" and header["dictionary"]["shape"] == [8, 4]
+
+
+UNTIL = dict(batch_size=64, reservoir_size=48, expansion=2, max_steps=32, replay=3, warmup_steps=8, min_steps=60,
+             probe_size=16, tol=0.05)
+
+
+def test_fit_until_converged_freezes_each_hook_when_it_converges_stops_when_all_have_and_resumes(model, tmp_path):
+    batches = [_tokens(100 + s) for s in range(80)]  # 64 rows per forward: one learner batch per hook
+    taken: list[int] = []
+
+    def counted(bs):
+        for i, b in enumerate(bs):
+            taken.append(i)
+            yield b
+
+    whole = SparsityCollector(model, hooks=HOOKS, **UNTIL).fit(counted(batches), until="converged", progress=False)
+    assert len(taken) < len(batches)  # stopped early: every hook converged
+    for name, lr in whole.learners.items():
+        assert lr.converged_, (name, lr.convergence_)
+        # frozen at once: one learner batch (1 + replay steps) earlier it had not converged
+        assert not lr.trace_.verdict(lr.n_steps_ - (1 + lr.replay))["converged"], name
+    assert all(r["converged"] for r in whole.report().rows)
+    # interrupted mid-run and resumed from its checkpoint: the same learners, bit for bit
+    col = SparsityCollector(model, hooks=HOOKS, **UNTIL)
+    with pytest.raises(KeyboardInterrupt):
+        col.fit(_interrupting(batches, 10), until="converged", progress=False, checkpoint_dir=tmp_path,
+                checkpoint_every=3)
+    resumed = SparsityCollector(model, hooks=HOOKS, **UNTIL)
+    resumed.fit(batches, until="converged", progress=False, checkpoint_dir=tmp_path, checkpoint_every=3)
+    assert_same_collector(whole, resumed)
+    # a hook converged before the fit is frozen from the start (not fed at all) while the other one learns
+    early = SparsityCollector(model, hooks=HOOKS, **UNTIL)
+    done = early.learners["blocks.1.mlp.hook_post"]
+    for s in range(200):
+        if done.converged_:
+            break
+        done.partial_fit(torch.randn(64, 64, generator=torch.Generator().manual_seed(s)))
+    assert done.converged_
+    before = done.state_dict()
+    early.fit(batches, until="converged", progress=False)
+    assert done.n_tokens_ == before["meta"]["state"]["n_tokens_"] and torch.equal(
+        done.dictionary_, before["tensors"]["dictionary"])
+    assert early.learners["blocks.0.hook_resid_post"].converged_
+    with pytest.raises(ValueError, match="until must be"):
+        whole.fit(batches, until="forever")
+    with pytest.raises(ValueError, match="n_tokens or max_tokens"):
+        whole.fit(batches, n_tokens=10, max_tokens=10)
