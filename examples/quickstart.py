@@ -47,9 +47,9 @@ def main(n_batches: int = 10) -> None:
     report = col.report()  # warns: 10 forwards are far from enough, and the table marks every row ⚠
     print(report.to_markdown())
 
-    # the same hooks, fed until every learner's held-out number has converged (converged hooks are frozen)
+    # the residual stream, fed until every learner's held-out number has converged (converged hooks are frozen)
     stream = (torch.randint(0, 1000, (16, 64), generator=gen) for _ in range(400))
-    col = SparsityCollector(model, hooks=["resid_post", "mlp_post"], batch_size=512)
+    col = SparsityCollector(model, hooks="resid_post", batch_size=512)
     col.fit(stream, until="converged", max_tokens=300_000, progress=False)
     print()
     print(col.report().to_markdown())
