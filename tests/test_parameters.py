@@ -63,18 +63,24 @@ def test_scores_equal_central_finite_differences(plain_model):
             assert float(a.reshape(-1)[i]) == pytest.approx(abs(w0 * (up - down) / (2 * eps)), rel=1e-5, abs=1e-10)
 
 
+def _autograd_scores(model, tokens, names):
+    """The reference: |w · ∂D/∂w| per sample by autograd (D = the largest last-position logit), averaged."""
+    params, n_samples = dict(model.named_parameters()), tokens.shape[0]
+    out = {n: torch.zeros_like(params[n]) for n in names}
+    for s in range(n_samples):
+        model.zero_grad(set_to_none=True)
+        model(tokens[s: s + 1])[0, -1].max().backward()
+        for n in out:
+            out[n] += (params[n] * params[n].grad).abs().detach() / n_samples
+    model.zero_grad(set_to_none=True)
+    return out
+
+
 def test_scores_average_per_sample_autograd_products(plain_model):
     model = plain_model
     tokens = _tokens(b=3)
     scores = parameter_scores(model, tokens, include_biases=True)
-    params = dict(model.named_parameters())
-    expect = {n: torch.zeros_like(params[n]) for n in scores}
-    for s in range(3):
-        model.zero_grad(set_to_none=True)
-        model(tokens[s: s + 1])[0, -1].max().backward()
-        for n in expect:
-            expect[n] += (params[n] * params[n].grad).abs().detach() / 3
-    model.zero_grad(set_to_none=True)
+    expect = _autograd_scores(model, tokens, scores)
     for n in scores:
         torch.testing.assert_close(scores[n], expect[n], rtol=1e-5, atol=1e-9)
 
@@ -284,14 +290,8 @@ def test_native_gated_bridge_pools_its_mlp_and_matches_autograd():
     assert df.groupby("layer")["n_params"].sum().tolist() == [4 * d * d + 3 * d * m] * 2  # was 4·d·d: MLP skipped
     assert df[df["layer"] == 0]["kind"].tolist() == ["Q", "K", "V", "O", "MLP_in", "MLP_gate", "MLP_out"]
     assert df.attrs["unused"] == []
-    scores, params = parameter_scores(model, tokens), dict(model.named_parameters())
-    want = {n: torch.zeros_like(params[n]) for n in scores}
-    for s in range(2):
-        model.zero_grad(set_to_none=True)
-        model(tokens[s: s + 1])[0, -1].max().backward()
-        for n in want:
-            want[n] += (params[n] * params[n].grad).abs().detach() / 2
-    model.zero_grad(set_to_none=True)
+    scores = parameter_scores(model, tokens)
+    want = _autograd_scores(model, tokens, scores)
     for n in scores:
         torch.testing.assert_close(scores[n], want[n], rtol=1e-5, atol=1e-9)
 
