@@ -378,8 +378,12 @@ class OnlineSparseCoder:
         return bool(self.convergence_["converged"])
 
     def _track(self) -> None:
-        """Record when λ froze, and take a trace point on the held-out probe when one is due."""
-        if self.trace_.lam_frozen_at is None and not self.lam_adapting:
+        """Record when λ froze, and take a trace point on the held-out probe when one is due. No points while λ
+        adapts: the rule reads only points taken after λ froze, and coding the probe with a young dictionary and a
+        small λ runs pursuits to the 4·d cap."""
+        if self.lam_adapting:
+            return
+        if self.trace_.lam_frozen_at is None:
             self.trace_.lam_frozen_at = self.n_steps_
         step = self.n_steps_
         if self._probe_fill < self.probe_size or (self.trace_.steps and step < self._next_point()):
