@@ -7,6 +7,7 @@ import torch
 
 from tl_sparsity import OnlineSparseCoder
 from tl_sparsity.convergence import ConvergenceTrace
+from tl_sparsity.pursuit import greedy_pursuit_reference
 from tl_sparsity.synthetic import SparseLinear
 
 
@@ -52,7 +53,11 @@ def test_rule_says_not_converged_for_a_short_run_and_converged_for_a_long_one():
         long.partial_fit(x)
     v = long.convergence_
     assert v["converged"], v
-    assert abs(v["drift"]) <= 0.02 and v["n_steps"] >= 200 and v["lam_frozen_at"] == 50
+    assert abs(v["drift"]) <= 0.02 and v["n_steps"] >= 200
+    checks = v["lam_checks"]  # λ was checked when the rule first said converged, and found stable in the end
+    assert checks and checks[-1][1] == checks[-1][2]
+    changed = [c for c in checks if c[1] != c[2]]
+    assert v["lam_frozen_at"] == (changed[-1][0] if changed else 50)
     # converged means near its own long-run value: a run three times longer moves it by little
     longer = OnlineSparseCoder(**opts)
     for x in src.batches(120_000, 4096):
@@ -132,3 +137,27 @@ def test_old_learner_files_load_as_the_one_pass_learner(tmp_path):
     path.write_bytes(state_io._pack(tensors, meta))
     old = OnlineSparseCoder.load(path)
     assert old.replay == 0 and torch.equal(old.dictionary_, c.dictionary_) and old._probe_fill == 0
+
+
+def test_lambda_is_re_estimated_at_convergence_to_its_fixed_point_on_training_rows():
+    """λ frozen after one warm-up step (a young dictionary) is off its fixed point; the check at convergence moves
+    it there — λ = lam_ratio × mean max coefficient of the replay buffer's training rows coded with the learned
+    dictionary, recomputed here by a plain loop — and the verdict waits for a whole window with the new λ."""
+    src = SparseLinear(24, 4, seed=1)
+    opts = dict(seed=0, batch_size=256, warmup_steps=1, min_steps=100)
+    c = OnlineSparseCoder(**opts)
+    for x in src.batches(60_000, 4096):
+        c.partial_fit(x)
+    v = c.convergence_
+    changed = [ch for ch in v["lam_checks"] if ch[1] != ch[2]]
+    assert changed and abs(changed[0][2] / changed[0][1] - 1) > 0.02, v["lam_checks"]
+    assert v["converged"] and v["lam_frozen_at"] == changed[-1][0] and c.n_steps_ >= 2 * changed[-1][0]
+    assert c.lam_ == changed[-1][2]
+    rows, lam = c._replay_buf[: c._replay_fill], c.lam_  # the fixed point now, by the literal one-row-at-a-time pursuit
+    for _ in range(3):
+        lam = 0.1 * float(greedy_pursuit_reference(rows, c.dictionary_, lam)[0].max(dim=1).values.mean())
+    assert lam == pytest.approx(c.lam_, rel=0.03)
+    still = OnlineSparseCoder(**opts, lam_rounds=0)  # the check switched off: λ stays where warm-up left it
+    for x in SparseLinear(24, 4, seed=1).batches(60_000, 4096):  # the same rows again
+        still.partial_fit(x)
+    assert still.convergence_["lam_checks"] == [] and still.lam_ == changed[0][1]

@@ -47,6 +47,7 @@ class ConvergenceTrace:
         self.steps: list[int] = []
         self.values: list[float] = []
         self.lam_frozen_at: int | None = None  # the dictionary step from which λ no longer changes
+        self.lam_checks: list[list[float]] = []  # [step, λ before, λ after] of each check of λ after convergence
 
     @staticmethod
     def due(step: int) -> bool:
@@ -100,7 +101,8 @@ class ConvergenceTrace:
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
-        return {"steps": list(self.steps), "values": list(self.values), "lam_frozen_at": self.lam_frozen_at}
+        return {"steps": list(self.steps), "values": list(self.values), "lam_frozen_at": self.lam_frozen_at,
+                "lam_checks": [list(c) for c in self.lam_checks]}
 
     def load_state(self, state: dict[str, Any]) -> None:
         steps, values = [int(s) for s in state["steps"]], [float(v) for v in state["values"]]
@@ -110,3 +112,7 @@ class ConvergenceTrace:
         self.steps, self.values = steps, values
         frozen = state.get("lam_frozen_at")
         self.lam_frozen_at = None if frozen is None else int(frozen)
+        checks = state.get("lam_checks", [])  # files from before λ was checked after convergence have none
+        if any(len(c) != 3 for c in checks):
+            raise ValueError("a convergence trace's λ checks are [step, λ before, λ after] triples.")
+        self.lam_checks = [[int(c[0]), float(c[1]), float(c[2])] for c in checks]

@@ -233,6 +233,11 @@ class DataParallelCoder(OnlineSparseCoder):
         return self._all_reduce(grad)
 
     # ------------------------------------------------------------------ collectives
+    def _agree(self, flag: bool) -> bool:
+        """True only if every rank's ``flag`` is (their traces are equal up to rounding): one collective, taken at
+        trace points only (which sync the host anyway)."""
+        return bool(self._all_reduce(torch.tensor([0.0 if flag else 1.0], dtype=torch.float64))[0] == 0)
+
     def _all_reduce(self, t: Tensor) -> Tensor:
         import torch.distributed as dist
 

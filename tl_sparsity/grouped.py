@@ -112,4 +112,4 @@ def _train_group(group: list[tuple[OnlineSparseCoder, Tensor]]) -> None:
     for h, lr in enumerate(learners):
         lr._phi_step(x[h, : sizes[h]], None, sizes[h], grad=grad[h])
         lr.n_tokens_ += sizes[h]
-        lr._after_batch(x[h, : sizes[h]])  # replay steps (alone) and the convergence trace
+        lr._after_batch(x[h, : sizes[h]], sizes[h])  # replay steps (alone), the convergence trace, the λ check

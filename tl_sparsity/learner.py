@@ -78,6 +78,10 @@ class OnlineSparseCoder:
             replay buffer; 0 is the plain one-pass online learner. Held-out rows never enter the buffer.
         replay_size: rows the replay buffer keeps (the most recent training rows); default 8 × ``batch_size``.
         probe_size: held-out rows (the first ones) on which the convergence trace is measured.
+        lam_rounds: how many times λ may be re-estimated after the rule first says converged (the paper's "repeat
+            a couple of rounds"): λ's fixed point ``lam_ratio`` × mean max coefficient is recomputed on training
+            rows with the learned dictionary; if it moved by more than ``tol``, the new λ is set and convergence is
+            judged afresh from there. 0 keeps the λ frozen after warm-up.
         tol, min_steps: the convergence rule: the held-out normalized loss moved by at most ``tol`` (relative) over
             the last half of at least ``min_steps`` dictionary steps, and swung by at most 2.5·``tol`` within it,
             all with λ frozen (:mod:`tl_sparsity.convergence`).
@@ -121,6 +125,7 @@ class OnlineSparseCoder:
         probe_size: int = 512,
         tol: float = 0.02,
         min_steps: int = 400,
+        lam_rounds: int = 2,
     ) -> None:
         if init not in ("data", "random"):
             raise ValueError(f"init must be 'data' (random normalised first-batch rows) or 'random', got {init!r}.")
@@ -145,6 +150,8 @@ class OnlineSparseCoder:
         if int(replay) < 0 or (replay_size is not None and int(replay_size) < 1) or int(warmup_steps) < 0:
             raise ValueError(f"replay and warmup_steps must be ≥ 0 and replay_size ≥ 1 (or None), got replay={replay!r},"
                              f" replay_size={replay_size!r}, warmup_steps={warmup_steps!r}.")
+        if int(lam_rounds) < 0:
+            raise ValueError(f"lam_rounds must be ≥ 0, got {lam_rounds!r}.")
         if int(probe_size) < 8:
             raise ValueError(f"probe_size must be ≥ 8 held-out rows, got {probe_size!r}.")
         ConvergenceTrace(tol, min_steps)  # validates tol and min_steps
@@ -157,6 +164,7 @@ class OnlineSparseCoder:
         self.replay = int(replay)
         self.replay_size = None if replay_size is None else int(replay_size)
         self.probe_size, self.tol, self.min_steps = int(probe_size), float(tol), int(min_steps)
+        self.lam_rounds = int(lam_rounds)
         self.lam_ratio = float(lam_ratio)
         self.holdout_frac = float(holdout_frac)
         self.reservoir_size = int(reservoir_size)
@@ -174,7 +182,7 @@ class OnlineSparseCoder:
         """The constructor arguments (for reports and for building an identical learner)."""
         keys = ("d_in", "expansion", "lam", "solver", "seed", "batch_size", "lr", "warmup_tokens", "lam_ratio",
                 "holdout_frac", "reservoir_size", "max_steps", "phi_steps", "init", "center", "replay", "replay_size",
-                "warmup_steps", "probe_size", "tol", "min_steps")
+                "warmup_steps", "probe_size", "tol", "min_steps", "lam_rounds")
         return {k: getattr(self, k) for k in keys}
 
     @property
@@ -365,32 +373,81 @@ class OnlineSparseCoder:
         """The convergence rule's verdict now: ``converged`` (bool), ``drift`` (relative change of the held-out
         probe's normalized loss over the last half of training), ``reason``, ``n_steps``, ``lam_frozen_at``."""
         out = self.trace_.verdict(self.n_steps_)
+        checks = self.trace_.lam_checks
+        if out["converged"] and self._lam_check_due():
+            out["converged"], out["reason"] = False, "λ not yet checked at convergence"
+        elif checks and checks[-1][1] != checks[-1][2] and not out["converged"]:
+            step, before, after = checks[-1]
+            out["reason"] += f" (λ re-estimated at step {int(step)}: {before:.4g} → {after:.4g})"
         if not self.initialized:
             out["reason"] = "no dictionary yet"
         elif self._probe_fill < self.probe_size and not self.trace_.steps:
             out["reason"] = (f"the held-out probe has {self._probe_fill} of its {self.probe_size} rows; feed more "
                              "tokens (or raise holdout_frac)")
-        return {**out, "n_steps": self.n_steps_, "lam_frozen_at": self.trace_.lam_frozen_at}
+        return {**out, "n_steps": self.n_steps_, "lam_frozen_at": self.trace_.lam_frozen_at,
+                "lam_checks": [list(c) for c in checks]}
 
     @property
     def converged_(self) -> bool:
         """Whether the held-out normalized loss has converged by the rule of :mod:`tl_sparsity.convergence`."""
         return bool(self.convergence_["converged"])
 
-    def _track(self) -> None:
+    def _track(self) -> bool:
         """Record when λ froze, and take a trace point on the held-out probe when one is due. No points while λ
         adapts: the rule reads only points taken after λ froze, and coding the probe with a young dictionary and a
-        small λ runs pursuits to the 4·d cap."""
+        small λ runs pursuits to the 4·d cap. Returns whether a point was taken."""
         if self.lam_adapting:
-            return
+            return False
         if self.trace_.lam_frozen_at is None:
             self.trace_.lam_frozen_at = self.n_steps_
         step = self.n_steps_
         if self._probe_fill < self.probe_size or (self.trace_.steps and step < self._next_point()):
-            return
+            return False
         acc = MetricAccumulator(self.lam_)
         acc.update(self._probe, self.dictionary_, self._code(self._probe))
         self.trace_.add(step, acc.result()["normalized_loss"])
+        return True
+
+    def _lam_check_due(self) -> bool:
+        """Whether λ is to be checked when the rule next says converged: λ adaptive, no check has found it stable,
+        fewer than ``lam_rounds`` re-estimates so far."""
+        if self.lam is not None or self.lam_adapting:
+            return False
+        checks = self.trace_.lam_checks
+        if checks and checks[-1][1] == checks[-1][2]:
+            return False
+        return sum(1 for c in checks if c[1] != c[2]) < self.lam_rounds
+
+    def _check_lam(self, x: Tensor, n_total: int) -> None:
+        """At the first trace point where the rule says converged (and again after each re-estimate): recompute λ's fixed point on
+        training rows — the replay buffer, or this step's rows ``x`` — with the learned dictionary. A move of more
+        than ``tol`` sets the new λ and restarts the λ-frozen window; a smaller one keeps λ, and the verdict
+        stands."""
+        due = self._lam_check_due() and bool(self.trace_.verdict(self.n_steps_)["converged"])
+        if not self._agree(due):
+            return
+        rows, n = (self._replay_buf[: self._replay_fill], self._replay_fill) if self._replay_fill else (x, n_total)
+        before = self.lam_
+        for _ in range(3):  # the adaptive rule's rounds, with the dictionary fixed
+            mean_max = self._mean_max(self._code(rows), n)
+            if not mean_max > 0:
+                break
+            self.lam_ = self.lam_ratio * mean_max
+        if abs(self.lam_ / before - 1.0) <= self.tol:
+            self.lam_ = before
+        else:
+            self.trace_.lam_frozen_at = self.n_steps_
+        self.trace_.lam_checks.append([self.n_steps_, before, self.lam_])
+
+    def _agree(self, flag: bool) -> bool:
+        """``flag`` as all processes that share this learner see it (one process here)."""
+        return flag
+
+    def _settle(self, x: Tensor, n_total: int) -> None:
+        """After each dictionary step: the trace, and at each new trace point the check of λ at convergence (the
+        same steps on every process that shares the learner)."""
+        if self._track():
+            self._check_lam(x, n_total)
 
     def _next_point(self) -> int:
         """The first step after the last trace point at which the schedule takes a point."""
@@ -412,18 +469,20 @@ class OnlineSparseCoder:
         self._replay_pos = int((self._replay_pos + n) % cap)
         self._replay_fill = min(cap, self._replay_fill + n)
 
-    def _after_batch(self, x: Tensor) -> None:
+    def _after_batch(self, x: Tensor, n_total: int) -> None:
         """After a fresh batch's step on training rows ``x``: ``replay`` steps on rows drawn from the replay buffer,
         and the convergence trace."""
-        self._track()
         if not (self.replay and x.shape[0]):
+            self._settle(x, n_total)
             return
         self._remember(x)
+        self._settle(x, n_total)
         n = x.shape[0]
         for _ in range(self.replay):
             idx = torch.randint(0, self._replay_fill, (n,), generator=self._gen)
-            self._step(self._replay_buf.index_select(0, to_device(idx, x.device)), n)
-            self._track()
+            rows = self._replay_buf.index_select(0, to_device(idx, x.device))
+            self._step(rows, n)
+            self._settle(rows, n)
 
     @property
     def capped_(self) -> int:
@@ -492,7 +551,7 @@ class OnlineSparseCoder:
         more in :class:`tl_sparsity.data_parallel.DataParallelCoder`)."""
         self._step(x, n_total)
         self.n_tokens_ += n_total
-        self._after_batch(x)
+        self._after_batch(x, n_total)
 
     def _step(self, x: Tensor, n_total: int) -> None:
         """One dictionary update from rows ``x``: code, adapt λ while it adapts, take ``phi_steps`` Φ-steps."""

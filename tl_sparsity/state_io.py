@@ -130,9 +130,10 @@ def learner_from_bytes(data: bytes, where: str) -> tuple[dict[str, Tensor], dict
 
 def saved_params(meta: dict[str, Any]) -> dict[str, Any]:
     """A learner file's constructor parameters, with the values that files written before an option existed
-    imply: ``center`` True; no replay and the convergence rule's defaults (the one-pass learner)."""
+    imply: ``center`` True; no replay, the convergence rule's defaults and no λ check after convergence (the
+    one-pass learner)."""
     return {"center": True, "replay": 0, "replay_size": None, "warmup_steps": 100, "probe_size": 512, "tol": 0.02,
-            "min_steps": 400, **meta["params"]}
+            "min_steps": 400, "lam_rounds": 0, **meta["params"]}
 
 
 def _check_params(lr: Any, meta: dict[str, Any], where: str) -> None:
