@@ -8,7 +8,7 @@ forward of the same model, in one run on one device.
 
 ``--model tl`` (the default when ``transformer_lens`` imports): a real TransformerLens model, collected with the real
 ``tl_sparsity.SparsityCollector``. A random ``GPT2LMHeadModel(GPT2Config(n_layer, n_embd))`` and a byte-level BPE
-tokenizer trained in-process are saved into a temporary folder and loaded with ``tl_sparsity.models.load_model``:
+tokenizer trained in-process are saved into a temporary folder and loaded with ``tl_sparsity.tl.models.load_model``:
 a ``TransformerBridge`` (TL 4.x; ``--backend auto``) or, on TL 3.x, ``--backend hooked`` for a ``HookedTransformer``
 with the same weights. Collection is ``col.fit(batch)`` (``--collect fit``, the streaming loop a user runs) or
 ``model.run_with_hooks(ids, fwd_hooks=col.fwd_hooks())`` (``--collect run_with_hooks``); the plain forward is
@@ -116,7 +116,7 @@ def train_tokenizer(vocab_size=300):
 
 def write_gpt2_folder(folder, layers=12, d=768, seed=0):
     """Save a random GPT-2 (``GPT2Config`` defaults but ``n_layer``, ``n_embd``, ``n_head``) and a tokenizer into
-    ``folder``, a local Hugging Face folder for :func:`tl_sparsity.models.load_model`. Returns ``folder``."""
+    ``folder``, a local Hugging Face folder for :func:`tl_sparsity.tl.models.load_model`. Returns ``folder``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = train_tokenizer()
@@ -130,7 +130,7 @@ def write_gpt2_folder(folder, layers=12, d=768, seed=0):
 
 def load_tl(folder, dev, dtype, backend="auto"):
     """(model, description) of a TransformerLens model loaded from ``folder`` the way a user would."""
-    from tl_sparsity.models import load_model, resolve_backend
+    from tl_sparsity.tl.models import load_model, resolve_backend
 
     backend = resolve_backend(backend)
     model, _ = load_model(str(folder), backend=backend, device=dev, dtype=dtype)

@@ -1,4 +1,4 @@
-"""k learners of one shape trained together (``tl_sparsity.grouped.train_together``) vs each alone, on one GPU.
+"""k learners of one shape trained together (``tl_sparsity.coding.grouped.train_together``) vs each alone, on one GPU.
 
     PYTHONPATH=$PWD python benchmarks/bench_grouped.py --n 4096          # 12 learners, d = 768, a = 16
     PYTHONPATH=$PWD python benchmarks/bench_grouped.py --n 16384 --rounds 3
@@ -19,7 +19,7 @@ import time
 import torch
 
 import bench_pursuit as B
-from tl_sparsity.grouped import train_together
+from tl_sparsity.coding.grouped import train_together
 
 
 def main() -> None:

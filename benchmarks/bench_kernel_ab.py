@@ -19,12 +19,12 @@ import sys
 import torch
 
 import bench_pursuit as B
-from tl_sparsity import kernels as K
+from tl_sparsity.coding import kernels as K
 
 
 def load_old(path: str):
     """The old ``kernels.py`` as a module (its package-relative import of ``.pursuit`` made absolute)."""
-    source = open(path).read().replace("from .pursuit import", "from tl_sparsity.pursuit import")
+    source = open(path).read().replace("from .pursuit import", "from tl_sparsity.coding.pursuit import")
     spec = importlib.util.spec_from_loader("kernels_old", loader=None)
     module = importlib.util.module_from_spec(spec)
     sys.modules["kernels_old"] = module  # Triton resolves the kernel's globals through its module

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from tl_sparsity.neurons import NeuronStats
+from tl_sparsity.stats.neurons import NeuronStats
 
 
 def rss_mb() -> tuple[float, float]:

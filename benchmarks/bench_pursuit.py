@@ -17,7 +17,7 @@ a fresh batch of ``--n`` normalised rows is coded by each path:
   program (one row each); ``--variants all`` adds a precision and launch-shape grid;
 * ``gram:*``, ``xPhiT:*`` — the two products around the kernel, in several precisions;
 * ``phi-step``   — the learner's Φ-step (on CUDA: bfloat16 products with float32 accumulation,
-  ``tl_sparsity.kernels.phi_products``, and the fused Adam kernel; float32 elsewhere);
+  ``tl_sparsity.coding.kernels.phi_products``, and the fused Adam kernel; float32 elsewhere);
 * ``train``      — pursuit + Φ-step per batch of rows, as the learner runs them (G and xΦᵀ included), each timed
   batch synchronised on its own (so the host's time to queue it is not hidden);
 * ``train (stream)`` — the same, ``--stream`` batches queued back to back and synchronised once, as a collector runs
@@ -45,7 +45,7 @@ import time
 import torch
 
 from tl_sparsity import OnlineSparseCoder, greedy_pursuit, greedy_pursuit_reference
-from tl_sparsity.synthetic import SparseLinear
+from tl_sparsity.coding.synthetic import SparseLinear
 
 
 def sync(dev):

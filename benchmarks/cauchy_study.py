@@ -6,7 +6,7 @@
     python benchmarks/cauchy_study.py --sources gaussian,cauchy --centre first-batch,none --caps 4,16,64,inf
 
 For every (data set, normaliser, step cap, seed) an ``OnlineSparseCoder`` (dictionary 8d, default λ rule with
-``--warmup-tokens``, default batch size) is trained on ``--tokens`` rows of a ``tl_sparsity.synthetic`` source and
+``--warmup-tokens``, default batch size) is trained on ``--tokens`` rows of a ``tl_sparsity.coding.synthetic`` source and
 evaluated on its held-out reservoir with ``evaluate()``. Factors:
 
 * ``--caps``: ``max_steps`` as a multiple of d (``inf`` = 10⁶ steps, i.e. run to the paper's stopping rule);
@@ -34,9 +34,9 @@ import time
 import torch
 
 from tl_sparsity import OnlineSparseCoder
-from tl_sparsity.metrics import sparsity_metrics
-from tl_sparsity.pursuit import greedy_pursuit
-from tl_sparsity.synthetic import Gaussian, IsotropicCauchy, Rademacher, SparseLinear
+from tl_sparsity.coding.metrics import sparsity_metrics
+from tl_sparsity.coding.backend import greedy_pursuit
+from tl_sparsity.coding.synthetic import Gaussian, IsotropicCauchy, Rademacher, SparseLinear
 
 UNLIMITED = 10**6
 

@@ -1,5 +1,5 @@
 """How many model tokens the old and the new learner need to reach their long-run held-out normalized loss, and
-whether the new convergence rule (``coder.converged_``, :mod:`tl_sparsity.convergence`) says so in time.
+whether the new convergence rule (``coder.converged_``, :mod:`tl_sparsity.coding.convergence`) says so in time.
 
     python benchmarks/convergence.py                                   # 6 sources × 2 learners to 2 M tokens (GPU)
     python benchmarks/convergence.py --device cuda
@@ -11,6 +11,8 @@ Learners (both seeded with ``--seed``):
 * ``old``: ``OnlineSparseCoder(batch_size=4096, replay=0, warmup_tokens=1_048_576)`` — the learner before replay,
   λ warm-up by steps and the convergence rule (λ adapts during the first 2^20 training rows);
 * ``new``: ``OnlineSparseCoder()`` — batch 1024, ``replay=7``, ``warmup_steps=100``.
+* ``new-lam0``: the same without the λ check at convergence (``lam_rounds=0``);
+* ``new-replay64``: the same with a replay buffer of 65 536 rows (8× the default).
 
 Sources: ``SparseLinear(d, a, sigma=0.1)`` for d ∈ {64, 256}, a ∈ {8, 16} (``sparse-d{d}-a{a}``), and
 ``CovarianceMatchedGaussian`` with mean 0 and the covariance of 65 536 rows of ``SparseLinear(d, 8)``
@@ -46,7 +48,7 @@ from collections.abc import Sequence
 import torch
 
 from tl_sparsity import OnlineSparseCoder
-from tl_sparsity.synthetic import CovarianceMatchedGaussian, SparseLinear
+from tl_sparsity.coding.synthetic import CovarianceMatchedGaussian, SparseLinear
 
 BUDGETS = (5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000, 2_000_000)
 QUICK_BUDGETS = (5_000, 10_000, 20_000, 30_000)
@@ -58,6 +60,8 @@ TOL = 0.05
 LEARNERS = {
     "old": dict(batch_size=4096, replay=0, warmup_tokens=1_048_576),
     "new": dict(),
+    "new-lam0": dict(lam_rounds=0),  # without the λ check at convergence
+    "new-replay64": dict(replay_size=65_536),  # a replay buffer 8× the default
 }
 
 
@@ -196,6 +200,15 @@ def print_summary(rows: list[dict], max_budget: int) -> None:
               f"{_tok(g('old_tok_verdict')):>11} {_num(g('old_verdict_err'), '+.3f'):>7}")
 
 
+def print_long_runs(rows: list[dict], learners: Sequence[str], max_budget: int) -> None:
+    """Every learner's long-run value and first converged budget, side by side (the summary above shows old/new)."""
+    print(f"\n## every learner at {_tok(max_budget)} (held-out L_norm; first budget the rule said converged)")
+    print(f"{'source':<16} | " + " | ".join(f"{lr:>20}" for lr in learners))
+    for r in rows:
+        print(f"{r['source']:<16} | " + " | ".join(
+            f"{_num(r.get(f'{lr}_longrun')):>8} ({_tok(r.get(f'{lr}_tok_verdict')):>4}){'':>5}" for lr in learners))
+
+
 def _revision() -> str:
     """The checkout's commit, and whether tl_sparsity/ differs from it (the numbers depend on the package's code)."""
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -218,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--max-tokens", type=int, default=2_000_000, help="largest budget (default 2M)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--sources", default="*", help="comma-separated names or globs, e.g. 'sparse-d64-*,gauss-d64'")
-    p.add_argument("--learners", default="old,new", help="comma-separated subset of old,new")
+    p.add_argument("--learners", default="old,new", help="comma-separated subset of " + ",".join(LEARNERS))
     p.add_argument("--seed", type=int, default=0, help="source and learner seed")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads; default 1 on cpu (OpenMP spin-waits on 2 shared cores cost ~10x), "
@@ -265,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         summary.append({**summarize(name, recs), "wall_s": times})
         sys.stdout.flush()
     print_summary(summary, budgets[-1])
+    if set(learners) - {"old", "new"}:
+        print_long_runs(summary, learners, budgets[-1])
     return {"header": header, "rows": all_rows, "summary": summary}
 
 

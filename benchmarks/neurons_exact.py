@@ -1,4 +1,4 @@
-"""Exact-reference check of the streamed neuron statistics (:class:`tl_sparsity.neurons.NeuronStats`) on SmolLM2-135M.
+"""Exact-reference check of the streamed neuron statistics (:class:`tl_sparsity.stats.neurons.NeuronStats`) on SmolLM2-135M.
 
 Streams real text (pydoc) through the built-in SmolLM2-135M and feeds each chosen layer's ``blocks.L.mlp.hook_pre``
 (the SwiGLU gate, the site ``examples/neuron_profile.py`` uses; "active" = gate > threshold) to ``NeuronStats`` exactly
@@ -35,8 +35,8 @@ import time
 import numpy as np
 import torch
 
-from tl_sparsity.models import load_model
-from tl_sparsity.neurons import NeuronStats, _trigram_keys
+from tl_sparsity.tl.models import load_model
+from tl_sparsity.stats.neurons import NeuronStats, _trigram_keys
 from tl_sparsity.text import load_texts, token_windows
 
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     def make_hook(name: str):
         def hook(act: torch.Tensor, hook=None) -> None:
             nonlocal stream_s
-            if name not in stats:  # as HookExtras._new_neurons: NeuronStats(width, device=..., **neuron_options)
+            if name not in stats:  # as SideStats._new_neurons: NeuronStats(width, device=..., **neuron_options)
                 stats[name] = NeuronStats(act.shape[-1], **{"device": act.device, **opts})
             s = stats[name]
             t = time.perf_counter()

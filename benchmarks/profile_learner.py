@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from tl_sparsity import OnlineSparseCoder
-from tl_sparsity.synthetic import SparseLinear
+from tl_sparsity.coding.synthetic import SparseLinear
 
 
 def main() -> None:

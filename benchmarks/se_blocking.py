@@ -19,8 +19,8 @@ import time
 import torch
 
 from tl_sparsity import SparsityCollector
-from tl_sparsity.metrics import per_sample_terms
-from tl_sparsity.models import load_model
+from tl_sparsity.coding.metrics import per_sample_terms
+from tl_sparsity.tl.models import load_model
 from tl_sparsity.text import load_texts, token_windows
 
 

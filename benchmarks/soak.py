@@ -9,7 +9,7 @@ hour on one CPU thread; memory, not quality, is under test here.
 
 Prints peak RSS (``getrusage``'s high-water mark) and current RSS at every million tokens, then the peak at 1 M and
 at the end and their ratio; exits non-zero when they differ by 5 % or more. The learner state is bounded by
-:func:`tl_sparsity.learner.state_bytes`, which is printed for comparison.
+:func:`tl_sparsity.coding.learner.state_bytes`, which is printed for comparison.
 
     python benchmarks/soak.py                      # 10 M tokens per hook, d = 64
     python benchmarks/soak.py --tokens 2000000     # a quicker run
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from tl_sparsity import OnlineSparseCoder
-from tl_sparsity.learner import state_bytes
-from tl_sparsity.synthetic import Gaussian, SparseLinear
+from tl_sparsity.coding.learner import state_bytes
+from tl_sparsity.coding.synthetic import Gaussian, SparseLinear
 
 MIB = 2**20
 

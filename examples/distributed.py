@@ -27,7 +27,7 @@ from tl_sparsity.distributed import HookParallelCollector
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="a tl_sparsity.models name or folder (default: tiny random model)")
+    p.add_argument("--model", default=None, help="a tl_sparsity.tl.models name or folder (default: tiny random model)")
     p.add_argument("--hooks", default="resid_post,mlp_post")
     p.add_argument("--layers", default=None, help="as in tl-sparsity run, e.g. 0:30:5")
     p.add_argument("--tokens", type=int, default=8192, help="tokens over all ranks")
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
             gen = torch.Generator().manual_seed(0)
             batches = [torch.randint(1, 1000, (8, 64), generator=gen) for _ in range(max(1, args.tokens // 504))]
         else:
-            from tl_sparsity import models, text
+            from tl_sparsity import text
+            from tl_sparsity.tl import models
 
             model, tok = models.load_model(args.model, device=device)
             batches = list(text.token_windows(tok, text.load_texts("pydoc"), ctx_len=128, batch_size=8,

@@ -22,7 +22,7 @@ import time
 import torch
 
 from tl_sparsity import OnlineSparseCoder
-from tl_sparsity.synthetic import Gaussian, IsotropicCauchy, Rademacher, SparseLinear
+from tl_sparsity.coding.synthetic import Gaussian, IsotropicCauchy, Rademacher, SparseLinear
 
 PAPER_FIG1A = {2: 2.17, 4: 2.94, 8: 4.73, 16: 8.21, 32: 16.1, 64: 26.3, 128: 31.8, 512: 37.4}
 #: Fig. 1b: (normalized loss, S₁) at d = 256, σ = 0.1, dictionary 8d

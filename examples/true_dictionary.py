@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from tl_sparsity import greedy_pursuit, sparsity_metrics
-from tl_sparsity.synthetic import SparseLinear
+from tl_sparsity.coding.synthetic import SparseLinear
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -7,8 +7,8 @@ import torch
 
 from conftest import TINY, n_hooks
 from tl_sparsity import OnlineSparseCoder, SparsityCollector
-from tl_sparsity import checkpoint as ckpt
-from tl_sparsity.checkpoint import CheckpointError
+from tl_sparsity.tl import checkpoint as ckpt
+from tl_sparsity.tl.checkpoint import CheckpointError
 
 # one learner batch per forward (4 sequences × 16 positions after BOS), short pursuits: fast on 2 CPU cores
 OPTS = dict(batch_size=64, warmup_tokens=256, reservoir_size=48, expansion=2, max_steps=32)
@@ -171,6 +171,51 @@ def test_save_then_load_gives_the_same_collector_and_report(model, tmp_path):
     col.fit(BATCHES[3:], progress=False)
     back.fit(BATCHES[3:], progress=False)
     assert_same_collector(col, back)
+
+
+def test_a_collector_saves_to_a_folder_and_a_file_given_instead_is_refused_naming_it(model, tmp_path):
+    col = SparsityCollector(model, hooks=HOOKS, **OPTS).fit(BATCHES[:2], progress=False)
+    n = col.n_tokens
+    learner_file = col.learners[col.hook_names[0]].save(tmp_path / "one.safetensors")
+    with pytest.raises(NotADirectoryError, match=r"one\.safetensors is a file; a collector is saved to a folder"):
+        col.save(learner_file)
+    with pytest.raises(NotADirectoryError, match=r"one\.safetensors is a file"):  # also a folder under a file
+        col.save(learner_file / "run")
+    with pytest.raises(NotADirectoryError, match=r"one\.safetensors is a file"):  # before any forward
+        col.fit(BATCHES[2:4], progress=False, checkpoint_dir=learner_file)
+    assert col.n_tokens == n and sorted(p.name for p in tmp_path.iterdir()) == ["one.safetensors"]
+    assert_same_learner(OnlineSparseCoder.load(learner_file), col.learners[col.hook_names[0]])  # untouched
+
+
+def test_load_given_a_file_names_what_it_looks_like_and_what_to_pass(model, tmp_path):
+    import warnings
+
+    col = SparsityCollector(model, hooks=HOOKS, **OPTS).fit(BATCHES[:2], progress=False)
+    learner_file = col.learners[col.hook_names[0]].save(tmp_path / "one.safetensors")
+    with pytest.raises(CheckpointError, match=r"one\.safetensors is a file, not a collector checkpoint folder: it "
+                                              r"looks like a learner file.*OnlineSparseCoder\.load"):
+        SparsityCollector.load(learner_file, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a report of two batches: not converged
+        report_file = col.report().save(tmp_path / "report.json")
+    with pytest.raises(CheckpointError, match=r"report\.json is a file.*saved report.*SparsityReport\.load"):
+        SparsityCollector.load(report_file, model)
+    folder = col.save(tmp_path / "run")
+    with pytest.raises(CheckpointError, match=r"manifest\.json is a file of a collector checkpoint.*pass the folder"):
+        SparsityCollector.load(folder / "manifest.json", model)
+    with pytest.raises(CheckpointError, match=r"LATEST is a file of a collector checkpoint.*pass the folder"):
+        SparsityCollector.load(tmp_path / "run" / "LATEST", model)
+    with pytest.raises(CheckpointError, match=r"hook_000\.safetensors .*learner file.*checkpoint it belongs to"):
+        SparsityCollector.load(folder / "hook_000.safetensors", model)
+    with pytest.raises(CheckpointError, match=r"extra_001\.safetensors is a file holding one hook's side statistics"):
+        SparsityCollector.load(folder / "extra_001.safetensors", model)
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"notes\.txt is a file, not a collector checkpoint folder\. "
+                                              r"SparsityCollector\.load takes the folder given to"):
+        SparsityCollector.load(tmp_path / "notes.txt", model)
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .*nowhere.*does not exist"):
+        SparsityCollector.load(tmp_path / "nowhere", model)
+    assert_same_collector(col, SparsityCollector.load(tmp_path / "run", model))
 
 
 def test_damaged_checkpoint_is_rejected_and_the_previous_one_is_intact(model, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 matplotlib.use("Agg")
 
 from tl_sparsity import SparsityReport, cli  # noqa: E402
-from tl_sparsity.models import _has_bridge  # noqa: E402
+from tl_sparsity.tl.models import _has_bridge  # noqa: E402
 
 
 def test_layers_accept_lists_and_slices_and_reject_out_of_range():

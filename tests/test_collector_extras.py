@@ -10,10 +10,10 @@ from conftest import make_model, n_hooks
 from test_checkpoint import assert_same_collector
 from test_neurons import P_STAR, X, _set_planted_weights
 from tl_sparsity import SparsityCollector, SparsityReport
-from tl_sparsity import extras as extras_module
-from tl_sparsity.checkpoint import CheckpointError
-from tl_sparsity.controls import control_metrics
-from tl_sparsity.neurons import NeuronStats
+from tl_sparsity.stats import side as extras_module
+from tl_sparsity.tl.checkpoint import CheckpointError
+from tl_sparsity.stats.controls import control_metrics
+from tl_sparsity.stats.neurons import NeuronStats
 
 # one learner batch per forward (4 sequences × 16 positions after BOS), short pursuits: fast on 2 CPU cores
 OPTS = dict(batch_size=64, warmup_tokens=256, reservoir_size=48, expansion=2, max_steps=32)

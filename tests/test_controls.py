@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tl_sparsity import OnlineSparseCoder
-from tl_sparsity.controls import StreamingCovariance, control_metrics
-from tl_sparsity.synthetic import SparseLinear
+from tl_sparsity.stats.controls import StreamingCovariance, control_metrics
+from tl_sparsity.coding.synthetic import SparseLinear
 
 
 def test_streaming_covariance_equals_torch_cov_whatever_the_chunking():

@@ -103,7 +103,7 @@ def _fed_with_counts(rank: int, coder) -> list[str]:
 
 def _worker(rank: int) -> dict:
     """One rank's results (run by conftest.on_two_gloo_ranks)."""
-    from tl_sparsity.data_parallel import DataParallelCoder
+    from tl_sparsity.scale.data_parallel import DataParallelCoder
 
     coder = DataParallelCoder(**CODER)
     for x in _chunks(rank):

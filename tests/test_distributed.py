@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from tl_sparsity import SparsityCollector
 from tl_sparsity.distributed import HookParallelCollector, _pack, _unpack
-from tl_sparsity.extras import NEURON_COLUMNS
+from tl_sparsity.stats.side import NEURON_COLUMNS
 
 HOOKS = "blocks.0.hook_resid_post,blocks.1.hook_resid_post,blocks.1.mlp.hook_post"
 NEURON_HOOKS = ["blocks.1.hook_resid_post", "blocks.1.mlp.hook_post"]  # owned by rank 1 and rank 0
@@ -169,7 +169,7 @@ def test_an_interrupted_hook_parallel_fit_resumes_from_the_newest_checkpoint_eve
 def test_comm_device_names_a_missing_set_device_under_nccl(monkeypatch):
     """Under NCCL a process with LOCAL_RANK > 0 still on cuda:0 would collide with local rank 0 ("Duplicate GPU
     detected" deep inside NCCL): comm_device says what to call instead. gloo collectives run on the CPU."""
-    from tl_sparsity.ranks import comm_device
+    from tl_sparsity.scale.ranks import comm_device
 
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
     assert comm_device() == torch.device("cpu")

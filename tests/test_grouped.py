@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tl_sparsity import OnlineSparseCoder, SparsityCollector
-from tl_sparsity.grouped import group_key, train_together
+from tl_sparsity.coding.grouped import group_key, train_together
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -97,7 +97,7 @@ def test_cuda_training_together_matches_alone_through_the_grouped_kernel():
 
 
 def test_a_group_over_the_memory_budget_trains_in_chunks_with_the_same_result(monkeypatch):
-    import tl_sparsity.grouped as grouped
+    import tl_sparsity.coding.grouped as grouped
 
     calls = []
     real = grouped._train_group

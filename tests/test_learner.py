@@ -79,7 +79,7 @@ def test_bad_options_and_inputs_raise_clear_errors():
 
 
 def test_state_memory_equals_the_formula_whatever_the_tokens_seen():
-    from tl_sparsity.learner import state_bytes
+    from tl_sparsity.coding.learner import state_bytes
 
     d, m, reservoir, batch = 12, 36, 40, 64
     c = OnlineSparseCoder(expansion=3, batch_size=batch, reservoir_size=reservoir, max_steps=8)
@@ -119,7 +119,7 @@ def test_center_false_keeps_the_rows_origin_and_equals_feeding_centred_rows_to_a
 
 
 def test_check_finite_false_skips_only_the_check():
-    from tl_sparsity.collector import _all_finite
+    from tl_sparsity.tl.collector import _all_finite
 
     x = torch.randn(500, 8, generator=torch.Generator().manual_seed(2))
     a = OnlineSparseCoder(expansion=2, batch_size=100, seed=0).partial_fit(x[:230]).partial_fit(x[230:])
@@ -158,3 +158,58 @@ def test_reservoir_equals_sequential_algorithm_r_with_the_same_draws():
                     want[slot] = c[take + j]
         seen += c.shape[0]
     assert coder.n_heldout_ == 60 and torch.equal(coder.heldout_, torch.stack(want))
+
+
+def test_options_object_holds_the_constructor_s_arguments_defaults_and_checks():
+    import dataclasses
+    import inspect
+
+    from tl_sparsity import LearnerOptions
+
+    sig = inspect.signature(OnlineSparseCoder).parameters
+    fields = dataclasses.fields(LearnerOptions)
+    assert list(sig) == [f.name for f in fields]  # one field per argument, in order
+    assert {k: p.default for k, p in sig.items()} == {f.name: f.default for f in fields}  # one set of defaults
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in sig.values())
+    # get_params: every argument but device, in this order (saved files and reports rely on it)
+    keys = ["d_in", "expansion", "lam", "solver", "seed", "batch_size", "lr", "warmup_tokens", "lam_ratio",
+            "holdout_frac", "reservoir_size", "max_steps", "phi_steps", "init", "center", "replay", "replay_size",
+            "warmup_steps", "probe_size", "tol", "min_steps", "lam_rounds"]
+    c = OnlineSparseCoder(expansion=3, seed=4.0, lam=1, center=0, replay_size=9.0, device="cpu")
+    assert list(c.get_params()) == keys and c.device == "cpu"
+    assert [type(v) for v in (c.seed, c.lam, c.center, c.replay_size)] == [int, float, bool, int]  # as before
+    assert c.options == LearnerOptions(expansion=3, seed=4, lam=1.0, center=False, replay_size=9, device="cpu")
+    twin = OnlineSparseCoder.from_options(c.options)
+    assert twin.get_params() == c.get_params() and twin.device == "cpu"
+    opts = LearnerOptions()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.lam = 0.1  # type: ignore[misc]
+    for bad, match in [(dict(solver="omp"), "solver must be one of"), (dict(init="zeros"), "init must be"),
+                       (dict(batch_size=1), "batch_size must be ≥ 2"), (dict(probe_size=4), "probe_size must be ≥ 8"),
+                       (dict(replay_size=0), "replay_size ≥ 1"), (dict(lam_rounds=-1), "lam_rounds must be ≥ 0"),
+                       (dict(tol=0), "tol"), (dict(lam=0), "lam must be > 0")]:
+        with pytest.raises(ValueError, match=match):
+            LearnerOptions(**bad)
+        with pytest.raises(ValueError, match=match):
+            OnlineSparseCoder(**bad)
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(opts, **bad)
+
+
+def test_command_line_learner_flags_take_the_options_defaults_and_docs():
+    import dataclasses
+
+    from tl_sparsity import LearnerOptions, cli
+    from tl_sparsity.coding.options import option_docs
+
+    args = cli._parser().parse_args(["run"])
+    options = cli.learner_options(args)
+    defaults = {f.name: f.default for f in dataclasses.fields(LearnerOptions) if f.name not in ("d_in", "device")}
+    assert options == defaults
+    assert all(option_docs()[name] for name in defaults)  # every option documented (the flags' help)
+    args = cli._parser().parse_args(["run", "--learner-batch-size", "256", "--batch-size", "4", "--no-center",
+                                     "--tol", "0.05", "--device", "cuda"])
+    options = cli.learner_options(args)
+    assert (options["batch_size"], args.batch_size, options["center"], options["tol"]) == (256, 4, False, 0.05)
+    assert options["device"] == "cuda"
+    LearnerOptions(**options)

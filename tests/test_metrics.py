@@ -3,7 +3,7 @@ import math
 import torch
 
 from tl_sparsity import sparsity_metrics
-from tl_sparsity.metrics import MetricAccumulator
+from tl_sparsity.coding.metrics import MetricAccumulator
 
 
 def test_metrics_equal_hand_computation():

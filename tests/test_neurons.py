@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tl_sparsity.neurons import HeavyHitters, NeuronStats, _trigram_keys
+from tl_sparsity.stats.neurons import HeavyHitters, NeuronStats, _trigram_keys
 
 V, T = 50, 32
 TOKEN, TRIGRAM, POSITIONS = 3, (9, 8, 7), (10, 11, 12, 13)
@@ -180,7 +180,7 @@ def test_trigram_sketch_never_undercounts():
 
 
 def test_coverage_uses_the_lower_bound_of_a_count():
-    from tl_sparsity.neurons import _detect
+    from tl_sparsity.stats.neurons import _detect
 
     hh = HeavyHitters(1, k=5)
     hh.ids[0, :2], hh.cnt[0, :2] = torch.tensor([7, 9]), torch.tensor([100, 3])
@@ -349,7 +349,7 @@ def test_missed_token_detector_is_never_labelled_a_trigram_detector():
         if not row["token_detector"]:
             assert row["kind"] == "undetermined" and row["token_verdict"] == "uncertain", err
         assert row["n_covering_tokens_min"] <= 1 <= row["n_covering_tokens"] or not row["token_detector"]
-    assert row["kind"] == "undetermined"  # the reproduction: was kind="trigram", covered by (5, 6, 7)
+    assert row["kind"] == "undetermined"  # not kind="trigram", though (5, 6, 7) covers it
 
 
 @pytest.mark.parametrize("slots", [5, 8])

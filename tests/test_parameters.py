@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 
-from tl_sparsity.parameters import (
+from tl_sparsity.tl.parameters import (
     _classify,
     parameter_activation,
     parameter_groups,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st  # noqa: E402
 from test_checkpoint import assert_same_learner  # noqa: E402
 from test_hostile import StubModel  # noqa: E402
 from tl_sparsity import OnlineSparseCoder, SparsityCollector, greedy_pursuit, greedy_pursuit_reference  # noqa: E402
-from tl_sparsity.pursuit import STOP_TOL  # noqa: E402
+from tl_sparsity.coding.pursuit import STOP_TOL  # noqa: E402
 
 FEW = settings(max_examples=25, deadline=None, database=None)  # no .hypothesis folder left behind
 

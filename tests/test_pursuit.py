@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tl_sparsity import greedy_pursuit, greedy_pursuit_reference, lasso_pursuit
-from tl_sparsity.pursuit import STOP_TOL
+from tl_sparsity.coding.pursuit import STOP_TOL
 
 
 def _problem(n=40, d=16, m=48, dtype=torch.float64, seed=0):
@@ -102,7 +102,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 def _planted(n=512, d=64, a=8, seed=0, device="cpu"):
     """Synthetic rows and a dictionary holding the planted features plus as many random atoms (m = 8d)."""
-    from tl_sparsity.synthetic import SparseLinear
+    from tl_sparsity.coding.synthetic import SparseLinear
 
     src = SparseLinear(d, a, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -122,18 +122,22 @@ def test_auto_backend_on_cpu_is_the_torch_path_and_triton_backend_is_refused():
 
 
 _INTERPRET_SCRIPT = r"""
+import json, sys
 import torch
 from tl_sparsity import greedy_pursuit_reference
-from tl_sparsity.kernels import adam_sphere_step, greedy_pursuit_triton, kernel_shape
+from tl_sparsity.coding.kernels import adam_sphere_step, greedy_pursuit_triton, kernel_shape, launch
+torch.set_num_threads(1)
+size = json.loads(sys.argv[1])
 g = torch.Generator().manual_seed(0)
-x = torch.randn(13, 12, generator=g)
-# m = 40: one masked chunk; 300: a second, masked chunk; 768: three full chunk rows (2 + 1) of T = 256
-for m, lam, cap in [(40, 0.5, None), (40, 1e-3, 5), (300, 0.5, None), (768, 0.2, None)]:
+x = torch.randn(size["rows"], 12, generator=g)
+# (m, λ, max_steps, num_warps); at num_warps = 1 (T = 256): m = 40, one masked chunk row; 300, two (RA = 2), the
+# second masked; 600, RA = 2 plus RB = 1, masked; 768, RA = 2 plus RB = 1, full. None: the default warps
+for m, lam, cap, nw in size["cases"]:
     phi = torch.randn(m, 12, generator=g); phi /= phi.norm(dim=1, keepdim=True)
     ref, info = greedy_pursuit_reference(x, phi, lam, max_steps=cap)
     a, steps, capped = greedy_pursuit_triton(x, phi, lam, max_steps=cap, gram_dtype=torch.float32,
-                                             corr_dtype=torch.float32)
-    assert torch.equal(ref != 0, a != 0), ("support differs", m, kernel_shape(m))
+                                             corr_dtype=torch.float32, num_warps=nw)
+    assert torch.equal(ref != 0, a != 0), ("support differs", m, kernel_shape(m, nw))
     torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-5)
     assert torch.equal(steps.long(), info.steps) and int(capped.sum()) == info.capped
 # exact ties: three copies of each one-hot atom, in the first chunk (5-16), across the chunks (250-261) and in the
@@ -147,20 +151,19 @@ xt = torch.tensor([[1.0, 1.0, 0.5] + [0.0] * 9, [0.0] * 11 + [2.0], [0.25] * 12]
 ref, info = greedy_pursuit_reference(xt, phi, 0.1)
 a, steps, _ = greedy_pursuit_triton(xt, phi, 0.1, gram_dtype=torch.float32, corr_dtype=torch.float32)
 assert torch.equal(a, ref) and torch.equal(steps.long(), info.steps), (a.nonzero(), ref.nonzero())
-# k = 2 dictionaries in one grouped launch (rows 0-12 for the first, 13-25 for the second, λ of their own)
-from tl_sparsity.kernels import launch
+# k = 2 dictionaries in one grouped launch (rows 0 to r-1 for the first, r to 2r-1 for the second, λ of their own)
+r, lams = size["group_rows"], size["group_lams"]
 phis = torch.randn(2, 300, 12, generator=g); phis /= phis.norm(dim=2, keepdim=True)
-xs = torch.randn(2, 13, 12, generator=g)
-lams = [0.3, 0.6]
-c = torch.bmm(xs, phis.transpose(1, 2)).reshape(26, 300).contiguous()
+xs = torch.randn(2, r, 12, generator=g)
+c = torch.bmm(xs, phis.transpose(1, 2)).reshape(2 * r, 300).contiguous()
 G = torch.bmm(phis, phis.transpose(1, 2)).contiguous()
 hf = torch.tensor([[lam / 2, 1e-4 * lam / 2] for lam in lams])
 ones = torch.ones(2)
-steps, capped, _ = launch(c, G, ones, ones, 0.0, 48, order=torch.arange(26).flip(0), cscale=ones, group=(13, hf))
+steps, capped, _ = launch(c, G, ones, ones, 0.0, 48, order=torch.arange(2 * r).flip(0), cscale=ones, group=(r, hf))
 for h in range(2):
     ref, info = greedy_pursuit_reference(xs[h], phis[h], lams[h])
-    torch.testing.assert_close(c[13 * h : 13 * (h + 1)], ref, rtol=1e-4, atol=1e-5)
-    assert torch.equal(steps[13 * h : 13 * (h + 1)].long(), info.steps)
+    torch.testing.assert_close(c[r * h : r * (h + 1)], ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(steps[r * h : r * (h + 1)].long(), info.steps)
 # one Adam step on the sphere, against the learner's arithmetic written out
 phi = torch.randn(40, 12, generator=g); phi /= phi.norm(dim=1, keepdim=True)
 grad, mom, var = (torch.randn(40, 12, generator=g) for _ in range(3))
@@ -175,26 +178,36 @@ for got, want in [(phi, p2), (mom, m2), (var, v2)]:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 print("OK")
 """
+# The interpreter runs every program of the grid one after another in Python, at ~0.05-0.1 s a row step on one core:
+# the default size takes ~60 row steps (seconds); the full one ~1300 (minutes, marked slow).
+_INTERPRET_SMALL = {"rows": 3, "cases": [(40, 2.0, None, None), (40, 1e-3, 2, None), (300, 2.0, None, None),
+                                         (600, 2.0, None, 1)], "group_rows": 2, "group_lams": [2.0, 3.0]}
+_INTERPRET_FULL = {"rows": 13, "cases": [(40, 0.5, None, None), (40, 1e-3, 5, None), (300, 0.5, None, None),
+                                         (600, 0.5, None, 1), (768, 0.2, None, 1), (768, 0.2, None, None)],
+                   "group_rows": 13, "group_lams": [0.3, 0.6]}
 
 
-def test_triton_kernels_equal_references_in_float32_under_the_triton_interpreter():
+@pytest.mark.parametrize("size", [pytest.param(_INTERPRET_SMALL, id="small"),
+                                  pytest.param(_INTERPRET_FULL, id="full", marks=pytest.mark.slow)])
+def test_triton_kernels_equal_references_in_float32_under_the_triton_interpreter(size):
     """Runs the kernels' code on the CPU (TRITON_INTERPRET=1), so CI checks their logic without a GPU (when triton
-    is installed; the torch CPU wheel does not bring it)."""
+    is installed; the torch CPU wheel does not bring it). The timeout only guards against a hang."""
     pytest.importorskip("triton")
+    import json
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", _INTERPRET_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300, check=False)
+    out = subprocess.run([sys.executable, "-c", _INTERPRET_SCRIPT, json.dumps(size)], env=env, capture_output=True,
+                         text=True, timeout=3600, check=False)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
 
 
 @cuda
 @pytest.mark.parametrize("d", [64, 72, 96])  # m = 512: one chunk; 576: two, the second masked; 768: 2 + 1 rows
 def test_cuda_kernel_in_float32_matches_reference_support_steps_and_values(d):
-    from tl_sparsity.kernels import greedy_pursuit_triton
+    from tl_sparsity.coding.kernels import greedy_pursuit_triton
 
     x, phi = _planted(n=255, d=d, device="cuda")
     lam = 0.05
@@ -241,7 +254,7 @@ def test_cuda_fast_path_counts_capped_rows_like_the_reference():
 
 @cuda
 def test_cuda_phi_products_in_bfloat16_are_close_to_float64():
-    from tl_sparsity.kernels import phi_products
+    from tl_sparsity.coding.kernels import phi_products
 
     x, phi = _planted(n=512, device="cuda")
     alpha = greedy_pursuit(x, phi, 0.05)

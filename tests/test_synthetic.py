@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from tl_sparsity.synthetic import CovarianceMatchedGaussian, Gaussian, IsotropicCauchy, Rademacher, SparseLinear
+from tl_sparsity.coding.synthetic import CovarianceMatchedGaussian, Gaussian, IsotropicCauchy, Rademacher, SparseLinear
 
 
 def test_sparse_linear_statistics_match_the_paper_recipe():

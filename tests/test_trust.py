@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tl_sparsity import OnlineSparseCoder
-from tl_sparsity.convergence import ConvergenceTrace
-from tl_sparsity.pursuit import greedy_pursuit_reference
-from tl_sparsity.synthetic import SparseLinear
+from tl_sparsity.coding.convergence import ConvergenceTrace
+from tl_sparsity.coding.pursuit import greedy_pursuit_reference
+from tl_sparsity.coding.synthetic import SparseLinear
 
 
 def _within(a: dict, b: dict, k: float = 3.0) -> bool:
@@ -124,7 +124,7 @@ def test_replay_takes_extra_steps_from_training_rows_only():
 
 def test_old_learner_files_load_as_the_one_pass_learner(tmp_path):
     """A file written before replay and the trace existed loads with replay 0 (the learner it was)."""
-    from tl_sparsity import state_io
+    from tl_sparsity.coding import state_io
 
     c = OnlineSparseCoder(seed=0, batch_size=64, replay=0, warmup_steps=100).partial_fit(torch.randn(300, 8))
     tensors, meta = state_io.learner_state(c)

@@ -11,18 +11,19 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "SparsityCollector": "collector",
-    "OnlineSparseCoder": "learner",
-    "greedy_pursuit": "pursuit",
-    "greedy_pursuit_reference": "pursuit",
-    "lasso_pursuit": "pursuit",
-    "sparsity_metrics": "metrics",
+    "SparsityCollector": "tl.collector",
+    "OnlineSparseCoder": "coding.learner",
+    "LearnerOptions": "coding.options",
+    "greedy_pursuit": "coding.backend",
+    "greedy_pursuit_reference": "coding.pursuit",
+    "lasso_pursuit": "coding.pursuit",
+    "sparsity_metrics": "coding.metrics",
     "SparsityReport": "report",
-    "ALIASES": "hooks",
-    "NeuronStats": "neurons",
-    "parameter_activation": "parameters",
-    "plot_parameter_activation": "parameters",
-    "StreamingCovariance": "controls",
+    "ALIASES": "tl.hooks",
+    "NeuronStats": "stats.neurons",
+    "parameter_activation": "tl.parameters",
+    "plot_parameter_activation": "tl.parameters",
+    "StreamingCovariance": "stats.controls",
     "HookParallelCollector": "distributed",
 }
 __all__ = list(_EXPORTS)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,8 @@ _DTYPES = ("float32", "float16", "bfloat16")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tl-sparsity", description="Per-hook feature sparsity of a TransformerLens "
-                                "model (Deng, Tao & Benton 2023: normalized loss of online non-negative sparse coding).")
+                                "model (Deng, Tao & Benton 2023: normalized loss of online non-negative sparse "
+                                "coding).")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="measure sparsity per hook on a model and a text", formatter_class=argparse.
@@ -38,10 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--hooks", default="resid_post", help="comma-separated aliases (resid_pre, resid_mid, resid_post, "
                    "mlp_pre, mlp_post, mlp_out, attn_out, embed), HT-style names or globs")
     r.add_argument("--tokens", type=int, default=1_000_000, help="token budget per hook (after dropping BOS): the "
-                   "run stops there, when the text ends, or when every hook has converged (--until)")
+                   "run stops there, when the text ends, or when every hook has converged (--until); the command's "
+                   "own default (SparsityCollector.fit has no budget unless given one)")
     r.add_argument("--until", default="converged", choices=("converged", "tokens"), help="converged: stop once "
                    "every hook has converged (a converged hook is frozen while the others go on); tokens: run the "
-                   "whole budget")
+                   "whole budget, as SparsityCollector.fit does by default")
     r.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget for the fit; hooks not "
                    "converged by then are reported as such, with the reason")
     r.add_argument("--ctx-len", type=int, default=128, help="tokens per window, BOS included")
@@ -49,16 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--layers", default=None, help="layers for the aliases in --hooks: comma-separated indices "
                    "(0,5,10) or a range start:stop[:step] (0:30:5); default every layer")
     r.add_argument("--max-layers", type=int, default=None, help="only hooks in the first N layers (runs stop there)")
-    r.add_argument("--expansion", type=int, default=8, help="dictionary size m = expansion x d")
-    r.add_argument("--lam", type=float, default=None, help="fixed lambda (default: the paper's adaptive rule)")
-    r.add_argument("--solver", default="greedy", choices=("greedy", "lasso"), help="coding algorithm")
-    r.add_argument("--learner-batch-size", type=int, default=1024, help="rows per dictionary step")
-    r.add_argument("--replay", type=int, default=7, help="extra dictionary steps per learner batch, on rows "
-                   "replayed from a bounded buffer of recent training rows (0: one pass)")
-    r.add_argument("--warmup-tokens", type=int, default=None, help="rows over which lambda adapts before it is frozen "
-                   "(default: the first 100 dictionary steps)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...: the model's and the learners'")
     r.add_argument("--dtype", default="float32", choices=_DTYPES, help="model dtype (learners always use float32)")
     r.add_argument("--out", default=None, help="output folder (default: runs/<model>)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -69,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--param-activation", type=int, default=0, metavar="N",
                    help="also compute parameter activation (Wang et al. 2024) over N text windows; writes "
                    "param_activation.png")
+    _add_learner_options(r)
 
     s = sub.add_parser("show", help="print a saved report")
     s.add_argument("report", help="a report.json written by `tl-sparsity run` or SparsityReport.save")
@@ -78,6 +74,46 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("b")
     c.add_argument("--columns", default="normalized_loss,fvu", help="comma-separated report columns")
     return p
+
+
+#: ``run``'s learner flags: ``--`` + each LearnerOptions field with dashes, but those named here (``--batch-size`` is
+#: windows per forward) or set by ``run`` itself (None: ``d_in``, each hook's width; ``device``, from ``--device``).
+_LEARNER_FLAGS = {"batch_size": "--learner-batch-size", "d_in": None, "device": None}
+_LEARNER_NOTES = {"batch_size": "Not --batch-size, which counts windows per forward.",
+                  "seed": "The command also shuffles a local text's windows with it."}
+_ASCII = str.maketrans({"λ": "lambda", "×": "x", "Φ": "Phi", "α": "alpha", "√": "sqrt ", "·": "*", "≥": ">=",
+                        "≤": "<=", "—": "-", "−": "-", "→": "->", "‖": "||", "∞": "inf", "ᵀ": "^T", "%": "%%"})
+
+
+def _learner_flags() -> dict[str, str]:
+    """Learner option → ``run``'s flag for it, in the options' order."""
+    from .coding.options import LearnerOptions
+
+    return {f.name: _LEARNER_FLAGS.get(f.name) or "--" + f.name.replace("_", "-") for f in fields(LearnerOptions)
+            if _LEARNER_FLAGS.get(f.name, "") is not None}
+
+
+def _add_learner_options(r: argparse.ArgumentParser) -> None:
+    """The learner flags, with their options' defaults and docs as plain text (``--expansion`` takes ints only)."""
+    from .coding.options import LearnerOptions, option_docs
+
+    g = r.add_argument_group("learner options", "passed to every hook's OnlineSparseCoder (tl_sparsity.LearnerOptions)")
+    flags = _learner_flags()
+    for f in (f for f in fields(LearnerOptions) if f.name in flags):
+        text = re.sub(r"(?::\w+:`~?|``)([^`]+)`+", lambda m: flags.get(m.group(1), m.group(1)), option_docs()[f.name])
+        kind = {"int": int, "float": float, "str": str, "bool": None}[str(f.type).split("|")[0].strip()]
+        how = (dict(action=argparse.BooleanOptionalAction) if kind is None else
+               dict(type=int if f.name == "expansion" else kind, choices=f.metadata.get("choices")))
+        g.add_argument(flags[f.name], default=f.default, **how,
+                       help=f"{text} {_LEARNER_NOTES.get(f.name, '')}".strip().translate(_ASCII))
+
+
+def learner_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of every hook's learner from ``run``'s parsed arguments."""
+    options = {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in _learner_flags().items()}
+    if args.device != "cpu":
+        options["device"] = args.device
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +158,7 @@ def parse_layers(spec: str | None, n_layers: int, max_layers: int | None = None)
 def hook_spec(hooks: str, n_layers: int, max_layers: int | None = None, layers: str | None = None) -> list[str]:
     """Expand ``--hooks`` for ``--layers`` / ``--max-layers``: per-layer aliases become names at those layers;
     other aliases, names and globs pass through (and are checked by the collector)."""
-    from .hooks import ALIASES
+    from .tl.hooks import ALIASES
 
     parts = [h.strip() for h in hooks.split(",") if h.strip()]
     if not parts:
@@ -141,8 +177,10 @@ def hook_spec(hooks: str, n_layers: int, max_layers: int | None = None, layers: 
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from . import models, text
-    from .collector import SparsityCollector
+    from . import text
+    from .coding.options import LearnerOptions
+    from .tl import hooks as tl_hooks, models
+    from .tl.collector import SparsityCollector
 
     for name in ("tokens", "ctx_len", "batch_size", "expansion", "learner_batch_size"):
         if getattr(args, name) < 1:
@@ -151,6 +189,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}.")
     if args.ctx_len < 2:
         raise ValueError("--ctx-len must be >= 2 (one BOS plus at least one text token).")
+    options = learner_options(args)
+    LearnerOptions(**options)  # check them before loading the model
     out = Path(args.out or f"runs/{Path(args.model).name}")
     t0 = time.perf_counter()
     model, tokenizer = models.load_model(args.model, backend=args.backend, device=args.device,
@@ -166,12 +206,7 @@ def _run(args: argparse.Namespace) -> int:
         logging.getLogger("tl_sparsity").warning(
             "%s gives %d tokens in windows of %d (one BOS each), fewer than --tokens %d: using them all.",
             args.text, available, args.ctx_len, args.tokens)
-    options: dict[str, Any] = dict(expansion=args.expansion, lam=args.lam, solver=args.solver, seed=args.seed,
-                                   batch_size=args.learner_batch_size, replay=args.replay,
-                                   warmup_tokens=args.warmup_tokens)
-    if args.device != "cpu":
-        options["device"] = args.device
-    hooks = hook_spec(args.hooks, int(model.cfg.n_layers), args.max_layers, args.layers)
+    hooks = hook_spec(args.hooks, int(tl_hooks.model_info(model)["n_layers"]), args.max_layers, args.layers)
     neurons = {"auto": None, "all": True, "none": False}.get(args.neurons, args.neurons)
     if isinstance(neurons, str):
         neurons = [h.strip() for h in neurons.split(",") if h.strip()]
@@ -182,7 +217,7 @@ def _run(args: argparse.Namespace) -> int:
     t_fit = time.perf_counter() - t1
     report = col.report()
     if args.param_activation:
-        from .parameters import parameter_activation
+        from .tl.parameters import parameter_activation
 
         windows = torch.cat(batches)[: args.param_activation]
         pa = parameter_activation(model, windows.to(args.device))
@@ -226,7 +261,7 @@ def write_outputs(report: Any, out: Path) -> None:
     if "parameter_activation" in report.tables:
         import pandas as pd
 
-        from .parameters import plot_parameter_activation
+        from .tl.parameters import plot_parameter_activation
 
         df = pd.DataFrame(report.tables["parameter_activation"])
         df.attrs.update(report.meta.get("parameter_activation", {}))

@@ -8,14 +8,14 @@ fed the shards interleaved batch by batch would see — and since learners are c
 and the same report. Hooks with neuron statistics (``neurons=``, as in :class:`SparsityCollector`: by default the
 ``mlp_post`` hooks) send their raw activations ``[batch, pos, d]`` instead, bit for bit in their own dtype, with the
 keep-mask and the token ids (shapes may differ between ranks); the owner rebuilds the rows from them and updates the
-learner and :class:`~tl_sparsity.neurons.NeuronStats` chunk by chunk, as one process would. ``report()`` gathers the
-owners' rows and neuron tables, so it is the full report on every rank.
+learner and :class:`~tl_sparsity.stats.neurons.NeuronStats` chunk by chunk, as one process would. ``report()`` gathers
+the owners' rows and neuron tables, so it is the full report on every rank.
 
 Limits (each raises a clear error): only ``fit`` feeds a hook-parallel collector (not ``fwd_hooks`` / ``attach`` /
 ``start``); every rank must pass the same number of batches, all with token ids or all without. Checkpoints
 (``fit(checkpoint_dir=...)``, ``save``) are written per rank, as in data-parallel mode. Data-parallel learning
 (every hook's learner shared by all ranks) is ``SparsityCollector``'s default under ``torch.distributed``:
-:mod:`tl_sparsity.data_parallel`.
+:mod:`tl_sparsity.scale.data_parallel`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .collector import SparsityCollector
-from .ranks import comm_device
 from .report import SparsityReport
+from .scale.ranks import comm_device
+from .tl.collector import SparsityCollector
 
 __all__ = ["HookParallelCollector"]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # sent bit for bit; others as float32
@@ -152,13 +152,13 @@ class HookParallelCollector(SparsityCollector):
         """The full report on every rank: each rank evaluates the hooks it owns, then all rows are gathered."""
         import torch.distributed as dist
 
-        from . import extras as _extras
-        from . import hooks as _hooks
+        from .tl import hooks as _hooks
+        from .tl import rows as _rows
 
         rows = self._rows(self.owned())
         meta: dict[str, Any] = {"model": _hooks.model_info(self.model), "options": self.learners_params(),
                                 "skip_bos": self.skip_bos, "hook_parallel": {"world_size": self.world}}
-        tables = _extras.add_to_report(self, rows, meta, self.controls if controls is None else bool(controls))
+        tables = _rows.add_to_report(self, rows, meta, self.controls if controls is None else bool(controls))
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, (rows, tables, meta.get("controls"), meta.get("neurons")), group=self.group)
         by_hook = {r["hook"]: r for part in gathered for r in part[0]}
@@ -200,7 +200,7 @@ def _gather_rows(rows: Tensor | None, dst: int, world: int, group: Any, width: i
 
 def _comm_device(group: Any, sink: dict[str, list[tuple]]) -> torch.device:
     """Where collectives' tensors live: the CPU for gloo (its gather takes CPU tensors only), else (NCCL) the device of
-    this rank's activations (:func:`~tl_sparsity.ranks.comm_device` when this rank has none)."""
+    this rank's activations (:func:`~tl_sparsity.scale.ranks.comm_device` when this rank has none)."""
     device = comm_device(group)
     if device.type == "cpu":
         return device

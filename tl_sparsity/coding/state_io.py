@@ -1,6 +1,6 @@
 """A learner's full state as one safetensors file — tensors, plus JSON (format marker, version, constructor
 parameters, counters, scalars, sha256 of the tensors) in the header — and back. No pickle. Collector checkpoints
-(:mod:`tl_sparsity.checkpoint`) are built from these files.
+(:mod:`tl_sparsity.tl.checkpoint`) are built from these files.
 """
 
 from __future__ import annotations
@@ -8,12 +8,16 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["CheckpointError", "saved_params", "learner_state", "restore_learner", "learner_bytes", "learner_from_bytes"]
+from .safe_io import write_atomic
+
+__all__ = ["CheckpointError", "saved_params", "learner_state", "restore_learner", "learner_bytes", "learner_from_bytes",
+           "save_learner", "read_learner"]
 
 LEARNER_FORMAT, COLLECTOR_FORMAT, EXTRAS_FORMAT, VERSION = ("tl_sparsity.learner", "tl_sparsity.collector",
                                                             "tl_sparsity.extras", 1)
@@ -126,6 +130,29 @@ def learner_bytes(lr: Any) -> bytes:
 def learner_from_bytes(data: bytes, where: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Parse and verify :func:`learner_bytes` output; ``where`` names the file in errors."""
     return _unpack(data, where, "learner")
+
+
+def save_learner(lr: Any, path: str | Path) -> Path:
+    """Write learner ``lr`` to the file ``path`` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; a learner is saved to one file: pass a file path such as "
+                                f"{path / 'learner.safetensors'}.")
+    write_atomic(path, learner_bytes(lr))
+    return path
+
+
+def read_learner(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(tensors, meta)`` of a file written by :func:`save_learner`, verified."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; a learner file is one file (OnlineSparseCoder.save's output); "
+                                "a collector's folder loads with SparsityCollector.load(path, model).")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise CheckpointError(f"learner file {path} is missing.") from e
+    return learner_from_bytes(data, str(path))
 
 
 def saved_params(meta: dict[str, Any]) -> dict[str, Any]:

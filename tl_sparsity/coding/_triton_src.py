@@ -1,4 +1,4 @@
-"""The Triton source of :mod:`tl_sparsity.kernels` (imports ``triton``: imported only when a kernel is launched).
+"""The Triton source of :mod:`tl_sparsity.coding.kernels` (imports ``triton``: imported only when a kernel is launched).
 
 At module level so that the kernels' helper functions resolve as globals, in compiled and interpreted
 (``TRITON_INTERPRET=1``) runs alike.

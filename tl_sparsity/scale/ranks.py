@@ -1,7 +1,7 @@
 """What both parallel modes share: where collectives run, row counts gathered in one collective, per-rank
 checkpoint folders, agreement on the number of batches, and side statistics merged over the ranks.
 
-Used by :mod:`tl_sparsity.data_parallel` (the shared learner), :mod:`tl_sparsity.distributed` (hook-parallel) and
+Used by :mod:`tl_sparsity.scale.data_parallel` (the shared learner), :mod:`tl_sparsity.distributed` (hook-parallel) and
 :class:`tl_sparsity.SparsityCollector`; ``torch.distributed`` is imported inside the functions.
 """
 
@@ -73,7 +73,7 @@ def common_checkpoint(folder: Path, group: Any = None) -> Path | None:
     and no progress is common to all."""
     import torch.distributed as dist
 
-    from .state_io import CheckpointError
+    from ..coding.state_io import CheckpointError
 
     mine: dict[int, str] = {}
     for ckpt in sorted(folder.glob("ckpt-*")):
@@ -109,10 +109,10 @@ def same_batch_count(batches: list[Any], group: Any = None) -> None:
 
 def merged_extras(col: Any) -> dict[str, Any]:
     """Collective: each hook's side statistics (covariance, neuron statistics) merged over the ranks in rank order,
-    as new :class:`~tl_sparsity.extras.HookExtras` (the collector's own keep counting this rank's rows)."""
+    as new :class:`~tl_sparsity.stats.side.SideStats` (the collector's own keep counting this rank's rows)."""
     import torch.distributed as dist
 
-    from .extras import HookExtras
+    from ..stats.side import SideStats
 
     group = col._group
     states = {name: ex.state() for name, ex in col.extras.items()}
@@ -120,7 +120,7 @@ def merged_extras(col: Any) -> dict[str, Any]:
     dist.all_gather_object(gathered, states, group=group)
     out = {}
     for name, ex in col.extras.items():
-        merged = HookExtras(name, ex.want_cov, ex.want_neurons, ex.neuron_options)
+        merged = SideStats(name, ex.want_cov, ex.want_neurons, ex.neuron_options)
         lr = col.learners[name]
         device = lr.dictionary_.device if lr.initialized else torch.device("cpu")  # not the sender's cuda:N
         for part in gathered:

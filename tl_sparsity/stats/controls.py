@@ -86,8 +86,8 @@ def control_metrics(stats: StreamingCovariance, learner_params: dict[str, Any], 
     """Train a fresh ``OnlineSparseCoder(**learner_params)`` on ``n_rows`` rows of the Gaussian with ``stats``'
     mean and covariance (the same options and the same number of rows as the hook's learner saw: trained plus
     held out) and return its held-out metrics (``OnlineSparseCoder.evaluate``)."""
-    from .learner import OnlineSparseCoder
-    from .synthetic import CovarianceMatchedGaussian
+    from ..coding.learner import OnlineSparseCoder
+    from ..coding.synthetic import CovarianceMatchedGaussian
 
     if n_rows < 1:
         raise ValueError(f"n_rows must be positive, got {n_rows}.")

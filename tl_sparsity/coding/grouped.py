@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from .learner import OnlineSparseCoder, to_device
-from .pursuit import STOP_TOL, triton_applies
+from .backend import triton_applies
+from .pursuit import STOP_TOL
 
 __all__ = ["GROUP_BYTES", "group_key", "train_together"]
 

@@ -5,11 +5,10 @@ codes are ``[n, m]`` and non-negative, and the objective has no ½:  ‖x − α
 
 * :func:`greedy_pursuit_reference` — the paper's Appendix C, one sample at a time, in residual space. Plain and slow;
   it is the definition the fast path is tested against.
-* :func:`greedy_pursuit` — the same procedure for a batch, in correlation space (c = Φr, G = ΦΦᵀ): each step reads
-  one row of G per sample, and finished samples are compacted out of the working set so a batch does not run as long
-  as its slowest sample. On CUDA float32 inputs it dispatches to a fused Triton kernel
-  (:func:`tl_sparsity.kernels.greedy_pursuit_triton`: one program per row, half-precision G); elsewhere it runs the
-  batched torch loop.
+* :func:`greedy_pursuit_torch` — the same procedure for a batch, in correlation space (c = Φr, G = ΦΦᵀ): each step
+  reads one row of G per sample, and finished samples are compacted out of the working set so a batch does not run
+  as long as its slowest sample. :func:`tl_sparsity.coding.backend.greedy_pursuit` (exported as
+  ``tl_sparsity.greedy_pursuit``) runs it, or on CUDA float32 inputs the fused Triton kernel.
 * :func:`lasso_pursuit` — the exact minimiser over α ≥ 0 by FISTA (projected, step 1/‖G‖₂), to a stated tolerance.
 """
 
@@ -21,7 +20,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["PursuitInfo", "default_max_steps", "greedy_pursuit", "greedy_pursuit_reference", "lasso_pursuit"]
+__all__ = ["PursuitInfo", "STOP_TOL", "default_max_steps", "greedy_pursuit_torch", "greedy_pursuit_reference",
+           "lasso_pursuit", "check_inputs"]
 
 
 class PursuitInfo(NamedTuple):
@@ -44,7 +44,7 @@ def default_max_steps(d: int) -> int:
     return 4 * d
 
 
-def _check(x: Tensor, dictionary: Tensor, lam: float) -> None:
+def check_inputs(x: Tensor, dictionary: Tensor, lam: float) -> None:
     if x.ndim != 2 or dictionary.ndim != 2:
         raise ValueError(
             f"expected x [n, d] and dictionary [m, d]; got x {tuple(x.shape)} and dictionary {tuple(dictionary.shape)}."
@@ -72,7 +72,7 @@ def greedy_pursuit_reference(
     (in practice a ≤ ``tol``·λ/2, see :data:`STOP_TOL`);
     α_i* += a; r ← r − a·f_i* }, at most ``max_steps`` times (default :func:`default_max_steps`).
     """
-    _check(x, dictionary, lam)
+    check_inputs(x, dictionary, lam)
     n, d = x.shape
     cap = default_max_steps(d) if max_steps is None else int(max_steps)
     alpha = torch.zeros(n, dictionary.shape[0], dtype=x.dtype, device=x.device)
@@ -100,7 +100,7 @@ def greedy_pursuit_reference(
 
 
 @torch.no_grad()
-def greedy_pursuit(
+def greedy_pursuit_torch(
     x: Float[Tensor, "n d"],
     dictionary: Float[Tensor, "m d"],
     lam: float,
@@ -109,38 +109,12 @@ def greedy_pursuit(
     return_info: bool = False,
     tol: float = STOP_TOL,
     compact_every: int = 8,
-    backend: str = "auto",
 ) -> Float[Tensor, "n m"] | tuple[Float[Tensor, "n m"], PursuitInfo]:
-    """Batched greedy non-negative pursuit; same result as :func:`greedy_pursuit_reference`.
-
-    Works in correlation space: c = xΦᵀ once, then per step c ← c − a·G[i*] with G = ΦΦᵀ (pass ``gram`` to reuse
-    it across calls with the same dictionary). Samples that have stopped are dropped from the working set every
-    ``compact_every`` steps (one host synchronisation each).
-    In exact arithmetic this is the reference procedure; in floating point the correlations drift by rounding, so
-    a near-tie in the argmax may resolve differently (tests compare in float64, and in float32 with a tolerance).
-
-    ``backend``: ``"auto"`` (the Triton kernel for float32 CUDA tensors with m ≤ 32 768 when Triton imports, else
-    torch), ``"torch"``, or ``"triton"``. The kernel stores G in float16 and forms xΦᵀ from float16 operands with
-    float32 accumulation, so near-ties resolve differently more often than in float32: on trained dictionaries
-    (d = 576, 768; a ≤ 16) the support is identical on 86–99 % of rows, ‖Δα‖₁ ≤ 1 % of ‖α‖₁ on all, the per-row
-    objective within 4·10⁻³ relative; long noise-fitting pursuits (a = 32, ~200 steps) agree less
-    (:mod:`tl_sparsity.kernels`; use ``backend="torch"`` for the float32 loop). It never synchronises with the host
-    unless ``return_info=True``. A float32 ``gram`` is converted to float16 on every call.
-
-    Returns α ``[n, m]`` ≥ 0, and with ``return_info=True`` also a :class:`PursuitInfo`.
-    """
-    _check(x, dictionary, lam)
+    """:func:`tl_sparsity.coding.backend.greedy_pursuit` in torch (any device, any float dtype): arguments and
+    result as there."""
+    check_inputs(x, dictionary, lam)
     if int(compact_every) < 1:
         raise ValueError(f"compact_every must be a positive integer, got {compact_every!r}.")
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}.")
-    if backend != "torch" and _use_triton(x, dictionary, backend):
-        from . import kernels
-
-        alpha, steps_t, capped_t = kernels.greedy_pursuit_triton(x, dictionary, lam, max_steps, gram, tol)
-        if not return_info:
-            return alpha
-        return alpha, PursuitInfo(steps_t.to(torch.int64).cpu(), int(capped_t.sum()))
     n, d = x.shape
     m = dictionary.shape[0]
     cap = default_max_steps(d) if max_steps is None else int(max_steps)
@@ -171,23 +145,6 @@ def greedy_pursuit(
     return (alpha, PursuitInfo(steps.cpu(), capped)) if return_info else alpha
 
 
-def triton_applies(x: Tensor, dictionary: Tensor) -> bool:
-    """The CUDA kernels of :mod:`tl_sparsity.kernels` apply: float32 CUDA tensors, Triton importable, m ≤ 32 768."""
-    if not (x.is_cuda and x.dtype == torch.float32 and dictionary.dtype == torch.float32):
-        return False
-    from . import kernels
-
-    return kernels.available() and dictionary.shape[0] <= kernels.MAX_ATOMS
-
-
-def _use_triton(x: Tensor, dictionary: Tensor, backend: str) -> bool:
-    ok = triton_applies(x, dictionary)
-    if backend == "triton" and not ok:
-        raise ValueError("backend='triton' needs float32 CUDA tensors, an importable triton and m ≤ 32768 atoms; "
-                         "use backend='auto' to fall back to torch.")
-    return ok
-
-
 @torch.no_grad()
 def lasso_pursuit(
     x: Float[Tensor, "n d"],
@@ -203,7 +160,7 @@ def lasso_pursuit(
     ``tol``·max(1, λ) — i.e. every active coefficient has ∇ = 0 and every inactive one ∇ ≥ 0, to that tolerance —
     or after ``max_iter`` iterations. ``init`` (e.g. the greedy codes) warm-starts the solver.
     """
-    _check(x, dictionary, lam)
+    check_inputs(x, dictionary, lam)
     G = dictionary @ dictionary.T
     b = x @ dictionary.T
     L = 2.0 * float(torch.linalg.matrix_norm(G.double(), ord=2))  # Lipschitz constant of ∇ of the smooth part

@@ -28,19 +28,10 @@ trigram sketch (int32: ≤ 2^31 tokens). d_mlp = 1536, P = 1024, V = 49 152, K =
 16.8 ≈ 37 MB (6.3 MB of positions at P = 512 without tokens). An update also holds ~4·n·(N + u) bytes of temporaries
 for N positions with u distinct items in the batch.
 
-Heavy hitters instead of exact (token, neuron) counts (V·n of them, 75 M at 49 152 × 1536): each neuron keeps K
-(item, cnt, err) slots — a space-saving summary fed per batch. Tracked items get their exact batch counts; the batch's
-K heaviest untracked items enter with cnt = batch count + ``floor`` and err = ``floor``; the K largest cnt stay.
-``floor`` (per neuron) bounds the count of every untracked item (it grows by the (K+1)-th largest untracked batch count
-and to the cnt of evicted items), so ``cnt − err ≤ true ≤ cnt`` always. Everything is exact while a neuron fires on
-≤ K distinct items (``floor`` = 0); with 1 M Zipf tokens and random neurons (the worst case), floor/activations had
-median 0.3 % (tokens) and 0.15 % (trigrams). Trigram occurrences come from a count-min sketch (over-counts only).
-Verdicts use the lower bounds, so a detector can be missed, never invented; ``n_covering_*`` is then an upper bound of
-the exact count (exact when the counts are). "Not a token detector" is certified with the upper bounds (tracked cnt;
-≤ ``floor`` for an untracked token, which can only cover if it occurs ≤ floor/coverage times): ``token_verdict`` is
-"exact" (floor = 0), "bounded" (inexact, verdict certified) or "uncertain"; ``n_covering_tokens_min`` is a lower bound
-(``max_token_items`` + 1: more than allowed). A trigram detector of uncertain token verdict is not claimed:
-``kind = "undetermined"``. ``exact`` marks neurons whose heavy-hitter counts are exact.
+Per neuron, K space-saving slots (:mod:`~tl_sparsity.stats.heavy_hitters`) bound each token's (trigram's) count,
+exactly while it fires on ≤ K distinct ones; verdicts use the lower bounds, and the columns that say how certain they
+are (``token_verdict``, ``n_covering_tokens_min``, ``exact``, kind "undetermined") are defined in
+:mod:`~tl_sparsity.stats.detectors`.
 """
 
 from __future__ import annotations
@@ -53,93 +44,14 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from .detectors import _BITS, _decode, _detect, _fewest_possible, _trigram_keys, covering_columns  # noqa: F401
+from .heavy_hitters import _HH, HeavyHitters, _top  # noqa: F401  (the private names stay importable from here)
+
 __all__ = ["HeavyHitters", "NeuronStats"]
 log = logging.getLogger(__name__)
-_BITS, _P31 = 21, 2**31 - 1  # trigram key = (t[-2]+1) << 42 | (t[-1]+1) << 21 | t; sketch hash modulus
+_P31 = 2**31 - 1  # sketch hash modulus
 _CONFIG = ("n_neurons", "threshold", "absolute", "max_positions", "vocab_size", "token_slots", "trigram_slots",
            "sketch_width", "sketch_depth", "coverage", "mass", "max_token_items", "max_trigram_items", "mi_threshold")
-_HH = ("ids", "cnt", "err", "floor")
-
-
-class HeavyHitters:
-    """Per-row (neuron) space-saving summaries of weighted item counts: ``ids``/``cnt``/``err`` [n, k], ``floor`` [n].
-
-    Invariants: ``cnt − err ≤ true count ≤ cnt`` for tracked items; true count ≤ ``floor`` for untracked ones.
-    """
-
-    def __init__(self, n: int, k: int, device: str | torch.device = "cpu"):
-        self.n, self.k = n, k
-        self.ids = torch.full((n, k), -1, dtype=torch.long, device=device)
-        self.cnt, self.err = torch.zeros_like(self.ids), torch.zeros_like(self.ids)
-        self.floor = torch.zeros(n, dtype=torch.long, device=device)
-
-    def update(self, keys: Int[Tensor, " N"], hits: Float[Tensor, "n N"]) -> None:
-        """Add ``hits[i, j]`` (0/1) to the count of item ``keys[j]`` in row i."""
-        uniq, inv = torch.unique(keys, return_inverse=True)
-        u = uniq.numel()
-        counts = torch.zeros(self.n, u + 1, dtype=hits.dtype, device=hits.device).index_add_(1, inv, hits)
-        pos = torch.searchsorted(uniq, self.ids).clamp_(max=max(u - 1, 0))
-        present = (self.ids >= 0) & (uniq[pos] == self.ids) if u else torch.zeros_like(self.ids, dtype=torch.bool)
-        col = torch.where(present, pos, u)  # column u is an all-zero dummy
-        self.cnt += counts.gather(1, col).long()  # tracked items: exact batch counts
-        counts.scatter_(1, col, 0.0)
-        vals, idx, spill = _top(counts, self.k, wide=True)  # the batch's heaviest untracked items enter
-        new = vals > 0
-        fl = self.floor[:, None].expand_as(idx)
-        new_ids = torch.where(new, torch.cat([uniq, uniq.new_full((1,), -1)])[idx], -1)
-        new_cnt, new_err = torch.where(new, vals.long() + fl, -1), torch.where(new, fl, 0)
-        self._select(torch.cat([self.ids, new_ids], 1), torch.cat([self.cnt, new_cnt], 1),
-                     torch.cat([self.err, new_err], 1), self.floor + spill.long().clamp(min=0))
-
-    def state(self, prefix: str) -> dict[str, Tensor]:
-        return {f"{prefix}_{k}": getattr(self, k) for k in _HH}
-
-    @classmethod
-    def from_state(cls, sd: dict, prefix: str, device: str | torch.device = "cpu") -> HeavyHitters:
-        ids = sd[f"{prefix}_ids"]
-        out = cls(*ids.shape, device)
-        for k in _HH:
-            setattr(out, k, sd[f"{prefix}_{k}"].to(device, copy=True))
-        return out
-
-    def merge(self, other: HeavyHitters) -> HeavyHitters:
-        """The summary of both streams (items in one summary only get the other's ``floor`` added to cnt and err)."""
-        out = HeavyHitters(self.n, self.k, self.ids.device)
-        fa, fb = self.floor[:, None], other.floor[:, None]
-        ids = torch.cat([self.ids, other.ids], 1)
-        ids, order = ids.sort(dim=1)
-        cnt = torch.cat([self.cnt + fb, other.cnt + fa], 1).gather(1, order)
-        err = torch.cat([self.err + fb, other.err + fa], 1).gather(1, order)
-        dup = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] >= 0)  # the same item in both (ids unique within one)
-        zero = torch.zeros_like(fa)
-        cnt = cnt + torch.cat([torch.where(dup, cnt[:, 1:] - fa - fb, 0), zero], 1)
-        err = err + torch.cat([torch.where(dup, err[:, 1:] - fa - fb, 0), zero], 1)
-        ids = torch.cat([ids[:, :1], torch.where(dup, -1, ids[:, 1:])], 1)
-        out._select(ids, cnt, err, self.floor + other.floor)
-        return out
-
-    def _select(self, ids: Tensor, cnt: Tensor, err: Tensor, floor: Tensor) -> None:
-        vals, keep, evicted = _top(torch.where(ids >= 0, cnt, -1), self.k)
-        ok = vals >= 0
-        self.ids = torch.where(ok, ids.gather(1, keep), -1)
-        self.cnt = torch.where(ok, cnt.gather(1, keep), 0)
-        self.err = torch.where(ok, err.gather(1, keep), 0)
-        self.floor = torch.maximum(floor, evicted.clamp(min=0))  # evicted items' counts
-
-
-def _top(x: Tensor, k: int, wide: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Per row of ``x`` [n, w]: the k largest values and their columns [n, min(k, w)] (any order) and the (k+1)-th
-    largest value [n] (-1 when w ≤ k). ``wide`` picks the selection measured faster on long rows."""
-    n, w = x.shape
-    if w <= k:
-        return x, torch.arange(w, device=x.device).expand(n, w), x.new_full((n,), -1)
-    if wide:
-        vals, idx = x.topk(k + 1, dim=1)
-        return vals[:, :k], idx[:, :k], vals[:, k]
-    vals, idx = x.topk(k + 1, dim=1, sorted=False)  # short rows: unsorted, then move the smallest to the end
-    drop = vals.argmin(1, keepdim=True)
-    spill = vals.gather(1, drop)[:, 0]
-    return vals.scatter(1, drop, vals[:, k:])[:, :k], idx.scatter(1, drop, idx[:, k:])[:, :k], spill
 
 
 class NeuronStats:
@@ -264,6 +176,11 @@ class NeuronStats:
         a, b = self._hash
         return ((keys[None] % _P31) * a[:, None] + b[:, None]) % _P31 % self.sketch_width
 
+    def _trigram_occ(self) -> Tensor:  # [n, K] sketched occurrences of the tracked trigrams (over-counts only)
+        tri_hh = self._hh["tri"]
+        cols = self._buckets(tri_hh.ids.clamp(min=0).view(-1))
+        return self.sketch.gather(1, cols).min(0).values.long().view_as(tri_hh.ids)
+
     def merge(self, other: NeuronStats) -> NeuronStats:
         """Statistics of both streams (a new object); equal to one stream's while the heavy hitters are exact."""
         if other.config() != self.config():
@@ -307,7 +224,7 @@ class NeuronStats:
         trigram_detector`` and, with tokens, ``n_covering_tokens`` (upper bound), ``covering_tokens`` (ids),
         ``covering_token_share, n_covering_tokens_min`` (lower bound), ``token_verdict, n_covering_trigrams,
         covering_trigrams`` (id triples, None = before the row start), ``covering_trigram_share, exact`` (heavy-hitter
-        counts exact for this neuron); see the module docstring. ``df.attrs`` holds ``n_tokens`` and the settings."""
+        counts exact for this neuron); see the module docstrings. ``df.attrs`` holds ``n_tokens`` and the settings."""
         if self.device.type != "cpu":
             return NeuronStats.from_state_dict(self.state_dict()).result()
         fire, n = self.fire_count, self.n_tokens
@@ -318,29 +235,11 @@ class NeuronStats:
         df["token_detector"] = df["trigram_detector"] = False
         und = False  # a trigram detector whose token verdict is uncertain: no label is claimed
         if self.track_tokens:
-            tok_hh = self._hh["tok"]
-            tok = _detect(tok_hh, self.token_occ[tok_hh.ids.clamp(min=0)], fire, self.coverage, self.mass,
-                          self.max_token_items)
-            df["token_detector"], df["n_covering_tokens"] = tok["det"], tok["k"]
-            df["covering_tokens"], df["covering_token_share"] = tok["items"], tok["share"]
-            exact, m = tok_hh.floor == 0, self.max_token_items
-            k_min = _fewest_possible(tok_hh, self.token_occ, fire, self.coverage, self.mass, m)
-            certain = torch.from_numpy(tok["det"]) | (k_min > m) | (fire == 0)  # token verdict certified by bounds
-            df["n_covering_tokens_min"] = k_min.numpy()
-            df["token_verdict"] = pd.Series(["uncertain", "bounded", "exact"]).iloc[
-                (certain.long() + (exact & certain).long()).numpy()].to_numpy()
-            if self.trigram_slots:
-                tri_hh = self._hh["tri"]
-                cols = self._buckets(tri_hh.ids.clamp(min=0).view(-1))
-                tri_occ = self.sketch.gather(1, cols).min(0).values.long().view_as(tri_hh.ids)
-                tri = _detect(tri_hh, tri_occ, fire, self.coverage, self.mass, self.max_trigram_items)
-                df["trigram_detector"] = tri["det"] & certain.numpy() & ~tok["det"]  # only where no token may cover it
-                und = tri["det"] & ~certain.numpy()
-                df["n_covering_trigrams"], df["covering_trigrams"] = tri["k"], [[_decode(x) for x in r] for r in
-                                                                                tri["items"]]
-                df["covering_trigram_share"] = tri["share"]
-                exact &= tri_hh.floor == 0
-            df["exact"] = exact.numpy()
+            tri_occ = self._trigram_occ() if self.trigram_slots else None
+            cols, und = covering_columns(self._hh, self.token_occ, tri_occ, fire, self.coverage, self.mass,
+                                         self.max_token_items, self.max_trigram_items)
+            for name, col in cols.items():
+                df[name] = col
         kind = pd.Series("other", index=df.index)
         for mask, name in [(df["positional"], "positional"), (df["trigram_detector"], "trigram"), (und, "undetermined"),
                            (df["token_detector"], "token"), (df["dead"], "dead")]:  # the first in Voita's order wins
@@ -399,45 +298,3 @@ class NeuronStats:
 
     def __repr__(self) -> str:
         return f"NeuronStats(n_neurons={self.n_neurons}, n_tokens={self.n_tokens}, threshold={self.threshold})"
-
-
-def _trigram_keys(tokens: Tensor) -> Tensor:
-    prev = torch.nn.functional.pad(tokens + 1, (1, 0))[:, :-1]  # 0 = no token (row start)
-    prev2 = torch.nn.functional.pad(tokens + 1, (2, 0))[:, :-2]
-    return (prev2 << 2 * _BITS) | (prev << _BITS) | tokens
-
-
-def _decode(key: int) -> tuple:
-    m = (1 << _BITS) - 1
-    a, b = key >> 2 * _BITS, (key >> _BITS) & m
-    return (a - 1 if a else None, b - 1 if b else None, key & m)
-
-
-def _fewest_possible(hh: HeavyHitters, occ: Tensor, fire: Tensor, coverage: float, mass: float, m: int) -> Tensor:
-    """Lower bound on the fewest covering items holding ≥ mass of each row's activations (m + 1: more than m, or
-    none), from upper bounds: min(cnt, occ) of tracked items, min(floor, occ) of the m most frequent items that could
-    be covered at ≤ floor (every item counted there: bounds only loosen). ``occ``: every item's occurrences."""
-    tocc = occ[hh.ids.clamp(min=0)].double()
-    hi = torch.minimum(hh.cnt.double(), tocc)
-    hi = torch.where((hh.ids >= 0) & (hi > 0) & (hi >= coverage * tocc - 1e-9), hi, 0.0)
-    srt, f = occ.double().sort().values, hh.floor.double()
-    top = torch.searchsorted(srt, f / coverage + 1e-9, right=True)[:, None] - torch.arange(1, m + 1)
-    un = torch.where((top >= 0) & (f[:, None] > 0), srt[top.clamp(min=0)].minimum(f[:, None]), 0.0)
-    csum = torch.cat([hi, un], 1).sort(dim=1, descending=True).values[:, :m].cumsum(1)
-    k = (csum < mass * fire.double()[:, None] - 1e-9).sum(1) + 1  # m + 1 when the m largest cannot reach
-    return torch.where(fire > 0, k, 0)
-
-
-def _detect(hh: HeavyHitters, occ: Tensor, fire: Tensor, coverage: float, mass: float, max_items: int) -> dict:
-    """Fewest covering items (lower-bound counts ≥ coverage·occurrences) holding ≥ mass of each row's activations."""
-    ids, by_id = hh.ids.sort(dim=1)  # ties below are broken by item id: results do not depend on slot order
-    lo, occ = (hh.cnt - hh.err).gather(1, by_id).double(), occ.gather(1, by_id).double()
-    covered = (ids >= 0) & (lo > 0) & (lo >= coverage * occ - 1e-9)
-    score, order = torch.where(covered, lo, 0.0).sort(dim=1, descending=True, stable=True)
-    csum, need = score.cumsum(1), mass * fire.double()
-    found = (fire > 0) & (csum[:, -1] >= need - 1e-9)
-    k = torch.where(found, (csum < need[:, None] - 1e-9).sum(1) + 1, 0)
-    share = csum.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0] / fire.double().clamp(min=1)
-    ids = ids.gather(1, order)
-    return {"det": (found & (k <= max_items)).numpy(), "k": k.numpy(), "share": torch.where(found, share, 0.0).numpy(),
-            "items": [ids[i, : k[i]].tolist() for i in range(ids.shape[0])]}

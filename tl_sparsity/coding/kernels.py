@@ -3,7 +3,7 @@
 Imported lazily (by :func:`tl_sparsity.greedy_pursuit` on CUDA float32 tensors); ``triton`` is imported only when a
 kernel is launched. Nothing here runs on the CPU except under ``TRITON_INTERPRET=1`` (used by the tests).
 
-The pursuit kernel (:func:`greedy_pursuit_triton`, source in :mod:`tl_sparsity._triton_src`): one program per row
+The pursuit kernel (:func:`greedy_pursuit_triton`, source in :mod:`tl_sparsity.coding._triton_src`): one program per row
 keeps that row's m correlations in registers (m ≤ 32 768, as [RA, T] + [RB, T] chunks, :func:`kernel_shape`, so
 m = 6144 needs no padding) and loops argmax → a = c_i* − λ/2 → stop test → α_i* += a → c ← c − a·G[i*] on the chip;
 each step reads one row of G = ΦΦᵀ (m values) from L2/HBM. Rows finish independently (longest-norm rows are started

@@ -1,6 +1,6 @@
-"""Side statistics a :class:`~tl_sparsity.collector.SparsityCollector` keeps per hook beside its learner: the streamed
+"""Side statistics a :class:`~tl_sparsity.tl.collector.SparsityCollector` keeps per hook beside its learner: the streamed
 mean and covariance (for the covariance-matched Gaussian control, ``controls=True``) and neuron statistics
-(:class:`~tl_sparsity.neurons.NeuronStats`, ``neurons=...``).
+(:class:`~tl_sparsity.stats.neurons.NeuronStats`, ``neurons=...``).
 
 Both see exactly what the hook's learner sees: the covariance is updated with the learner's rows (BOS and padding
 dropped, trained and held out alike, non-finite rows left out as the learner leaves them out); the neuron statistics get the raw activation ``[batch, pos, n]`` with the same
@@ -20,11 +20,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from . import hooks as _hooks
 from .controls import StreamingCovariance, control_metrics
 from .neurons import NeuronStats
 
-__all__ = ["CONTROL_COLUMNS", "NEURON_COLUMNS", "HookExtras", "add_to_report", "check_neuron_options", "neuron_hooks"]
+__all__ = ["CONTROL_COLUMNS", "CONTROL_NOTE", "NEURON_COLUMNS", "SideStats", "check_neuron_options", "decode_tokens"]
 log = logging.getLogger(__name__)
 
 NEURON_COLUMNS = ("dead_frac", "n_dead", "firing_rate_median", "n_token_detectors", "n_trigram_detectors",
@@ -35,28 +34,6 @@ CONTROL_NOTE = ("per hook, a fresh learner with the hook's learner options and s
                 "every row its learner received) as the hook's learner saw; sparsity_ratio = "
                 "control_normalized_loss / normalized_loss (> 1: sparser than the Gaussian)")
 TOKENS_HINT = "pass tokens= to fwd_hooks/attach, or set col.tokens, on every call, or on none (fit passes its batches')"
-
-
-def neuron_hooks(model: Any, hook_points: dict[str, Any], spec: Any) -> list[str]:
-    """The collector hooks that get neuron statistics: ``None`` → those whose site is ``mlp_post``, ``False`` → none,
-    ``True`` → all, else names / aliases / globs / functions (a comma-separated string or a list), each of which
-    must reach at least one of ``hook_points``."""
-    if spec is None:
-        return [n for n in hook_points if _hooks.parse_hook_name(n)[1] == "mlp_post"]
-    if spec is False:
-        return []
-    if spec is True:
-        return list(hook_points)
-    items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else (
-        [spec] if callable(spec) else list(spec))
-    wanted: set[int] = set()
-    for item in items:
-        ids = {id(hp) for hp in _hooks.resolve_hooks(model, item).values()}
-        if not ids & {id(hp) for hp in hook_points.values()}:
-            raise ValueError(f"neurons: {item!r} is none of this collector's hooks {list(hook_points)}; add it to "
-                             "hooks= as well, or pass neurons=True for every hook.")
-        wanted |= ids
-    return [n for n, hp in hook_points.items() if id(hp) in wanted]
 
 
 def check_neuron_options(options: dict[str, Any] | None) -> dict[str, Any]:
@@ -72,7 +49,7 @@ def check_neuron_options(options: dict[str, Any] | None) -> dict[str, Any]:
     return options
 
 
-class HookExtras:
+class SideStats:
     """The side statistics of one hook: ``cov`` (a :class:`StreamingCovariance` when ``covariance``) and ``neurons``
     (a :class:`NeuronStats` when ``neurons``), each None until the hook's first update."""
 
@@ -222,35 +199,6 @@ class HookExtras:
             return []
         mine = self._new_neurons(int(saved["n_neurons"]), torch.device("cpu")).config()
         return [f"{k}: saved {saved.get(k)!r}, here {v!r}" for k, v in mine.items() if saved.get(k) != v]
-
-
-def add_to_report(col: Any, rows: list[dict[str, Any]], meta: dict[str, Any], controls: bool
-                  ) -> dict[str, list[dict[str, Any]]]:
-    """Add the side statistics of collector ``col`` to its report's ``rows`` (in hook order) and ``meta``: neuron
-    columns when any hook has neuron statistics, then control columns when ``controls``; returns the neuron tables."""
-    tables, tokenizer = {}, getattr(col.model, "tokenizer", None)
-    for row in rows:
-        ex = col.extras[row["hook"]]
-        if col.neuron_hooks:
-            row.update(ex.neuron_row())
-        if ex.neurons is not None and ex.neurons.n_tokens:
-            tables[f"neurons/{row['hook']}"] = ex.neuron_table(tokenizer)
-    if col.neuron_hooks:
-        meta["neurons"] = {"hooks": list(col.neuron_hooks), "options": _jsonable_options(col.neuron_options),
-                           "tokenizer": None if tokenizer is None else type(tokenizer).__name__,
-                           "n_tokens_seen": {n: col.extras[n].neurons.n_tokens if col.extras[n].neurons else 0
-                                             for n in col.neuron_hooks}}
-    if col.controls:
-        meta["controls"] = {"computed": controls, "kind": "covariance-matched Gaussian", "method": CONTROL_NOTE}
-        if controls:
-            for row in rows:
-                row.update(col.extras[row["hook"]].control_row(col.learners[row["hook"]], row["normalized_loss"]))
-            meta["controls"]["n_rows"] = {n: lr.n_tokens_ + lr.n_heldout_ for n, lr in col.learners.items()}
-    return tables
-
-
-def _jsonable_options(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: (str(v) if k == "device" and v is not None else v) for k, v in options.items()}
 
 
 def decode_tokens(tokenizer: Any, ids: Iterable[int]) -> dict[int, str] | None:

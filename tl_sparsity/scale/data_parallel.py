@@ -31,9 +31,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .learner import OnlineSparseCoder, split_rows, to_device
+from ..coding.learner import OnlineSparseCoder, split_rows, to_device
 from .ranks import all_gather_flat, comm_device
-from .safe_io import defer_interrupts
+from ..coding.safe_io import defer_interrupts
 
 __all__ = ["DataParallelCoder", "resolve_parallel"]
 
@@ -167,7 +167,7 @@ class DataParallelCoder(OnlineSparseCoder):
                 "n_global_pending": self._n_global_pending, "width": self._width}
 
     def restore_parallel_state(self, state: dict[str, Any] | None) -> None:
-        from .state_io import CheckpointError
+        from ..coding.state_io import CheckpointError
 
         if state is None:
             raise CheckpointError("this learner state was not saved by a data-parallel learner: load it into an "

@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterable
 from importlib import metadata
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["HookModel", "ALIASES", "resolve_hooks", "add_hook", "remove_hook", "model_info", "parse_hook_name"]
+__all__ = ["HookModel", "ALIASES", "resolve_hooks", "add_hook", "remove_hook", "model_info", "parse_hook_name",
+           "split_batch", "neuron_hooks"]
 
 
 @runtime_checkable
@@ -187,3 +188,39 @@ def model_info(model: Any) -> dict[str, Any]:
         "n_layers": getattr(cfg, "n_layers", None),
         "d_model": getattr(cfg, "d_model", None),
     }
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(tokens, attention_mask or None)`` of a batch: a tensor, a ``(tokens, mask)`` pair, or a dict with
+    ``input_ids`` (and optionally ``attention_mask``)."""
+    if isinstance(batch, dict):
+        if "input_ids" not in batch:
+            raise ValueError(f"a dict batch needs 'input_ids' (and optionally 'attention_mask'); got {list(batch)}.")
+        return batch["input_ids"], batch.get("attention_mask")
+    from torch import Tensor
+
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Tensor):
+        return batch[0], batch[1]
+    return batch, None
+
+
+def neuron_hooks(model: Any, hook_points: dict[str, Any], spec: Any) -> list[str]:
+    """The collector hooks that get neuron statistics: ``None`` → those whose site is ``mlp_post``, ``False`` → none,
+    ``True`` → all, else names / aliases / globs / functions (a comma-separated string or a list), each of which
+    must reach at least one of ``hook_points``."""
+    if spec is None:
+        return [n for n in hook_points if parse_hook_name(n)[1] == "mlp_post"]
+    if spec is False:
+        return []
+    if spec is True:
+        return list(hook_points)
+    items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else (
+        [spec] if callable(spec) else list(spec))
+    wanted: set[int] = set()
+    for item in items:
+        ids = {id(hp) for hp in resolve_hooks(model, item).values()}
+        if not ids & {id(hp) for hp in hook_points.values()}:
+            raise ValueError(f"neurons: {item!r} is none of this collector's hooks {list(hook_points)}; add it to "
+                             "hooks= as well, or pass neurons=True for every hook.")
+        wanted |= ids
+    return [n for n, hp in hook_points.items() if id(hp) in wanted]

@@ -1,0 +1,76 @@
+"""The package's layers hold (docs/architecture.md): imports run only downward, ``coding/`` imports nothing else of
+the package, TransformerLens is imported only under ``tl/``, no module passes ~300 lines, no ``print`` in library
+code. Read from the source, so a violation fails here before it shows anywhere else."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "tl_sparsity"
+# a layer may import its own layer (its own folder) and the layers below it
+RANK = {"report": 0, "text": 0, "coding": 1, "stats": 2, "scale": 3, "tl": 4, "cli": 5, "distributed": 5,
+        "__main__": 6}
+MODULES = sorted(p for p in PKG.rglob("*.py") if p.name != "__init__.py" or p.parent != PKG)
+
+
+def _layer(parts: tuple[str, ...]) -> str:
+    """The layer of a module given its path inside the package (``("coding", "learner")`` → ``"coding"``)."""
+    return parts[0]
+
+
+def _package_imports(path: Path) -> list[tuple[tuple[str, ...], int]]:
+    """``(target module parts inside the package, line)`` for every import of the package in ``path``."""
+    here = path.relative_to(PKG).with_suffix("").parts
+    package = here[:-1]  # the module's package inside tl_sparsity
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+            if node.module:
+                out.append((base + tuple(node.module.split(".")), node.lineno))
+            else:
+                out.extend((base + (a.name,), node.lineno) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tl_sparsity"):
+            out.append((tuple(node.module.split(".")[1:]), node.lineno))
+        elif isinstance(node, ast.Import):
+            out.extend((tuple(a.name.split(".")[1:]), node.lineno) for a in node.names
+                       if a.name.startswith("tl_sparsity"))
+    return [(t, line) for t, line in out if t]
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PKG)))
+def test_imports_run_only_downward(path):
+    here = path.relative_to(PKG).with_suffix("").parts
+    mine = RANK[_layer(here)]
+    for target, line in _package_imports(path):
+        theirs = RANK[_layer(target)]
+        same_folder = len(here) > 1 and target[0] == here[0]
+        assert theirs < mine or same_folder, f"{path.name}:{line} imports {'.'.join(target)} (a layer not below)"
+
+
+def test_transformer_lens_is_imported_only_under_tl():
+    for path in MODULES:
+        text = path.read_text()
+        if "transformer_lens" in text and path.relative_to(PKG).parts[0] != "tl":
+            imports = [n for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.Import, ast.ImportFrom))]
+            names = [getattr(n, "module", None) or "" for n in imports] + [a.name for n in imports for a in n.names]
+            assert not any(x.startswith("transformer_lens") for x in names), path
+
+
+def test_no_module_is_long_and_none_prints():
+    for path in MODULES:
+        text = path.read_text()
+        assert len(text.splitlines()) <= 300, f"{path} has {len(text.splitlines())} lines"
+        calls = [n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "print"]
+        assert not calls or path.name in ("cli.py", "__main__.py"), f"print in {path}:{calls[0].lineno}"
+
+
+def test_the_check_catches_an_upward_import(monkeypatch):
+    """The import reader sees a relative import from coding/ into tl/ (so the tests above can fail)."""
+    bad = PKG / "coding" / "_upward_probe.py"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "from ..tl import collector\n"
+                        if self == bad else Path.read_bytes(self).decode())
+    assert _package_imports(bad) == [(("tl",), 1)]
+    with pytest.raises(AssertionError, match="a layer not below"):
+        test_imports_run_only_downward(bad)

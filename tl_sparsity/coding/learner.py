@@ -1,0 +1,280 @@
+"""``OnlineSparseCoder``: streaming dictionary learning with the paper's objective, one per hook.
+
+Rows arrive in any chunking through :meth:`OnlineSparseCoder.partial_fit`; they are buffered and processed in fixed
+batches of ``batch_size`` rows, and all randomness comes from one seeded generator drawn once per batch, so the
+learned state does not depend on how the stream was chunked (streaming equals one call on the concatenation).
+
+Per batch: first split off held-out rows (probability ``holdout_frac``; never trained on, kept in a bounded
+reservoir by reservoir sampling, the first ``probe_size`` of them also in a fixed probe). Nothing learns from a
+held-out row: on the first batch the normaliser (centre with the training rows' mean unless ``center=False``, scale
+so their average L2 norm is 1), the dictionary's seed and λ's first guess come from the training rows only. Then
+code the training rows (greedy pursuit, or the exact lasso); while λ adapts (the first ``warmup_steps`` dictionary
+steps) set λ ← ``lam_ratio`` × mean max coefficient (the paper's adaptive rule), then freeze it; take ``phi_steps``
+Adam steps on Φ with the closed-form gradient −(2/n)·αᵀ(x − αΦ), tangent to the unit sphere, and renormalise the
+rows. Then ``replay`` more steps on batches drawn from a bounded buffer of recent training rows (``replay_size``):
+what matters for convergence is the number of dictionary steps, and replay buys them without model forwards.
+
+Along training the held-out normalized loss of the probe is traced (:mod:`tl_sparsity.coding.convergence`), and
+``converged_`` says whether it has stopped moving (by at most ``tol`` over the last half of at least ``min_steps``
+steps, without swinging by more than 2.5·``tol`` there).
+
+The class is assembled from parts: its options (:mod:`.options`), the training step (:mod:`.training`), and the
+held-out rows, convergence trace, λ check and replay buffer (:mod:`.tracking`); this module holds the public API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from . import state_io as _state
+from .convergence import ConvergenceTrace
+from .metrics import MetricAccumulator
+from .options import SAVED_FIELDS, LearnerOptions
+from .rows import split_rows, to_device
+from .safe_io import defer_interrupts
+from .tracking import Tracking
+from .training import WARMUP_CAP, TrainingStep
+
+__all__ = ["OnlineSparseCoder", "LearnerOptions", "state_bytes", "to_device", "split_rows", "WARMUP_CAP"]
+
+_O = LearnerOptions  # the defaults below are the options' own
+
+
+def state_bytes(d: int, m: int, reservoir_size: int, n_pending: int = 0, probe_size: int = 0,
+                replay_size: int = 0) -> int:
+    """Bytes of tensors an initialised learner keeps, whatever the number of tokens seen (float32):
+    4·d·(3m + 1 + reservoir_size + probe_size + replay_size + n_pending) — dictionary, two Adam moments [m, d],
+    mean [d], the held-out reservoir, the held-out probe, the replay buffer and pending rows (n_pending <
+    batch_size) — plus the CPU generator's 5056-byte state and the convergence trace (≤ 512 points), held outside.
+    Each batch also allocates, transiently, O(batch_size·m + m² + m·d) floats (codes, correlations, Gram matrix).
+    At d = 576 with the defaults (m = 4608, reservoir 8192, probe 512, replay 8192): 51 MB per hook."""
+    return 4 * d * (3 * m + 1 + reservoir_size + probe_size + replay_size + n_pending)
+
+
+class OnlineSparseCoder(Tracking, TrainingStep):
+    """Online sparse coding of rows x ≈ αΦ, α ≥ 0, unit-norm dictionary rows (``PAPER.md``).
+
+    Parameters (stored only; nothing is allocated until the first batch): one keyword argument per field of
+    :class:`~tl_sparsity.coding.options.LearnerOptions`, which documents and checks them, with its defaults;
+    :meth:`from_options` builds a learner from such an object and :attr:`options` gives it back.
+
+    Learned state (trailing underscore, as in scikit-learn): ``dictionary_`` [m, d], ``mean_`` [d], ``scale_``,
+    ``lam_``, ``n_tokens_`` (rows trained on), ``n_heldout_`` (held-out rows seen), ``n_steps_`` (dictionary
+    updates), ``capped_``, ``n_dropped_`` (non-finite rows), ``converged_`` and ``convergence_`` (the rule's verdict
+    and evidence), ``trace_`` (the held-out trace). Its size is bounded by :func:`state_bytes`; :meth:`save` /
+    :meth:`load`.
+    """
+
+    def __init__(
+        self,
+        d_in: int | None = _O.d_in,
+        expansion: float = _O.expansion,
+        lam: float | None = _O.lam,
+        solver: str = _O.solver,
+        seed: int = _O.seed,
+        batch_size: int = _O.batch_size,
+        lr: float | None = _O.lr,
+        warmup_tokens: int | None = _O.warmup_tokens,
+        lam_ratio: float = _O.lam_ratio,
+        holdout_frac: float = _O.holdout_frac,
+        reservoir_size: int = _O.reservoir_size,
+        max_steps: int | None = _O.max_steps,
+        phi_steps: int = _O.phi_steps,
+        device: str | torch.device | None = _O.device,
+        init: str = _O.init,
+        center: bool = _O.center,
+        replay: int = _O.replay,
+        replay_size: int | None = _O.replay_size,
+        warmup_steps: int = _O.warmup_steps,
+        probe_size: int = _O.probe_size,
+        tol: float = _O.tol,
+        min_steps: int = _O.min_steps,
+        lam_rounds: int = _O.lam_rounds,
+    ) -> None:
+        options = LearnerOptions(
+            d_in=d_in, expansion=expansion, lam=lam, solver=solver, seed=seed, batch_size=batch_size, lr=lr,
+            warmup_tokens=warmup_tokens, lam_ratio=lam_ratio, holdout_frac=holdout_frac, reservoir_size=reservoir_size,
+            max_steps=max_steps, phi_steps=phi_steps, device=device, init=init, center=center, replay=replay,
+            replay_size=replay_size, warmup_steps=warmup_steps, probe_size=probe_size, tol=tol, min_steps=min_steps,
+            lam_rounds=lam_rounds)
+        for name, value in options.as_dict().items():  # plain attributes: the learner's own from here on
+            setattr(self, name, value)
+        self._pending: list[Tensor] = []
+        self._n_pending = 0
+        self.n_tokens_ = self.n_heldout_ = self.n_steps_ = self.n_dropped_ = self.capped_ = 0
+        self.dictionary_: Tensor | None = None
+        self._gen: torch.Generator | None = None
+        self.trace_ = ConvergenceTrace(self.tol, self.min_steps)
+
+    @classmethod
+    def from_options(cls, options: LearnerOptions) -> "OnlineSparseCoder":
+        """A learner with ``options``."""
+        return cls(**options.as_dict())
+
+    # ------------------------------------------------------------------ public API
+    def get_params(self) -> dict:
+        """The constructor arguments but ``device`` (for reports, saved files and building an identical learner)."""
+        return {k: getattr(self, k) for k in SAVED_FIELDS}
+
+    @property
+    def options(self) -> LearnerOptions:
+        """This learner's options now (``d_in`` is set by the first batch)."""
+        return LearnerOptions(**self.get_params(), device=self.device)
+
+    @property
+    def initialized(self) -> bool:
+        return self.dictionary_ is not None
+
+    @property
+    def n_pending_(self) -> int:
+        """Rows received but not yet processed (fewer than ``batch_size``)."""
+        return self._n_pending
+
+    @torch.no_grad()
+    def partial_fit(self, x: Float[Tensor, "n d"], check_finite: bool = True) -> "OnlineSparseCoder":
+        """Feed rows ``x`` [n, d]; every full batch of ``batch_size`` rows is processed at once.
+
+        Rows containing NaN or ±Inf are dropped and counted in ``n_dropped_``; that check waits for ``x`` on the
+        host (a CUDA synchronisation), so a caller that has already checked may pass ``check_finite=False`` (a
+        non-finite row would then corrupt the dictionary). After the λ warm-up, a call with ``check_finite=False``
+        never synchronises with a CUDA device. Rows left for the next batch are copied (the caller may reuse ``x``).
+        A Ctrl-C arriving while a batch is processed is delivered when that batch is done, so the state is always
+        that of whole batches.
+        """
+        for batch in self._batches(x, check_finite):
+            with defer_interrupts():
+                self._process(batch)
+        return self
+
+    def _batches(self, x: Tensor, check_finite: bool) -> Iterator[Tensor]:
+        """The full batches that ``x`` completes, pending rows first, in stream order; what is left becomes the
+        pending rows (copied) once the last batch has been taken. The pending rows are released as the first batch
+        is handed out, so a consumer that stops early (Ctrl-C after a batch) never processes a row twice."""
+        x = self._finite_rows(self._as_rows(x), check_finite)
+        n, size = x.shape[0], self.batch_size
+        if n == 0:
+            return
+        done = size - self._n_pending  # rows of x that complete the pending batch
+        if done > n:
+            self._pending.append(x.clone())
+            self._n_pending += n
+            return
+        first = torch.cat([*self._pending, x[:done]]) if self._pending else x[:done]
+        self._pending, self._n_pending = [], 0
+        yield first
+        while n - done >= size:
+            yield x[done : done + size]
+            done += size
+        rest = x[done:]  # copied below, so a view of its tail does not keep a large x alive
+        self._pending, self._n_pending = ([rest.clone()], rest.shape[0]) if rest.shape[0] else ([], 0)
+
+    @torch.no_grad()
+    def transform(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n m"]:
+        """Codes α ≥ 0 of raw rows ``x`` under the current dictionary and λ (normalised as in training)."""
+        self._require_init()
+        return self._code(self.normalize(x))
+
+    @torch.no_grad()
+    def normalize(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
+        """Apply the frozen normaliser: (x − mean_) / scale_."""
+        self._require_init()
+        return (self._as_rows(x) - self.mean_) / self.scale_
+
+    @torch.no_grad()
+    def evaluate(self, x: Float[Tensor, "n d"] | None = None) -> dict[str, float]:
+        """Metrics of ``PAPER.md`` on raw rows ``x`` — by default on the held-out reservoir — with the current
+        dictionary and λ. See :func:`tl_sparsity.sparsity_metrics` for the keys; adds ``n_eval``."""
+        self._require_init()
+        xn = self.heldout_ if x is None else self.normalize(x)
+        acc = MetricAccumulator(self.lam_)
+        for start in range(0, xn.shape[0], self.batch_size):
+            chunk = xn[start : start + self.batch_size]
+            acc.update(chunk, self.dictionary_, self._code(chunk))
+        out = acc.result()
+        out["n_eval"] = acc.n
+        return out
+
+    @property
+    def heldout_(self) -> Tensor:
+        """The held-out rows currently in the reservoir, normalised, ``[k, d]``."""
+        self._require_init()
+        return self._reservoir[: self._res_fill]
+
+    # ------------------------------------------------------------------ state, checkpoints, memory
+    def state_dict(self) -> dict:
+        """The full state, copied, as ``{"tensors": {name: Tensor}, "meta": JSON-able dict}``: parameters,
+        dictionary, Adam moments, normaliser, λ, counters, reservoir, pending rows, RNG state (:mod:`.checkpoint`)."""
+        tensors, meta = _state.learner_state(self)
+        return {"tensors": tensors, "meta": meta}
+
+    def load_state_dict(self, state: dict, device: str | torch.device | None = None) -> "OnlineSparseCoder":
+        """Restore :meth:`state_dict` output; this learner's parameters must equal the saved ones."""
+        return _state.restore_learner(self, state["tensors"], state["meta"], device)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the full state to one safetensors file at ``path``, atomically; :meth:`load` reads it back."""
+        return _state.save_learner(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> "OnlineSparseCoder":
+        """A learner from :meth:`save`'s file; continuing it gives bit-for-bit what the saved one would give."""
+        tensors, meta = _state.read_learner(path)
+        lr = cls(**_state.saved_params(meta), device=device or meta.get("device"))
+        return _state.restore_learner(lr, tensors, meta, device)
+
+    # ------------------------------------------------------------------ for collectors training learners together
+    def batches(self, x: Float[Tensor, "n d"], check_finite: bool = True) -> Iterator[Tensor]:
+        """The full learner batches that rows ``x`` complete after the pending rows (the rest stays pending), for a
+        caller that trains several learners at once (:func:`tl_sparsity.coding.grouped.train_together`, after
+        :meth:`prepare`). ``partial_fit`` is this, batch by batch, in one learner."""
+        return self._batches(x, check_finite)
+
+    def prepare(self, batch: Float[Tensor, "n d"]) -> Tensor:
+        """Split off one batch's held-out rows (kept for evaluation; nothing learns from them) and return its
+        normalised training rows."""
+        return self._prepare(batch)
+
+    def finite_rows(self, x: Float[Tensor, "n d"]) -> Tensor:
+        """``x`` without its rows holding NaN or Inf; they are counted in ``n_dropped_``."""
+        return self._finite_rows(x, check_finite=True)
+
+    def memory_bytes(self) -> int:
+        """Bytes of tensor storage this learner holds (distinct storages); equals :func:`state_bytes`."""
+        tensors = [v for v in vars(self).values() if isinstance(v, Tensor)] + list(self._pending)
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+    # ------------------------------------------------------------------ internals
+    def _as_rows(self, x: Tensor) -> Tensor:
+        x = torch.as_tensor(x)
+        if x.ndim != 2:
+            raise ValueError(f"expected rows [n, d], got shape {tuple(x.shape)}; flatten with x.reshape(-1, d).")
+        d = self.d_in if self.dictionary_ is None else self.dictionary_.shape[1]
+        d = self._pending[0].shape[1] if d is None and self._pending else d
+        if d is not None and x.shape[1] != d:
+            raise ValueError(f"this learner has d_in={d} but got rows of width {x.shape[1]}.")
+        first = self._pending[0].device if self._pending else x.device  # before init: where the first rows are
+        dev = self.dictionary_.device if self.dictionary_ is not None else (self.device or first)
+        return x.to(device=dev, dtype=torch.float32)
+
+    def _finite_rows(self, x: Tensor, check_finite: bool) -> Tensor:
+        """``x`` without its rows holding NaN/±Inf (counted in ``n_dropped_``); unchecked when not ``check_finite``."""
+        if not check_finite:
+            return x
+        finite = torch.isfinite(x).all(dim=1)
+        if bool(finite.all()):
+            return x
+        self.n_dropped_ += int((~finite).sum())
+        return x[finite]
+
+    def _require_init(self) -> None:
+        if self.dictionary_ is None:
+            raise RuntimeError(
+                f"no dictionary yet: the learner has {self._n_pending} of the {self.batch_size} rows its first batch"
+                " needs. Feed more rows with partial_fit (or lower batch_size)."
+            )
+

@@ -1,0 +1,201 @@
+"""What an :class:`~tl_sparsity.coding.learner.OnlineSparseCoder` keeps besides its dictionary (a part of that class).
+
+- The held-out split: each batch's rows are held out with probability ``holdout_frac`` (never trained on), kept in
+  a bounded reservoir by reservoir sampling; the first ``probe_size`` of them also form a fixed probe.
+- The convergence trace: the probe's normalized loss along training, once λ is frozen
+  (:mod:`tl_sparsity.coding.convergence`), and the verdict ``convergence_`` / ``converged_``.
+- The check of λ at convergence: at the first trace point where the rule says converged (and again after each
+  re-estimate, up to ``lam_rounds`` times), λ's fixed point is recomputed with the learned dictionary.
+- The replay buffer: a ring of the most recent training rows (``replay_size``), from which ``replay`` extra
+  dictionary steps per batch draw their rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .convergence import ConvergenceTrace
+from .metrics import MetricAccumulator
+from .rows import to_device
+
+__all__ = ["Tracking"]
+
+
+class Tracking:
+    """Held-out reservoir and probe, convergence trace, λ check and replay buffer of an online sparse coder; mixed
+    into :class:`~tl_sparsity.coding.learner.OnlineSparseCoder`, whose attributes and training step it uses."""
+
+    # ------------------------------------------------------------------ held-out rows
+    def _heldout_mask(self, n: int) -> Tensor:
+        """Which of a batch's ``n`` rows are held out (a CPU draw: no device sync). The first batch of a learner
+        creates its generator and keeps at least one training row for the normaliser."""
+        first = self._gen is None or self.dictionary_ is None
+        if first:
+            self._gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        held = torch.rand(n, generator=self._gen) < self.holdout_frac
+        if first and bool(held.all()):
+            held[:] = False  # a tiny first batch drawn all held out: train on it rather than learn from held rows
+        return held
+
+    def _add_heldout(self, rows: Tensor) -> None:
+        """Reservoir sampling (Algorithm R) of all held-out rows into ``reservoir_size`` slots."""
+        k = rows.shape[0]
+        if k == 0:
+            return
+        if self._probe_fill < self.probe_size:  # the probe: the first held-out rows, fixed once full
+            p = min(k, self.probe_size - self._probe_fill)
+            self._probe[self._probe_fill : self._probe_fill + p] = rows[:p]
+            self._probe_fill += p
+        seen = self.n_heldout_
+        self.n_heldout_ += k
+        free = max(0, self.reservoir_size - self._res_fill)
+        take = min(free, k)
+        if take:
+            self._reservoir[self._res_fill : self._res_fill + take] = rows[:take]
+            self._res_fill += take
+        rest = rows[take:]
+        if rest.shape[0] == 0 or self.reservoir_size == 0:
+            return
+        idx = torch.arange(seen + take, seen + k, dtype=torch.float64) + 1  # 1-based index of each newcomer
+        slot = (torch.rand(rest.shape[0], generator=self._gen, dtype=torch.float64) * idx).long().numpy()
+        # Vectorised Algorithm R, resolved on the host (the draws are there): of the newcomers aimed at one slot the
+        # last wins it, as sequentially; then one gather and one scatter on the rows' device.
+        aimed = np.flatnonzero(slot < self.reservoir_size)
+        last = np.full(self.reservoir_size, -1, dtype=np.int64)
+        np.maximum.at(last, slot[aimed], aimed)
+        dst = np.flatnonzero(last >= 0)
+        ids = to_device(torch.from_numpy(np.concatenate([dst, last[dst]])), rows.device)
+        self._reservoir.index_copy_(0, ids[: dst.size], rest.index_select(0, ids[dst.size :]))
+
+    # ------------------------------------------------------------------ convergence
+    @property
+    def lam_adapting(self) -> bool:
+        """Whether λ still adapts (the adaptive rule's warm-up); False once frozen or when ``lam`` is fixed."""
+        if self.lam is not None:
+            return False
+        if self.warmup_tokens is not None:
+            return self.n_tokens_ < self.warmup_tokens
+        return self.n_steps_ < self.warmup_steps
+
+    @property
+    def convergence_(self) -> dict:
+        """The convergence rule's verdict now: ``converged`` (bool), ``drift`` (relative change of the held-out
+        probe's normalized loss over the last half of training), ``reason``, ``n_steps``, ``lam_frozen_at``."""
+        out = self.trace_.verdict(self.n_steps_)
+        checks = self.trace_.lam_checks
+        if out["converged"] and self._lam_check_due():
+            out["converged"], out["reason"] = False, "λ not yet checked at convergence"
+        elif checks and checks[-1][1] != checks[-1][2] and not out["converged"]:
+            step, before, after = checks[-1]
+            out["reason"] += f" (λ re-estimated at step {int(step)}: {before:.4g} → {after:.4g})"
+        if not self.initialized:
+            out["reason"] = "no dictionary yet"
+        elif self._probe_fill < self.probe_size and not self.trace_.steps:
+            out["reason"] = (f"the held-out probe has {self._probe_fill} of its {self.probe_size} rows; feed more "
+                             "tokens (or raise holdout_frac)")
+        return {**out, "n_steps": self.n_steps_, "lam_frozen_at": self.trace_.lam_frozen_at,
+                "lam_checks": [list(c) for c in checks]}
+
+    @property
+    def converged_(self) -> bool:
+        """Whether the held-out normalized loss has converged by the rule of :mod:`tl_sparsity.coding.convergence`."""
+        return bool(self.convergence_["converged"])
+
+    def _track(self) -> bool:
+        """Record when λ froze, and take a trace point on the held-out probe when one is due. No points while λ
+        adapts: the rule reads only points taken after λ froze, and coding the probe with a young dictionary and a
+        small λ runs pursuits to the 4·d cap. Returns whether a point was taken."""
+        if self.lam_adapting:
+            return False
+        if self.trace_.lam_frozen_at is None:
+            self.trace_.lam_frozen_at = self.n_steps_
+        step = self.n_steps_
+        if self._probe_fill < self.probe_size or (self.trace_.steps and step < self._next_point()):
+            return False
+        acc = MetricAccumulator(self.lam_)
+        acc.update(self._probe, self.dictionary_, self._code(self._probe))
+        self.trace_.add(step, acc.result()["normalized_loss"])
+        return True
+
+    def _next_point(self) -> int:
+        """The first step after the last trace point at which the schedule takes a point."""
+        s = self.trace_.steps[-1] + 1
+        while not ConvergenceTrace.due(s):
+            s += 1
+        return s
+
+    def _settle(self, x: Tensor, n_total: int) -> None:
+        """After each dictionary step: the trace, and at each new trace point the check of λ at convergence (the
+        same steps on every process that shares the learner)."""
+        if self._track():
+            self._check_lam(x, n_total)
+
+    # ------------------------------------------------------------------ λ at convergence
+    def _lam_check_due(self) -> bool:
+        """Whether λ is to be checked when the rule next says converged: λ adaptive, no check has found it stable,
+        fewer than ``lam_rounds`` re-estimates so far."""
+        if self.lam is not None or self.lam_adapting:
+            return False
+        checks = self.trace_.lam_checks
+        if checks and checks[-1][1] == checks[-1][2]:
+            return False
+        return sum(1 for c in checks if c[1] != c[2]) < self.lam_rounds
+
+    def _check_lam(self, x: Tensor, n_total: int) -> None:
+        """At the first trace point where the rule says converged (and again after each re-estimate): recompute λ's
+        fixed point on training rows — the replay buffer, or this step's rows ``x`` — with the learned dictionary. A
+        move of more than ``tol`` sets the new λ and restarts the λ-frozen window; a smaller one keeps λ, and the
+        verdict stands."""
+        due = self._lam_check_due() and bool(self.trace_.verdict(self.n_steps_)["converged"])
+        if not self._agree(due):
+            return
+        rows, n = (self._replay_buf[: self._replay_fill], self._replay_fill) if self._replay_fill else (x, n_total)
+        before = self.lam_
+        for _ in range(3):  # the adaptive rule's rounds, with the dictionary fixed
+            mean_max = self._mean_max(self._code(rows), n)
+            if not mean_max > 0:
+                break
+            self.lam_ = self.lam_ratio * mean_max
+        if abs(self.lam_ / before - 1.0) <= self.tol:
+            self.lam_ = before
+        else:
+            self.trace_.lam_frozen_at = self.n_steps_
+        self.trace_.lam_checks.append([self.n_steps_, before, self.lam_])
+
+    def _agree(self, flag: bool) -> bool:
+        """``flag`` as all processes that share this learner see it (one process here)."""
+        return flag
+
+    # ------------------------------------------------------------------ replay
+    @property
+    def _replay_cap(self) -> int:
+        return 8 * self.batch_size if self.replay_size is None else self.replay_size
+
+    def _remember(self, x: Tensor) -> None:
+        """Write training rows ``x`` into the replay ring buffer (the oldest are overwritten)."""
+        cap, n = self._replay_buf.shape[0], x.shape[0]
+        if n >= cap:
+            self._replay_buf.copy_(x[n - cap :])
+            self._replay_fill, self._replay_pos = cap, 0
+            return
+        idx = (np.arange(n) + self._replay_pos) % cap
+        self._replay_buf.index_copy_(0, to_device(torch.from_numpy(idx), x.device), x)
+        self._replay_pos = int((self._replay_pos + n) % cap)
+        self._replay_fill = min(cap, self._replay_fill + n)
+
+    def _after_batch(self, x: Tensor, n_total: int) -> None:
+        """After a fresh batch's step on training rows ``x``: ``replay`` steps on rows drawn from the replay buffer,
+        and the convergence trace."""
+        if not (self.replay and x.shape[0]):
+            self._settle(x, n_total)
+            return
+        self._remember(x)
+        self._settle(x, n_total)
+        n = x.shape[0]
+        for _ in range(self.replay):
+            idx = torch.randint(0, self._replay_fill, (n,), generator=self._gen)
+            rows = self._replay_buf.index_select(0, to_device(idx, x.device))
+            self._step(rows, n)
+            self._settle(rows, n)

@@ -1,0 +1,1 @@
+"""torch.distributed support below the collector: collectives over ranks and the data-parallel learner."""

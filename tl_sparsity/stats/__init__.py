@@ -1,0 +1,1 @@
+"""Per-hook statistics beside the learner: the covariance-matched Gaussian control and neuron statistics."""

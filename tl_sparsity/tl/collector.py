@@ -1,0 +1,296 @@
+"""``SparsityCollector``: hook functions that stream a model's activations into one learner per hook point.
+
+Hook functions never change the activation (they return ``None``), copy what they keep, flatten
+``[batch, pos, ...]`` to rows ``[kept positions, features]``, cast to float32, and drop the BOS position and padding.
+TransformerLens is reached only through :mod:`tl_sparsity.tl.hooks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from ..coding.learner import OnlineSparseCoder
+from ..report import SparsityReport
+from ..scale import data_parallel as _dp
+from ..scale import ranks as _ranks
+from ..stats import side as _side
+from . import checkpoint as _ckpt
+from . import extract as _extract
+from . import feeding as _feeding
+from . import fitting as _fitting
+from . import hooks as _hooks
+from . import resume as _resume
+from . import rows as _rows
+
+__all__ = ["SparsityCollector"]
+_all_finite = _feeding.all_finite  # its former home; still imported from here
+
+
+class SparsityCollector:
+    """Measure feature sparsity at a model's hook points (``PAPER.md``), one :class:`OnlineSparseCoder` per hook.
+
+    Args:
+        model: a TransformerLens ``HookedTransformer`` or ``TransformerBridge``.
+        hooks: alias (``"resid_post"`` → every layer; see :data:`tl_sparsity.tl.hooks.ALIASES`), exact HT-style
+            name, glob, filter function, comma-separated string or list of these.
+        skip_bos: drop the first position of each sequence (the first attended one when an ``attention_mask`` is
+            given). BOS/[CLS] activations have outsized norms; set False if your inputs carry no BOS.
+        controls: keep each hook's streamed mean and covariance (float64, d × d) of the rows its learner gets, so that
+            ``report()`` adds ``control_normalized_loss``, ``control_normalized_loss_se`` and ``sparsity_ratio`` (the
+            same learner trained on a Gaussian with that mean and covariance; as costly as the learning itself).
+        neurons: neuron statistics (:class:`~tl_sparsity.stats.neurons.NeuronStats`: dead neurons, firing rates, token /
+            trigram detectors, positional neurons) — None: on for ``mlp_post`` hooks; False: off; True: every hook;
+            or hook names / aliases / globs among ``hooks``. Token detectors need token ids: ``fit`` passes them,
+            ``fwd_hooks`` / ``attach`` take ``tokens=``, ``start()`` reads ``col.tokens``.
+        neuron_options: keyword arguments of ``NeuronStats`` (``threshold``, ``absolute``, ``trigram_slots``, ...).
+        parallel: ``"auto"`` (default): data-parallel when ``torch.distributed`` is initialised with more than one
+            rank — every rank runs its replica on its own tokens, every hook's learner is shared by all ranks
+            (:mod:`tl_sparsity.scale.data_parallel`), and ``report()`` (called on every rank) describes all ranks'
+            tokens; ``"data"``: the same, required; None: this process on its own. Every rank must run the same
+            forwards.
+        process_group: the ``torch.distributed`` group of the data-parallel ranks (default: the world).
+        **learner_options: passed to every :class:`OnlineSparseCoder` (``expansion``, ``lam``, ``seed``, ...).
+
+    Use ``model.run_with_hooks(tokens, fwd_hooks=col.fwd_hooks() + others)``, ``with col.attach(): model(tokens)``,
+    ``col.start()`` / ``col.stop()`` across notebook cells, or ``col.fit(batches)``; then ``col.report()``.
+    """
+
+    def __init__(self, model: Any, hooks: _hooks.HookSpec = "resid_post", *, skip_bos: bool = True,
+                 controls: bool = False, neurons: Any = None, neuron_options: dict[str, Any] | None = None,
+                 parallel: str | None = "auto", process_group: Any = None, **learner_options: Any) -> None:
+        self.model = model
+        self.hook_points = _hooks.resolve_hooks(model, hooks)
+        self.skip_bos = bool(skip_bos)
+        self.learner_options = dict(learner_options)
+        OnlineSparseCoder(**self.learner_options)  # validate options once, with a clear error
+        self.parallel = _dp.resolve_parallel(parallel, process_group)
+        make = (lambda: _dp.DataParallelCoder(group=process_group, **self.learner_options)) if self.parallel else (
+            lambda: OnlineSparseCoder(**self.learner_options))
+        self.learners: dict[str, OnlineSparseCoder] = {name: make() for name in self.hook_points}
+        if not isinstance(controls, bool):
+            raise TypeError(f"controls must be True or False, got {controls!r}.")
+        self.controls = controls
+        self.neuron_hooks = _hooks.neuron_hooks(model, self.hook_points, neurons)
+        self.neuron_options = _side.check_neuron_options(neuron_options)
+        self.extras = {name: _side.SideStats(name, controls, name in self.neuron_hooks, self.neuron_options)
+                       for name in self.hook_points}  # per hook: covariance and neuron statistics
+        self.attention_mask: Tensor | None = None  # used by hooks added with start()
+        self.tokens: Tensor | None = None  # token ids [batch, pos] used by hooks added with start()
+        self._persistent: dict[str, list[Any]] = {}
+
+    def __repr__(self) -> str:
+        state = "started" if self._persistent else "idle"
+        return f"SparsityCollector({len(self.hook_points)} hooks, {state}, tokens={self.n_tokens})"
+
+    @property
+    def hook_names(self) -> list[str]:
+        return list(self.hook_points)
+
+    @property
+    def n_tokens(self) -> int:
+        """Rows received by the hook that received most (trained, held out and pending); hooks frozen by
+        ``fit(..., until="converged")`` stop counting."""
+        if not self.learners:
+            return 0
+        return max(lr.n_tokens_ + lr.n_heldout_ + lr.n_pending_ for lr in self.learners.values())
+
+    # ------------------------------------------------------------------ hook functions
+    def keep_mask(self, activation: Tensor, attention_mask: Tensor | None = None) -> Bool[Tensor, "batch pos"]:
+        """The positions a hook keeps of ``activation`` ``[batch, pos, ...]``: attended (``attention_mask``), minus
+        BOS (the first attended position) when ``skip_bos``. A new tensor, on the activation's device."""
+        return _extract.keep_mask(activation, attention_mask, self.skip_bos)
+
+    def rows(self, activation: Tensor, attention_mask: Tensor | None = None,
+             keep: Bool[Tensor, "batch pos"] | None = None) -> Tensor:
+        """The rows a hook keeps from ``activation`` ``[batch, pos, ...]``: a float32 copy ``[n_kept, features]`` of
+        the positions of ``keep`` (default :meth:`keep_mask`). Without a mask and ``keep`` the rows are a slice (no
+        boolean indexing, which waits for the device: on CUDA the forward is then not held up at every hook)."""
+        return _extract.rows(activation, self.skip_bos, attention_mask, keep)
+
+    def _hook_fn(self, name: str, attention_mask: Tensor | None = None, use_attribute: bool = False,
+                 sink: dict[str, list[tuple]] | None = None, tokens: Tensor | None = None) -> Callable:
+        # sink: fit()'s, whose tokens are implicit (dropped for neuron statistics started without tokens)
+        learner, extras = self.learners[name], self.extras[name]
+
+        def hook(activation: Tensor, hook: Any = None) -> None:
+            mask = self.attention_mask if use_attribute else attention_mask
+            act = activation.detach()
+            keep = self.keep_mask(act, mask)
+            rows = self.rows(act) if mask is None else self.rows(act, keep=keep)  # the same rows; a slice: no sync
+            if learner.d_in is not None and rows.shape[0] and rows.shape[1] != learner.d_in:
+                raise ValueError(f"hook {name}: its learner has d_in={learner.d_in} but this activation has "
+                                 f"{rows.shape[1]} features per position (a different model or hook?).")
+            acts = act.reshape(*act.shape[:2], rows.shape[1]) if extras.want_neurons else None
+            toks = None if acts is None else extras.check(acts, self.tokens if use_attribute else tokens, keep,
+                                                          rows.shape[0], implicit=sink is not None)
+            if sink is not None:  # fit(): kept until the forward completes, then fed to the learners
+                if acts is not None:
+                    with torch.inference_mode(False):
+                        acts = acts.clone()  # raw dtype; no reference to the model's tensor is kept
+                sink[name].append((rows, acts, toks, keep))
+                return None
+            with torch.inference_mode(False), torch.no_grad():
+                learner.partial_fit(rows)
+                extras.update(rows, acts, toks, keep)
+            return None
+
+        hook.__name__ = f"tl_sparsity[{name}]"
+        return hook
+
+    # ------------------------------------------------------------------ ways to attach
+    def fwd_hooks(self, attention_mask: Tensor | None = None, tokens: Tensor | None = None
+                  ) -> list[tuple[str, Callable]]:
+        """``[(name, fn), ...]`` for ``model.run_with_hooks(..., fwd_hooks=col.fwd_hooks() + others)``.
+
+        ``attention_mask`` ``[batch, pos]`` (1 = real token) of the tokens of that call excludes padding;
+        ``tokens`` ``[batch, pos]`` (the token ids of that call) feed the neuron statistics' token detectors.
+        """
+        return [(name, self._hook_fn(name, attention_mask, tokens=tokens)) for name in self.hook_points]
+
+    @contextlib.contextmanager
+    def attach(self, attention_mask: Tensor | None = None, tokens: Tensor | None = None
+               ) -> Iterator["SparsityCollector"]:
+        """``with col.attach(): model(tokens)`` — hooks live exactly for the block, also when it raises.
+        ``attention_mask`` and ``tokens`` as in :meth:`fwd_hooks`."""
+        with self._attached(attention_mask, tokens=tokens):
+            yield self
+
+    @contextlib.contextmanager
+    def _attached(self, attention_mask: Tensor | None, sink: dict[str, list[tuple]] | None = None,
+                  tokens: Tensor | None = None, names: list[str] | None = None) -> Iterator[None]:
+        added: list[tuple[Any, list[Any]]] = []
+        try:
+            for name in self.hook_points if names is None else names:
+                hp = self.hook_points[name]
+                fn = self._hook_fn(name, attention_mask, sink=sink, tokens=tokens)
+                added.append((hp, _hooks.add_hook(hp, fn, False)))
+            yield
+        finally:
+            for hp, handles in added:
+                _hooks.remove_hook(hp, handles)
+
+    def start(self) -> "SparsityCollector":
+        """Keep hooks attached across calls (and ``model.reset_hooks()``) until :meth:`stop`.
+
+        Padding is excluded through ``col.attention_mask``, and token ids reach the neuron statistics through
+        ``col.tokens``; set them before each forward.
+        """
+        for name, hp in self.hook_points.items():
+            if name not in self._persistent:
+                self._persistent[name] = _hooks.add_hook(hp, self._hook_fn(name, use_attribute=True), permanent=True)
+        return self
+
+    def stop(self) -> "SparsityCollector":
+        """Remove exactly the hooks :meth:`start` added."""
+        for name, handles in self._persistent.items():
+            _hooks.remove_hook(self.hook_points[name], handles)
+        self._persistent = {}
+        return self
+
+    # ------------------------------------------------------------------ streaming loop
+    def fit(self, token_batches: Iterable[Any] | Tensor, n_tokens: int | None = None, progress: bool = True,
+            checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None, *,
+            until: str | None = None, max_tokens: int | None = None, **forward_kwargs: Any) -> "SparsityCollector":
+        """Run the model over ``token_batches`` with the hooks attached, until they end or ``n_tokens`` rows
+        (per hook, after BOS/padding removal) were collected.
+
+        ``until="converged"``: also stop once every hook's learner has converged (``OnlineSparseCoder.converged_``);
+        a hook that has converged is frozen for the rest of the call — its hook is no longer attached, so it costs
+        nothing while the others go on (and the forward stops after the last hooked layer still learning).
+        ``max_tokens`` is another name for ``n_tokens``, the budget (give one of them).
+
+        Each batch is a token tensor ``[batch, pos]``, a ``(tokens, attention_mask)`` pair or a dict with
+        ``input_ids`` (and ``attention_mask``); a single 2-D tensor is one batch. Forwards stop after the last
+        hooked layer when every hook is inside a block; integer token tensors also feed the neuron statistics. A
+        batch reaches the learners, covariances and neuron statistics only once its forward has completed (until
+        then each hook holds a copy of that one batch), so an interrupted ``fit`` (Ctrl-C, an error in any hook)
+        leaves every one of them holding exactly the batches before it, and ``report()`` usable.
+
+        Checkpoints: with ``checkpoint_dir``, a checkpoint is written there (atomically, see :meth:`save`) every
+        ``checkpoint_every`` batches — counted as batches taken from ``token_batches``, empty ones included — and
+        when ``fit`` ends. If ``checkpoint_dir`` already holds a checkpoint written by ``fit``, this collector's
+        state is replaced by it and the batches it had consumed are skipped: pass the same batches, in the same
+        order (the last consumed batch is checked against its sha256), to continue the interrupted run exactly.
+        In data- and hook-parallel modes every rank keeps its checkpoints in ``checkpoint_dir/rank<r>-of-<world>``,
+        and a resumed run starts from the newest checkpoint that every rank has (a crash between two ranks' writes
+        falls back to the previous one).
+        """
+        _fitting.fit(self, token_batches, n_tokens, progress, checkpoint_dir, checkpoint_every, until, max_tokens,
+                     forward_kwargs)
+        return self
+
+    def _feed(self, sink: dict[str, list[tuple]]) -> None:
+        """Hand one completed forward's kept rows (and neuron inputs) to the learners and side statistics
+        (:func:`tl_sparsity.tl.feeding.feed`); hook-parallel collectors gather them to their owners first."""
+        _feeding.feed(self, sink)
+
+    def _fit_state(self) -> dict[str, Any]:
+        """What a subclass keeps beside its learners and statistics, saved with ``fit``'s checkpoints."""
+        return {}
+
+    def _restore_fit_state(self, fit: dict[str, Any]) -> None:
+        """Restore :meth:`_fit_state` from a resumed checkpoint's ``fit`` record."""
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | Path) -> Path:
+        """Checkpoint every learner's full state and the side statistics (covariances, neuron statistics) under
+        ``path`` (safetensors + a JSON manifest naming the model, hooks, widths and options, with the sha256 of
+        every file); written atomically beside the previous one,
+        which is kept. Returns the new checkpoint's folder. See :mod:`tl_sparsity.tl.checkpoint` for the layout.
+
+        ``path`` is a folder (created if needed); an existing file there raises :class:`NotADirectoryError` (one
+        learner saves to a file: ``col.learners[hook].save(file)``)."""
+        if self._distributed:  # every rank writes its own folder
+            path = _ranks.rank_dir(path, self._rank, self._world)
+        return _ckpt.save_collector(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any, device: str | torch.device | None = None) -> "SparsityCollector":
+        """A collector on ``model`` restored from :meth:`save` (``path``: the folder given to ``save`` or ``fit``,
+        or one ``ckpt-*`` folder). Raises :class:`tl_sparsity.tl.checkpoint.CheckpointError` naming the difference
+        when ``model``, the hooks or their widths do not match, or when a file is damaged; and naming what was
+        given when ``path`` is a file (a learner file loads with ``OnlineSparseCoder.load``)."""
+        return _resume.load_collector(cls, path, model, device)
+
+    # ------------------------------------------------------------------ results
+    def report(self, controls: bool | None = None) -> SparsityReport:
+        """Evaluate every learner on its held-out rows with its final dictionary; one row per hook.
+
+        With ``controls=True`` collectors, also the control columns (``report(controls=False)`` skips them: training
+        the controls costs as much as the learning; they are computed once per hook and row count). With neuron
+        statistics, their columns (:data:`tl_sparsity.stats.side.NEURON_COLUMNS`, None/NaN on hooks without) and one
+        table per hook, ``report.neurons(hook)``.
+        """
+        return _rows.build_report(self, controls)
+
+    def _rows(self, names: Iterable[str]) -> list[dict[str, Any]]:
+        """Report rows (hook, layer, site and the learner's columns) for the learners of ``names``."""
+        return _rows.hook_rows(self, names)
+
+    @property
+    def _distributed(self) -> bool:
+        """Whether the ranks of a ``torch.distributed`` group run this collector together."""
+        return self.parallel is not None
+
+    @property
+    def _group(self) -> Any:
+        return getattr(next(iter(self.learners.values()), None), "group", None)
+
+    @property
+    def _rank(self) -> int:
+        return getattr(next(iter(self.learners.values()), None), "rank", 0)
+
+    @property
+    def _world(self) -> int:
+        return getattr(next(iter(self.learners.values()), None), "world", 1)
+
+    def learners_params(self) -> dict[str, Any]:
+        return next(iter(self.learners.values())).get_params() if self.learners else {}
+

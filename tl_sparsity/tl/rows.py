@@ -1,0 +1,127 @@
+"""A collector's report: one row per hook (the learner's held-out metrics, its convergence verdict and the side
+statistics' columns), the metadata, and the tables (neuron tables, each hook's convergence trace)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+from ..coding.learner import OnlineSparseCoder
+from ..report import SparsityReport
+from ..scale import ranks as _ranks
+from ..stats.side import CONTROL_NOTE
+from . import hooks as _hooks
+
+__all__ = ["build_report", "hook_rows", "learner_row", "add_to_report"]
+
+
+def build_report(col: Any, controls: bool | None = None) -> SparsityReport:
+    """:meth:`SparsityCollector.report`'s work (see there)."""
+    if controls and not col.controls:
+        raise ValueError("this collector keeps no covariances: build it with SparsityCollector(..., "
+                         "controls=True) to get control columns.")
+    rows = hook_rows(col, col.learners)
+    view: Any = col
+    if col.parallel:  # collective: every rank gets the report of all ranks' tokens
+        for row in rows:
+            row.update(col.learners[row["hook"]].global_counts())
+        view = copy.copy(col)
+        view.extras = _ranks.merged_extras(col)
+    if all(r["status"].startswith("no tokens") for r in rows):
+        raise RuntimeError(
+            "no activations collected yet: run the model with col.fwd_hooks(), inside `with col.attach():`, "
+            "after col.start(), or through col.fit(...) first."
+        )
+    for row in rows:
+        if row["status"] != "ok" and row["converged"] is not False:
+            warnings.warn(f"{row['hook']}: {row['status']}", stacklevel=3)
+    late = [r for r in rows if r["converged"] is False]
+    if late:
+        warnings.warn(f"{len(late)} of {len(rows)} hooks have not converged; their numbers are not yet the "
+                      "method's (feed more tokens, or fit(..., until='converged')): "
+                      + "; ".join(f"{r['hook']}: {r['convergence']}" for r in late), stacklevel=3)
+    meta: dict[str, Any] = {"model": _hooks.model_info(col.model), "options": col.learners_params(),
+                            "skip_bos": col.skip_bos}
+    if col.parallel:
+        meta["data_parallel"] = {"world_size": col._world}
+    tables = add_to_report(view, rows, meta, col.controls if controls is None else bool(controls))
+    for name, lr in col.learners.items():  # the evidence of each verdict: the held-out probe's trace
+        if lr.trace_.steps:
+            tables[f"trace/{name}"] = [{"step": s, "normalized_loss": v}
+                                       for s, v in zip(lr.trace_.steps, lr.trace_.values)]
+    if col.parallel:
+        for name, ex in view.extras.items():
+            col.extras[name]._control = ex._control  # keep the control cache
+    return SparsityReport(rows, meta, tables)
+
+
+def hook_rows(col: Any, names: Iterable[str]) -> list[dict[str, Any]]:
+    """Report rows (hook, layer, site and :func:`learner_row`) for the learners of ``names``."""
+    rows = []
+    for name in names:
+        layer, site = _hooks.parse_hook_name(name)
+        rows.append({"hook": name, "layer": layer, "site": site, **learner_row(col.learners[name])})
+    return rows
+
+
+def learner_row(learner: OnlineSparseCoder) -> dict[str, Any]:
+    """One report row's learner columns (metrics on the held-out reservoir) and a status string."""
+    row: dict[str, Any] = {
+        "d_in": learner.d_in, "n_atoms": None, "n_tokens": learner.n_tokens_, "n_heldout": learner.n_heldout_,
+        "n_eval": 0, "lam": None, "normalized_loss": float("nan"), "normalized_loss_se": float("nan"),
+        "coef_norm": float("nan"), "nnz": float("nan"), "fvu": float("nan"), "capped": learner.capped_,
+        "n_dropped": learner.n_dropped_, "converged": None, "n_steps": learner.n_steps_, "drift": float("nan"),
+        "convergence": "no dictionary yet",
+    }
+    seen = learner.n_tokens_ + learner.n_heldout_ + learner.n_pending_
+    if seen == 0:
+        row["status"] = "no tokens: this hook never fired (gated hook point, or a layer past stop_at_layer?)"
+        return row
+    if not learner.initialized:
+        row["status"] = (f"warming up: {seen} rows seen, the first batch needs {learner.batch_size}; "
+                         "feed more tokens")
+        return row
+    row["n_atoms"] = learner.dictionary_.shape[0]
+    row["lam"] = learner.lam_
+    if learner.heldout_.shape[0] < 2:
+        row["status"] = "too few held-out rows to evaluate; feed more tokens (or raise holdout_frac)"
+        return row
+    ev = learner.evaluate()
+    row["n_eval"] = int(ev["n_eval"])
+    for k in ("normalized_loss", "normalized_loss_se", "coef_norm", "nnz", "fvu"):
+        row[k] = ev[k]
+    verdict = learner.convergence_
+    row.update(converged=bool(verdict["converged"]), drift=float(verdict["drift"]), convergence=verdict["reason"])
+    row["status"] = "ok" if row["converged"] else f"not converged: {verdict['reason']}"
+    return row
+
+
+def add_to_report(col: Any, rows: list[dict[str, Any]], meta: dict[str, Any], controls: bool
+                  ) -> dict[str, list[dict[str, Any]]]:
+    """Add the side statistics of collector ``col`` to its report's ``rows`` (in hook order) and ``meta``: neuron
+    columns when any hook has neuron statistics, then control columns when ``controls``; returns the neuron tables."""
+    tables, tokenizer = {}, getattr(col.model, "tokenizer", None)
+    for row in rows:
+        ex = col.extras[row["hook"]]
+        if col.neuron_hooks:
+            row.update(ex.neuron_row())
+        if ex.neurons is not None and ex.neurons.n_tokens:
+            tables[f"neurons/{row['hook']}"] = ex.neuron_table(tokenizer)
+    if col.neuron_hooks:
+        meta["neurons"] = {"hooks": list(col.neuron_hooks), "options": _jsonable_options(col.neuron_options),
+                           "tokenizer": None if tokenizer is None else type(tokenizer).__name__,
+                           "n_tokens_seen": {n: col.extras[n].neurons.n_tokens if col.extras[n].neurons else 0
+                                             for n in col.neuron_hooks}}
+    if col.controls:
+        meta["controls"] = {"computed": controls, "kind": "covariance-matched Gaussian", "method": CONTROL_NOTE}
+        if controls:
+            for row in rows:
+                row.update(col.extras[row["hook"]].control_row(col.learners[row["hook"]], row["normalized_loss"]))
+            meta["controls"]["n_rows"] = {n: lr.n_tokens_ + lr.n_heldout_ for n, lr in col.learners.items()}
+    return tables
+
+
+def _jsonable_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: (str(v) if k == "device" and v is not None else v) for k, v in options.items()}
