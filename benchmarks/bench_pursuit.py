@@ -168,7 +168,7 @@ def bench_config(d, a, dev, args, bw, rows):
         max_rel_dobj=float(((obj_f - obj_r).abs() / obj_r).max()), mean_rel_dobj=float(((obj_f - obj_r) / obj_r).mean()))
 
     if dev.type == "cuda":
-        from tl_sparsity import kernels as K
+        from tl_sparsity.coding import kernels as K
 
 
         dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from tl_sparsity import NeuronStats, models, parameter_activation, text
+from tl_sparsity import NeuronStats, parameter_activation, text
+from tl_sparsity.tl import models
 
 
 def main(argv: list[str] | None = None) -> tuple:
