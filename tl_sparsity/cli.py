@@ -21,6 +21,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from .report import SparsityReport
+
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -123,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return {"run": _run, "show": _show, "compare": _compare}[args.command](args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        if isinstance(e, OSError) and e.filename is None:  # an OSError about no named file: not the user's to fix
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        sys.stderr.write(f"tl-sparsity: error: {msg}\n")
+        sys.stderr.write(f"tl-sparsity: error: {' '.join(str(msg).split())}\n")
         return 2
 
 
@@ -192,6 +196,8 @@ def _run(args: argparse.Namespace) -> int:
     options = learner_options(args)
     LearnerOptions(**options)  # check them before loading the model
     out = Path(args.out or f"runs/{Path(args.model).name}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for report.json and the other outputs.")
     t0 = time.perf_counter()
     model, tokenizer = models.load_model(args.model, backend=args.backend, device=args.device,
                                          dtype=getattr(torch, args.dtype))
@@ -238,12 +244,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _timed(batches: list[Any], max_minutes: float | None) -> Any:
     """``batches``, stopping once ``max_minutes`` of wall-clock time have passed since the first was taken."""
-    if max_minutes is None:
-        yield from batches
-        return
-    end = time.perf_counter() + 60 * max_minutes
+    end = None if max_minutes is None else time.perf_counter() + 60 * max_minutes
     for batch in batches:
-        if time.perf_counter() > end:
+        if end is not None and time.perf_counter() > end:
             logging.getLogger("tl_sparsity").warning("--max-minutes %g reached: stopping the fit.", max_minutes)
             return
         yield batch
@@ -281,15 +284,11 @@ def _plain(v: Any) -> Any:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from .report import SparsityReport
-
     print(SparsityReport.load(args.report).to_markdown())
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .report import SparsityReport
-
     a, b = SparsityReport.load(args.a), SparsityReport.load(args.b)
     cols = tuple(c.strip() for c in args.columns.split(",") if c.strip())
     print(a.compare(b, columns=cols, labels=("a", "b")).to_string(float_format=lambda v: f"{v:.4g}"))

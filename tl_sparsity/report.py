@@ -213,11 +213,13 @@ class SparsityReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SparsityReport":
-        if data.get("format") != "tl_sparsity.report":
+        """A report from :meth:`to_dict` output; :class:`ValueError` says what is wrong when it is not one."""
+        if not isinstance(data, dict) or data.get("format") != "tl_sparsity.report":
             raise ValueError("not a tl_sparsity report (missing format marker 'tl_sparsity.report').")
         if data.get("version") != _FORMAT_VERSION:
             raise ValueError(f"report format version {data.get('version')} is not supported (this is "
                              f"{_FORMAT_VERSION}); upgrade tl_sparsity.")
+        _check_shape(data)
         return cls(data["rows"], data.get("meta"), data.get("tables"))
 
     def save(self, path: str | Path) -> Path:
@@ -228,13 +230,29 @@ class SparsityReport:
 
     @classmethod
     def load(cls, path: str | Path) -> "SparsityReport":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except ValueError as e:  # bad JSON, bad UTF-8, or not a report's shape
+            raise ValueError(f"{path}: {e}") from e
+
+
+def _check_shape(data: dict[str, Any]) -> None:
+    """Raise :class:`ValueError` unless ``data``'s rows, meta and tables have the types a saved report has."""
+    rows, meta, tables = data.get("rows"), data.get("meta"), data.get("tables")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"'rows' must be a list of objects, found {str(rows)[:80]!r}.")
+    for i, c, v in ((i, c, r.get(c)) for i, r in enumerate(rows) for c in COLUMNS):
+        text = c in ("hook", "site", "convergence", "status")
+        if (v is None and c == "hook") or v is not None and (not isinstance(v, str) if text else isinstance(
+                v, (str, list, dict))):
+            raise ValueError(f"row {i}: {c!r} is {v!r}, expected {'a string' if text else 'a number'}.")
+    if not isinstance(meta, (dict, type(None))) or not isinstance(tables, (dict, type(None))) or not all(
+            isinstance(t, list) and all(isinstance(r, dict) for r in t) for t in (tables or {}).values()):
+        raise ValueError("'meta' must be an object and 'tables' map names to lists of objects.")
 
 
 def _jsonable(v: Any) -> Any:
-    if hasattr(v, "item"):
-        return v.item()
-    return str(v)
+    return v.item() if hasattr(v, "item") else str(v)
 
 
 def _num_or_none(v: Any) -> float | None:

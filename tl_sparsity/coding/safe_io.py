@@ -6,13 +6,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["sha256", "write_synced", "write_atomic", "fsync_dir", "defer_interrupts"]
+__all__ = ["sha256", "write_synced", "write_atomic", "fsync_dir", "defer_interrupts", "clean_stale"]
+
+#: The names of :func:`write_atomic`'s temporary files: ``.<name>.tmp-`` and ``tempfile``'s 8 random characters.
+_TEMP = re.compile(r"\..+\.tmp-[a-z0-9_]{8}")
 
 
 def sha256(data: bytes) -> str:
@@ -78,3 +82,19 @@ def fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def clean_stale(folder: Path, min_age: float = 60.0) -> list[Path]:
+    """Remove the temporary files :func:`write_atomic` left in ``folder`` (a writer killed before its rename) that
+    are over ``min_age`` seconds old — younger ones may belong to a live writer. Only regular files named by
+    :func:`write_atomic`'s pattern are touched. Returns those removed."""
+    import time
+
+    removed = []
+    for p in Path(folder).iterdir() if Path(folder).is_dir() else ():
+        with contextlib.suppress(OSError):
+            if _TEMP.fullmatch(p.name) and p.is_file() and not p.is_symlink() and (
+                    time.time() - p.lstat().st_mtime > min_age):
+                p.unlink()
+                removed.append(p)
+    return removed

@@ -1,12 +1,15 @@
 """A learner's full state as one safetensors file — tensors, plus JSON (format marker, version, constructor
-parameters, counters, scalars, sha256 of the tensors) in the header — and back. No pickle. Collector checkpoints
-(:mod:`tl_sparsity.tl.checkpoint`) are built from these files.
+parameters, counters, scalars, sha256 of the tensors, sha256 of that JSON) in the header — and back. No pickle.
+Collector checkpoints (:mod:`tl_sparsity.tl.checkpoint`) are built from these files. A file is verified before it is
+used: both checksums (files written before the JSON's checksum existed have only the tensors'), then every field's
+type and range.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,8 @@ import torch
 from torch import Tensor
 
 from .safe_io import write_atomic
+from .convergence import ConvergenceTrace
+from .options import _NORMALISE, _OPTIONAL, LearnerOptions
 
 __all__ = ["CheckpointError", "saved_params", "learner_state", "restore_learner", "learner_bytes", "learner_from_bytes",
            "save_learner", "read_learner"]
@@ -28,9 +33,9 @@ class CheckpointError(ValueError):
     """A checkpoint is unreadable, damaged, or does not fit the model / collector it is loaded into."""
 
 
-
-def learner_state(lr: Any, copy: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """``(tensors, meta)``: a learner's full state; ``meta`` is JSON-able. ``copy=False`` shares the live tensors."""
+def learner_state(lr: Any, copy: bool = True, hook: str | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(tensors, meta)``: a learner's full state; ``meta`` is JSON-able. ``copy=False`` shares the live tensors;
+    ``hook`` (a collector's learner) is recorded in ``meta``, so a file loaded into another hook is caught."""
     state: dict[str, Any] = {k: getattr(lr, k) for k in _COUNTERS}
     tensors: dict[str, Tensor] = {}
     if lr._n_pending:
@@ -47,8 +52,9 @@ def learner_state(lr: Any, copy: bool = True) -> tuple[dict[str, Tensor], dict[s
         state["data_parallel"] = lr.parallel_state()
     tensors = {k: (v.detach().clone() if copy else v.detach()) for k, v in tensors.items()}
     device = None if lr.device is None else str(lr.device)
-    return tensors, {"format": LEARNER_FORMAT, "version": VERSION, "params": lr.get_params(), "device": device,
-                     "state": state}
+    meta = {"format": LEARNER_FORMAT, "version": VERSION, "params": lr.get_params(), "device": device,
+            "state": state}
+    return tensors, meta if hook is None else {**meta, "hook": hook}
 
 
 def restore_learner(lr: Any, tensors: dict[str, Tensor], meta: dict[str, Any],
@@ -97,12 +103,20 @@ def _tensors_sha(tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
+def _meta_sha(meta: dict[str, Any]) -> str:
+    """sha256 of ``meta``'s canonical JSON (sorted keys, no spaces), its ``meta_sha256`` left out."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _pack(tensors: dict[str, Tensor], meta: dict[str, Any]) -> bytes:
-    """One safetensors file's bytes: ``tensors`` (CPU) and ``meta`` as JSON with their sha256 in the header."""
+    """One safetensors file's bytes: ``tensors`` (CPU) and ``meta`` as JSON in the header, with the sha256 of the
+    tensors and the sha256 of that JSON (tensors' sha256 included), so an edit of either is caught on load."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return save(tensors, metadata={"tl_sparsity": json.dumps({**meta, "tensors_sha256": _tensors_sha(tensors)})})
+    meta = json.loads(json.dumps({**meta, "tensors_sha256": _tensors_sha(tensors)}))  # as a reader will parse it
+    return save(tensors, metadata={"tl_sparsity": json.dumps({**meta, "meta_sha256": _meta_sha(meta)})})
 
 
 def _unpack(data: bytes, where: str, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -117,19 +131,29 @@ def _unpack(data: bytes, where: str, what: str) -> tuple[dict[str, Tensor], dict
     except Exception as e:  # noqa: BLE001 — any parse failure means the same thing to the user
         raise CheckpointError(f"{where} is not a readable tl_sparsity {what} file (truncated or corrupt?): "
                               f"{type(e).__name__}: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where} is not a tl_sparsity {what} file: its header's JSON is a "
+                              f"{type(meta).__name__}, not an object.")
     if _tensors_sha(tensors) != meta.get("tensors_sha256"):
         raise CheckpointError(f"{where} is corrupt: its tensors do not match the sha256 recorded when it was saved.")
+    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_sha(meta):  # absent in files from before it existed
+        raise CheckpointError(f"{where} is corrupt: its header's JSON does not match the sha256 recorded when it was "
+                              "saved (edited by hand?).")
     return tensors, meta
 
 
-def learner_bytes(lr: Any) -> bytes:
-    """A learner's state as the bytes of one safetensors file (its JSON in the header's metadata)."""
-    return _pack(*learner_state(lr, copy=False))
+def learner_bytes(lr: Any, hook: str | None = None) -> bytes:
+    """A learner's state as the bytes of one safetensors file (its JSON in the header's metadata); ``hook``, a
+    collector's hook name, is recorded in it."""
+    return _pack(*learner_state(lr, copy=False, hook=hook))
 
 
 def learner_from_bytes(data: bytes, where: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Parse and verify :func:`learner_bytes` output; ``where`` names the file in errors."""
-    return _unpack(data, where, "learner")
+    """Parse and verify :func:`learner_bytes` output (checksums, then every field's type and range); ``where``
+    names the file in errors."""
+    tensors, meta = _unpack(data, where, "learner")
+    check_learner(tensors, meta, where)
+    return tensors, meta
 
 
 def save_learner(lr: Any, path: str | Path) -> Path:
@@ -174,3 +198,67 @@ def _check_params(lr: Any, meta: dict[str, Any], where: str) -> None:
         raise CheckpointError(f"{where}: the learner was saved with other options — " + "; ".join(diff) + ".")
 
 
+
+
+def check_learner(tensors: dict[str, Tensor], meta: dict[str, Any], where: str) -> None:
+    """Raise :class:`CheckpointError` naming ``where`` and the field unless ``meta`` / ``tensors`` are a learner
+    state of sound types and ranges: the parameters pass the learner's own validation, counters are integers ≥ 0,
+    scalars positive and finite, buffer fills within their buffers, and tensor shapes agree with ``d_in``."""
+    def bad(field: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{where}: field {field!r} of the learner state {why}.")
+
+    def num(obj: dict, field: str, kind: type = int, low: float = 0, default: Any = None) -> Any:
+        v = obj.get(field, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+            raise bad(field, f"must be {'a number' if kind is float else 'an integer'}, not {v!r}")
+        if not (math.isfinite(v) and (v > low if kind is float else v >= low)):
+            raise bad(field, f"is out of range: {v!r} (must be finite and {'>' if kind is float else '≥'} {low})")
+        return v
+
+    if meta.get("format") != LEARNER_FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{where}: not a version-{VERSION} tl_sparsity learner state "
+                              f"(format {meta.get('format')!r}, version {meta.get('version')!r}).")
+    for part in ("params", "state"):
+        if not isinstance(meta.get(part), dict):
+            raise bad(part, f"must be a JSON object, not {type(meta.get(part)).__name__}")
+    if not isinstance(meta.get("hook", ""), str) or not isinstance(meta.get("device") or "", str):
+        raise bad("hook", "and 'device' must be strings")
+    params, st = saved_params(meta), meta["state"]
+    for k, kind in _NORMALISE.items():
+        if kind is int and not (params.get(k) is None and k in _OPTIONAL):
+            num(params, k, low=-math.inf)
+    try:
+        opts = LearnerOptions(**params)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: the saved learner parameters are invalid: {e}") from e
+    for k in _COUNTERS:
+        num(st, k)
+    d = opts.d_in
+    widths = {k: t.shape[-1] for k, t in tensors.items() if k != "rng_state" and t.dim() == 2}
+    if len(set(widths.values()) | ({d} if d is not None else set())) > 1 or "dictionary" in tensors and d is None:
+        raise bad("d_in", f"({d!r}) does not match the tensors' widths {widths}")
+    if "dictionary" not in tensors:
+        return
+    missing = sorted({"mean", "adam_m", "adam_v", "reservoir", "rng_state"} - set(tensors))
+    if missing:
+        raise bad("dictionary", f"comes without the tensors {missing}")
+    dic = tensors["dictionary"]
+    if dic.dim() != 2 or tensors["adam_m"].shape != dic.shape or tensors["adam_v"].shape != dic.shape or tuple(
+            tensors["mean"].shape) != (d,):
+        raise bad("dictionary", "has tensors of inconsistent shapes (dictionary, adam_m, adam_v, mean)")
+    for k in ("scale_", "lam_", "lr_"):
+        num(st, k, float)
+    num(st, "cap", low=1)
+    for fill, name, size in (("res_fill", "reservoir", opts.reservoir_size), ("probe_fill", "probe", opts.probe_size),
+                             ("replay_fill", "replay", (opts.replay_size or 8 * opts.batch_size) * (opts.replay > 0))):
+        n = num(st, fill, default=0)
+        if n > size or (name in tensors or n) and tensors.get(name, dic[:0]).shape[0] != n:
+            raise bad(fill, f"({n}) does not fit its buffer of {size} rows holding "
+                            f"{tensors[name].shape[0] if name in tensors else 0} saved rows")
+    if num(st, "replay_pos", default=0) >= max(size, 1):  # size: the replay buffer's, from the loop's last round
+        raise bad("replay_pos", f"({st['replay_pos']}) is beyond the replay buffer of {size} rows")
+    try:
+        if "trace" in st:
+            ConvergenceTrace(opts.tol, opts.min_steps).load_state(st["trace"])
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise bad("trace", f"is invalid: {type(e).__name__}: {e}") from e

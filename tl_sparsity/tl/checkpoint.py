@@ -6,7 +6,7 @@ writes and :func:`defer_interrupts` (re-exported here), which keeps a Ctrl-C fro
 Learner file (``*.safetensors``): tensors ``dictionary``, ``mean``, ``adam_m``, ``adam_v``, ``reservoir`` (the filled
 rows), ``rng_state`` (the learner's CPU generator), ``pending`` (rows of the unfinished batch); the header's metadata
 key ``tl_sparsity`` holds JSON: format marker, version, constructor parameters, counters, scalars (scale, λ, Adam
-learning rate, step cap) and the sha256 of the tensors' bytes.
+learning rate, step cap) the sha256 of the tensors' bytes, the sha256 of the JSON itself and, in a collector's checkpoint, the hook name.
 
 Collector checkpoint root (the ``dir`` of ``col.save(dir)`` and of ``col.fit(..., checkpoint_dir=dir)``)::
 
@@ -19,7 +19,8 @@ Collector checkpoint root (the ``dir`` of ``col.save(dir)`` and of ``col.fit(...
     dir/ckpt-000006/...            the previous checkpoint
 
 A new checkpoint is written into a temporary folder beside the others, every file fsynced, renamed into place, and
-only then does ``LATEST`` (replaced atomically) point to it; the two newest are kept. A crash at any moment leaves
+only then does ``LATEST`` (replaced atomically) point to it; the two newest are kept, and temporary files a killed
+writer left (``.<name>.tmp-*``, over a minute old) are removed. A crash at any moment leaves
 the previous checkpoint loadable, and a damaged file fails its sha256 check with an error that names it.
 
 This module writes checkpoints; :mod:`tl_sparsity.tl.resume` reads, verifies and loads them (its functions are
@@ -35,6 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..coding.safe_io import clean_stale as _clean_stale
 from ..coding.safe_io import defer_interrupts
 from ..coding.safe_io import fsync_dir as _fsync_dir
 from ..coding.safe_io import sha256 as _sha
@@ -69,7 +71,7 @@ def save_collector(col: Any, root: str | Path, fit: dict[str, Any] | None = None
     try:
         files, extras = {}, {}
         for i, (name, lr) in enumerate(col.learners.items()):
-            data = learner_bytes(lr)
+            data = learner_bytes(lr, hook=name)
             files[name] = {"file": f"hook_{i:03d}.safetensors", "sha256": _sha(data), "bytes": len(data)}
             _write(tmp / files[name]["file"], data)
             ex = col.extras[name]
@@ -95,6 +97,7 @@ def save_collector(col: Any, root: str | Path, fit: dict[str, Any] | None = None
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".ckpt-*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    _clean_stale(root)
     return final
 
 

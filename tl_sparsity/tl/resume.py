@@ -27,7 +27,7 @@ from ..coding.state_io import (
     restore_learner,
 )
 from . import hooks as _hooks
-from .checkpoint_layout import fingerprint, seq, side_config
+from .checkpoint_layout import check_latest, check_manifest, fingerprint, seq, side_config
 
 __all__ = ["read_collector", "check_model", "load_collector", "resume_fit"]
 
@@ -45,7 +45,7 @@ def read_collector(root: str | Path) -> tuple[dict[str, Any], dict[str, bytes], 
     if (root / "manifest.json").is_file():
         folder = root
     elif (root / "LATEST").is_file():
-        latest = _json(root / "LATEST")
+        latest = check_latest(_json(root / "LATEST"), root / "LATEST")
         folder, want = root / latest["checkpoint"], latest.get("manifest_sha256")
     else:
         found = sorted(root.glob("ckpt-*"), key=seq)
@@ -60,6 +60,7 @@ def read_collector(root: str | Path) -> tuple[dict[str, Any], dict[str, bytes], 
     if want is not None and _sha(mbytes) != want:
         raise CheckpointError(f"{mpath} is corrupt or truncated (its sha256 differs from the one in LATEST).{hint}")
     manifest = _json(mpath, mbytes)
+    check_manifest(manifest, mpath)
     if manifest.get("format") != COLLECTOR_FORMAT:
         raise CheckpointError(f"{mpath} is not a tl_sparsity collector checkpoint (format {manifest.get('format')!r}).")
     if manifest.get("version") != VERSION:
@@ -174,6 +175,9 @@ def _parsed(manifest: dict[str, Any], blobs: dict[str, bytes], folder: Path, col
     out = {}
     for name, f in manifest["files"].items():
         tensors, meta = learner_from_bytes(blobs[f["file"]], str(folder / f["file"]))
+        if meta.get("hook", name) != name:  # files from before the hook was recorded have none
+            raise CheckpointError(f"{folder / f['file']} holds the learner of hook {meta['hook']}, but the manifest "
+                                  f"lists it for hook {name}: the checkpoint's files were moved or renamed.")
         if meta["params"]["d_in"] != manifest["d_in"][name]:
             raise CheckpointError(f"{folder}: hook {name} has d_in={manifest['d_in'][name]} in the manifest but "
                                   f"{meta['params']['d_in']} in its learner file.")
@@ -183,7 +187,8 @@ def _parsed(manifest: dict[str, Any], blobs: dict[str, bytes], folder: Path, col
     for name, f in manifest.get("extras", {}).items():
         where = str(folder / f["file"])
         tensors, meta = _unpack(blobs[f["file"]], where, "extras")
-        if meta.get("format") != EXTRAS_FORMAT or meta.get("version") != VERSION or meta.get("hook") != name:
+        if meta.get("format") != EXTRAS_FORMAT or meta.get("version") != VERSION or meta.get("hook") != name or any(
+                k not in meta or not isinstance(meta[k], (dict, type(None))) for k in ("covariance", "neurons")):
             raise CheckpointError(f"{where}: not a version-{VERSION} tl_sparsity extras file of hook {name} "
                                   f"(format {meta.get('format')!r}, version {meta.get('version')!r}, hook "
                                   f"{meta.get('hook')!r}).")
@@ -218,8 +223,8 @@ def _loaded_extras(col: Any, extras: dict[str, tuple], device: str | torch.devic
     for name, ex in col.extras.items():
         try:
             out[name] = ex.loaded(*extras.get(name, ({}, None)), device)
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{where}, hook {name}: its side statistics cannot be restored: {e}") from e
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            raise CheckpointError(f"{where}, hook {name}: its side statistics cannot be restored: {e!r}") from e
     return out
 
 
