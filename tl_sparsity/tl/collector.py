@@ -2,6 +2,8 @@
 
 Hook functions never change the activation (they return ``None``), copy what they keep, flatten
 ``[batch, pos, ...]`` to rows ``[kept positions, features]``, cast to float32, and drop the BOS position and padding.
+Per-head activations ``[batch, pos, head, d_head]`` are measured flattened to ``[batch, pos, head·d_head]``; others
+not ``[batch, pos, d]`` (attention maps) raise at the first forward (:func:`tl_sparsity.tl.extract.check_shape`).
 TransformerLens is reached only through :mod:`tl_sparsity.tl.hooks`.
 """
 
@@ -25,6 +27,7 @@ from . import checkpoint as _ckpt
 from . import extract as _extract
 from . import feeding as _feeding
 from . import fitting as _fitting
+from . import forwards as _forwards
 from . import hooks as _hooks
 from . import resume as _resume
 from . import rows as _rows
@@ -84,6 +87,7 @@ class SparsityCollector:
         self.attention_mask: Tensor | None = None  # used by hooks added with start()
         self.tokens: Tensor | None = None  # token ids [batch, pos] used by hooks added with start()
         self._persistent: dict[str, list[Any]] = {}
+        self._forwards = _forwards.WholeForwards(model, lambda sink: _forwards.feed_each(self, sink))  # start()'s
 
     def __repr__(self) -> str:
         state = "started" if self._persistent else "idle"
@@ -97,9 +101,7 @@ class SparsityCollector:
     def n_tokens(self) -> int:
         """Rows received by the hook that received most (trained, held out and pending); hooks frozen by
         ``fit(..., until="converged")`` stop counting."""
-        if not self.learners:
-            return 0
-        return max(lr.n_tokens_ + lr.n_heldout_ + lr.n_pending_ for lr in self.learners.values())
+        return max((lr.n_tokens_ + lr.n_heldout_ + lr.n_pending_ for lr in self.learners.values()), default=0)
 
     # ------------------------------------------------------------------ hook functions
     def keep_mask(self, activation: Tensor, attention_mask: Tensor | None = None) -> Bool[Tensor, "batch pos"]:
@@ -121,20 +123,18 @@ class SparsityCollector:
 
         def hook(activation: Tensor, hook: Any = None) -> None:
             mask = self.attention_mask if use_attribute else attention_mask
+            ids = self.tokens if use_attribute else tokens
             act = activation.detach()
+            _extract.check_shape(name, act, ids)  # [batch, pos, d] or per-head [batch, pos, head, d_head]
             keep = self.keep_mask(act, mask)
             rows = self.rows(act) if mask is None else self.rows(act, keep=keep)  # the same rows; a slice: no sync
-            if learner.d_in is not None and rows.shape[0] and rows.shape[1] != learner.d_in:
-                raise ValueError(f"hook {name}: its learner has d_in={learner.d_in} but this activation has "
-                                 f"{rows.shape[1]} features per position (a different model or hook?).")
+            _extract.check_width(name, rows, learner.d_in)
             acts = act.reshape(*act.shape[:2], rows.shape[1]) if extras.want_neurons else None
-            toks = None if acts is None else extras.check(acts, self.tokens if use_attribute else tokens, keep,
-                                                          rows.shape[0], implicit=sink is not None)
-            if sink is not None:  # fit(): kept until the forward completes, then fed to the learners
-                if acts is not None:
-                    with torch.inference_mode(False):
-                        acts = acts.clone()  # raw dtype; no reference to the model's tensor is kept
-                sink[name].append((rows, acts, toks, keep))
+            toks = None if acts is None else extras.check(acts, ids, keep, rows.shape[0], implicit=sink is not None)
+            held = sink if sink is not None else self._forwards.hold() if use_attribute else None
+            if held is not None:  # fit(), start(): kept until the forward completes, then fed to the learners
+                acts = _extract.own_copy(acts)  # raw dtype; no reference to the model's tensor is kept
+                held.setdefault(name, []).append((rows, acts, toks, keep))
                 return None
             with torch.inference_mode(False), torch.no_grad():
                 learner.partial_fit(rows)
@@ -168,8 +168,7 @@ class SparsityCollector:
         added: list[tuple[Any, list[Any]]] = []
         try:
             for name in self.hook_points if names is None else names:
-                hp = self.hook_points[name]
-                fn = self._hook_fn(name, attention_mask, sink=sink, tokens=tokens)
+                fn, hp = self._hook_fn(name, attention_mask, sink=sink, tokens=tokens), self.hook_points[name]
                 added.append((hp, _hooks.add_hook(hp, fn, False)))
             yield
         finally:
@@ -180,15 +179,18 @@ class SparsityCollector:
         """Keep hooks attached across calls (and ``model.reset_hooks()``) until :meth:`stop`.
 
         Padding is excluded through ``col.attention_mask``, and token ids reach the neuron statistics through
-        ``col.tokens``; set them before each forward.
+        ``col.tokens``; set them before each forward. A forward's rows reach the learners when it returns (see
+        :mod:`tl_sparsity.tl.forwards`): one that raises, e.g. in another tool's hook, gives rows to no hook.
         """
+        self._forwards.install()
         for name, hp in self.hook_points.items():
             if name not in self._persistent:
                 self._persistent[name] = _hooks.add_hook(hp, self._hook_fn(name, use_attribute=True), permanent=True)
         return self
 
     def stop(self) -> "SparsityCollector":
-        """Remove exactly the hooks :meth:`start` added."""
+        """Remove exactly the hooks :meth:`start` added (and the wrapper of the model's ``forward``)."""
+        self._forwards.remove()
         for name, handles in self._persistent.items():
             _hooks.remove_hook(self.hook_points[name], handles)
         self._persistent = {}
@@ -204,7 +206,9 @@ class SparsityCollector:
         ``until="converged"``: also stop once every hook's learner has converged (``OnlineSparseCoder.converged_``);
         a hook that has converged is frozen for the rest of the call — its hook is no longer attached, so it costs
         nothing while the others go on (and the forward stops after the last hooked layer still learning).
-        ``max_tokens`` is another name for ``n_tokens``, the budget (give one of them).
+        ``max_tokens`` is another name for ``n_tokens``, the budget (give one of them). ``fwd_hooks=[(name, fn),
+        ...]``: another tool's hooks, run in every forward of the fit (which then runs the whole model); on a hook
+        point both use, theirs run first and ours after them, so the collector sees the activation as they left it.
 
         Each batch is a token tensor ``[batch, pos]``, a ``(tokens, attention_mask)`` pair or a dict with
         ``input_ids`` (and ``attention_mask``); a single 2-D tensor is one batch. Forwards stop after the last

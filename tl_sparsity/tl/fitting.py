@@ -8,6 +8,7 @@ and the collector's ``_feed`` hands the sink over with interrupts deferred.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterable
 from pathlib import Path
@@ -40,7 +41,8 @@ def fit(col: Any, token_batches: Iterable[Any] | Tensor, n_tokens: int | None, p
             resume_from = _ranks.common_checkpoint(checkpoint_dir, col._group)
         _ranks.same_batch_count(token_batches, col._group)
         progress = progress and col._rank == 0
-    auto_stop = "stop_at_layer" not in forward_kwargs and "stop_at_layer" in forward_params(col.model)
+    auto_stop = "stop_at_layer" not in forward_kwargs and "stop_at_layer" in forward_params(col.model) and not (
+        forward_kwargs.get("fwd_hooks"))  # another tool's hooks may be anywhere: the whole model runs
     forward_kwargs.setdefault("return_type", None)
     batches = iter(token_batches)
     done, start, last_fp = 0, col.n_tokens, None
@@ -123,7 +125,8 @@ def stop_early(model: Any, names: list[str], forward_kwargs: dict[str, Any]) -> 
 def fit_batch(col: Any, tokens: Any, mask: Tensor | None, forward_kwargs: dict[str, Any],
               names: list[str] | None = None) -> None:
     """One forward of ``col``'s model on ``tokens`` with the hooks of ``names`` (default: all) attached; their rows
-    reach the learners and side statistics (``col._feed``) only once the forward has completed."""
+    reach the learners and side statistics (``col._feed``) only once the forward has completed. Another tool's hooks
+    (``forward_kwargs["fwd_hooks"]``) are added first, so on a hook point both use, theirs run before ours."""
     names = list(col.hook_points) if names is None else names
     if isinstance(tokens, Tensor) and tokens.numel() == 0:  # an empty batch: nothing to run
         if col.parallel:
@@ -135,7 +138,9 @@ def fit_batch(col: Any, tokens: Any, mask: Tensor | None, forward_kwargs: dict[s
     key = mask_keyword(col.model) if mask is not None else None
     if key is not None and key not in kwargs:
         kwargs[key] = mask  # padding must not be attended to (bidirectional models, left padding)
-    with col._attached(mask, sink, tokens=ids, names=names):
+    theirs = list(kwargs.pop("fwd_hooks", None) or [])
+    with col.model.hooks(fwd_hooks=theirs) if theirs else contextlib.nullcontext(), col._attached(
+            mask, sink, tokens=ids, names=names):
         col.model.run_with_hooks(tokens, fwd_hooks=[], **kwargs)
     with defer_interrupts(), torch.inference_mode(False):  # learners and statistics: all or nothing
         col._feed(sink)
