@@ -32,6 +32,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from . import state_io as _state
+from .bounds import RowRule, normalise
 from .convergence import ConvergenceTrace
 from .metrics import MetricAccumulator
 from .options import SAVED_FIELDS, LearnerOptions
@@ -56,7 +57,7 @@ def state_bytes(d: int, m: int, reservoir_size: int, n_pending: int = 0, probe_s
     return 4 * d * (3 * m + 1 + reservoir_size + probe_size + replay_size + n_pending)
 
 
-class OnlineSparseCoder(Tracking, TrainingStep):
+class OnlineSparseCoder(RowRule, Tracking, TrainingStep):
     """Online sparse coding of rows x ≈ αΦ, α ≥ 0, unit-norm dictionary rows (``PAPER.md``).
 
     Parameters (stored only; nothing is allocated until the first batch): one keyword argument per field of
@@ -65,7 +66,8 @@ class OnlineSparseCoder(Tracking, TrainingStep):
 
     Learned state (trailing underscore, as in scikit-learn): ``dictionary_`` [m, d], ``mean_`` [d], ``scale_``,
     ``lam_``, ``n_tokens_`` (rows trained on), ``n_heldout_`` (held-out rows seen), ``n_steps_`` (dictionary
-    updates), ``capped_``, ``n_dropped_`` (non-finite rows), ``converged_`` and ``convergence_`` (the rule's verdict
+    updates), ``capped_``, ``n_dropped_`` (rows the row rule of
+    :mod:`.bounds` rejected), ``converged_`` and ``convergence_`` (the rule's verdict
     and evidence), ``trace_`` (the held-out trace). Its size is bounded by :func:`state_bytes`; :meth:`save` /
     :meth:`load`.
     """
@@ -139,10 +141,12 @@ class OnlineSparseCoder(Tracking, TrainingStep):
     def partial_fit(self, x: Float[Tensor, "n d"], check_finite: bool = True) -> "OnlineSparseCoder":
         """Feed rows ``x`` [n, d]; every full batch of ``batch_size`` rows is processed at once.
 
-        Rows containing NaN or ±Inf are dropped and counted in ``n_dropped_``; that check waits for ``x`` on the
-        host (a CUDA synchronisation), so a caller that has already checked may pass ``check_finite=False`` (a
-        non-finite row would then corrupt the dictionary). After the λ warm-up, a call with ``check_finite=False``
-        never synchronises with a CUDA device. Rows left for the next batch are copied (the caller may reuse ``x``).
+        Rows with NaN/±Inf entries or a squared norm over 1e30 (the row rule, :mod:`.bounds`: past it float32
+        statistics and Adam's second moment could overflow) are dropped before any arithmetic and counted in
+        ``n_dropped_``; that check waits for ``x`` on the host (a CUDA synchronisation), so a caller that has already
+        checked for NaN/Inf may pass ``check_finite=False``: the overflow bound still applies (see
+        :meth:`~tl_sparsity.coding.bounds.RowRule._finite_rows`), and after the λ warm-up such a call never
+        synchronises with a CUDA device. Rows left for the next batch are copied (the caller may reuse ``x``).
         A Ctrl-C arriving while a batch is processed is delivered when that batch is done, so the state is always
         that of whole batches.
         """
@@ -181,9 +185,10 @@ class OnlineSparseCoder(Tracking, TrainingStep):
 
     @torch.no_grad()
     def normalize(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
-        """Apply the frozen normaliser: (x − mean_) / scale_."""
+        """Apply the frozen normaliser: (x − mean_) / scale_ (rows longer than 1e6 afterwards are shrunk to that
+        length, :func:`~tl_sparsity.coding.bounds.normalise`)."""
         self._require_init()
-        return (self._as_rows(x) - self.mean_) / self.scale_
+        return normalise(self._as_rows(x), self.mean_, self.scale_)
 
     @torch.no_grad()
     def evaluate(self, x: Float[Tensor, "n d"] | None = None) -> dict[str, float]:
@@ -240,7 +245,8 @@ class OnlineSparseCoder(Tracking, TrainingStep):
         return self._prepare(batch)
 
     def finite_rows(self, x: Float[Tensor, "n d"]) -> Tensor:
-        """``x`` without its rows holding NaN or Inf; they are counted in ``n_dropped_``."""
+        """``x`` without the rows the row rule rejects (NaN/±Inf, or squared norm over 1e30); they are counted in
+        ``n_dropped_``."""
         return self._finite_rows(x, check_finite=True)
 
     def memory_bytes(self) -> int:
@@ -260,16 +266,6 @@ class OnlineSparseCoder(Tracking, TrainingStep):
         first = self._pending[0].device if self._pending else x.device  # before init: where the first rows are
         dev = self.dictionary_.device if self.dictionary_ is not None else (self.device or first)
         return x.to(device=dev, dtype=torch.float32)
-
-    def _finite_rows(self, x: Tensor, check_finite: bool) -> Tensor:
-        """``x`` without its rows holding NaN/±Inf (counted in ``n_dropped_``); unchecked when not ``check_finite``."""
-        if not check_finite:
-            return x
-        finite = torch.isfinite(x).all(dim=1)
-        if bool(finite.all()):
-            return x
-        self.n_dropped_ += int((~finite).sum())
-        return x[finite]
 
     def _require_init(self) -> None:
         if self.dictionary_ is None:

@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -93,6 +94,10 @@ class LearnerOptions:
 
     def __post_init__(self) -> None:
         init, solver, d_in, lam, lr = self.init, self.solver, self.d_in, self.lam, self.lr
+        for name in _NUMERIC:  # ±Inf and NaN first: every check below assumes a finite number
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
         if init not in INITS:
             raise ValueError(f"init must be 'data' (random normalised first-batch rows) or 'random', got {init!r}.")
         if solver not in SOLVERS:
@@ -141,6 +146,10 @@ _NORMALISE: dict[str, type] = {
     "replay_size": int, "warmup_steps": int, "probe_size": int, "tol": float, "min_steps": int, "lam_rounds": int,
 }
 _OPTIONAL = ("d_in", "lam", "warmup_tokens", "replay_size")
+#: The numeric fields, checked for finiteness before anything else.
+_NUMERIC = ("d_in", "expansion", "lam", "seed", "batch_size", "lr", "warmup_tokens", "lam_ratio", "holdout_frac",
+            "reservoir_size", "max_steps", "phi_steps", "replay", "replay_size", "warmup_steps", "probe_size", "tol",
+            "min_steps", "lam_rounds")
 
 
 #: The fields ``get_params()`` returns and learner files record, in order: all but ``device``.

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .backend import triton_applies
+from .bounds import normalise
 from .pursuit import default_max_steps, greedy_pursuit_torch, lasso_pursuit
 from .rows import split_rows
 
@@ -79,7 +80,7 @@ class TrainingStep:
         held = self._heldout_mask(batch.shape[0])
         if self.dictionary_ is None:
             self._init_state(split_rows(batch, held)[1])
-        heldout, x = split_rows((batch - self.mean_) / self.scale_, held)
+        heldout, x = split_rows(normalise(batch, self.mean_, self.scale_), held)
         self._add_heldout(heldout)
         return x
 

@@ -31,6 +31,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..coding.bounds import normalise
 from ..coding.learner import OnlineSparseCoder, split_rows, to_device
 from .ranks import all_gather_flat, comm_device
 from ..coding.safe_io import defer_interrupts
@@ -97,7 +98,8 @@ class DataParallelCoder(OnlineSparseCoder):
         (as in :meth:`OnlineSparseCoder.partial_fit`). ``counts``: every rank's number of rows in this call (``world``
         ints, the same list on every rank); given, the ranks exchange no counts, and a call with ``check_finite=False``
         does not synchronise with a CUDA device after λ's warm-up. Rows counted must be finite: drop the others first
-        (and add them to ``n_dropped_``). With ``counts`` each rank checks only its own arguments, so an error raised
+        (and add them to ``n_dropped_``); a counted row past the overflow bound (:mod:`tl_sparsity.coding.bounds`) is
+        counted in ``n_dropped_`` and kept in its place as the mean row. With ``counts`` each rank checks only its own arguments, so an error raised
         on one rank (wrong counts, a wrong width) leaves the others waiting at their next collective, as any
         exception on one rank does under ``torch.distributed``; the collector checks widths before it calls."""
         # No host sync after λ's warm-up (check on CUDA: torch.cuda.set_sync_debug_mode("warn") around col.fit once
@@ -109,7 +111,8 @@ class DataParallelCoder(OnlineSparseCoder):
             sizes, widths = [n for n, _ in got], {w for n, w in got if n}
         else:
             sizes = self._checked_counts(x, counts, check_finite)
-            x = self._as_rows(x) if x.shape[0] else x
+            # fixed counts: a row past the overflow bound keeps its place as the mean row (counted, no sync)
+            x = self._finite_rows(self._as_rows(x), check_finite, keep_rows=True) if x.shape[0] else x
             widths = self._widths(x, sizes)
         if len(widths) > 1:
             raise ValueError(f"ranks sent rows of different widths {sorted(widths)} to one data-parallel learner.")
@@ -207,7 +210,7 @@ class DataParallelCoder(OnlineSparseCoder):
             self._init_state(self._gather_ordered(split_rows(rows, held[owner == self.rank])[1], owner[~held], width,
                                                   rows.device))
         dev = self.dictionary_.device
-        xn = (rows.to(dev) - self.mean_) / self.scale_
+        xn = normalise(rows.to(dev), self.mean_, self.scale_)
         heldout, train = split_rows(xn, held[owner == self.rank])  # this rank's rows, held out or not
         self._add_heldout(self._gather_ordered(heldout, owner[held], width, dev))
         n_train = size - int(held.sum())

@@ -4,10 +4,12 @@ statistics' columns), the metadata, and the tables (neuron tables, each hook's c
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
 
+from ..coding.bounds import state_problems
 from ..coding.learner import OnlineSparseCoder
 from ..report import SparsityReport
 from ..scale import ranks as _ranks
@@ -85,6 +87,11 @@ def learner_row(learner: OnlineSparseCoder) -> dict[str, Any]:
         return row
     row["n_atoms"] = learner.dictionary_.shape[0]
     row["lam"] = learner.lam_
+    bad_state = state_problems(learner)
+    if bad_state:
+        row["status"] = (f"state not finite: {', '.join(bad_state)} hold NaN/Inf; this learner's numbers are "
+                         "meaningless and it cannot recover (start a new one)")
+        return row
     if learner.heldout_.shape[0] < 2:
         row["status"] = "too few held-out rows to evaluate; feed more tokens (or raise holdout_frac)"
         return row
@@ -94,8 +101,37 @@ def learner_row(learner: OnlineSparseCoder) -> dict[str, Any]:
         row[k] = ev[k]
     verdict = learner.convergence_
     row.update(converged=bool(verdict["converged"]), drift=float(verdict["drift"]), convergence=verdict["reason"])
-    row["status"] = "ok" if row["converged"] else f"not converged: {verdict['reason']}"
+    problem = _degenerate(learner.heldout_) or _metric_problem(row)
+    if problem:
+        row["status"] = problem
+    else:
+        row["status"] = "ok" if row["converged"] else f"not converged: {verdict['reason']}"
     return row
+
+
+def _degenerate(heldout: Any) -> str | None:
+    """A status for held-out rows with (numerically) zero variance after centring: all zero, or all one row."""
+    h = heldout.double()
+    total = float(h.square().sum())
+    centred = float((h - h.mean(0)).square().sum())
+    if not centred > 1e-12 * total:
+        return ("degenerate: the held-out rows have zero variance after centring (all rows equal, e.g. all zero "
+                "or constant); nothing to code")
+    return None
+
+
+def _metric_problem(row: dict[str, Any]) -> str | None:
+    """A status for metrics outside their possible range (never "ok"): FVU above 1 (the dictionary explains less
+    than the rows' mean does), below 0 or not finite; a normalized loss negative or not finite."""
+    fvu, loss = row["fvu"], row["normalized_loss"]
+    if not math.isfinite(loss) or loss < 0:
+        why = " (no held-out row has a nonzero code: λ too large for these rows?)" if math.isnan(loss) else ""
+        return f"metrics out of range: normalized_loss = {loss}{why}"
+    if not math.isfinite(fvu) or fvu < 0:
+        return f"metrics out of range: fvu = {fvu}"
+    if fvu > 1:
+        return f"metrics out of range: fvu = {fvu:.4g} > 1, the dictionary explains less than the rows' mean does"
+    return None
 
 
 def add_to_report(col: Any, rows: list[dict[str, Any]], meta: dict[str, Any], controls: bool
