@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -46,7 +47,6 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     try:
         if args.model is None:
-            import sys
             from pathlib import Path
 
             sys.path.insert(0, str(Path(__file__).parent))
@@ -87,3 +87,7 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    # Skip the exit-time teardown: about once in 50 runs on a busy machine, gloo (torch 2.13) aborted a rank there
+    # ("terminate called without an active exception") after the process group was destroyed and the report out.
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
