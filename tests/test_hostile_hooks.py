@@ -1,6 +1,8 @@
 """Hook points that are not ``[batch, pos, features]``, other tools' hooks inside ``fit``, and forwards that raise
 under ``start()``."""
 
+from importlib import metadata
+
 import pytest
 import torch
 
@@ -152,7 +154,10 @@ def test_two_started_collectors_stopped_in_any_order_each_learn_whole_forwards_a
         _, cache = model.run_with_cache(_tokens(seed=1), names_filter=hooks[0])
         assert cache[hooks[0]].shape == (6, 17, 32)
         a.stop()  # under b's wrapper: left inert
-        model.generate(_tokens(b=1, p=5), max_new_tokens=2, stop_at_eos=False, verbose=False)
+        if model.tokenizer is not None or metadata.version("transformer-lens") >= "3":
+            model.generate(_tokens(b=1, p=5), max_new_tokens=2, stop_at_eos=False, verbose=False)
+        else:  # TransformerLens 2.x's generate asserts a tokenizer, which the tiny model has not
+            model(_tokens(b=1, p=5))
         model(_tokens(seed=2))
     finally:
         a.stop()
