@@ -23,7 +23,6 @@ def triton_applies(x: Tensor, dictionary: Tensor) -> bool:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def greedy_pursuit(
     x: Float[Tensor, "n d"],
     dictionary: Float[Tensor, "m d"],

@@ -19,6 +19,8 @@ import math
 import torch
 from torch import Tensor
 
+from .counts import DeviceCount
+
 __all__ = ["ROW_SQNORM_MAX", "NORMALISED_NORM_MAX", "RowRule", "bounded_rows", "normalise", "state_problems"]
 
 #: Largest squared L2 norm (float64) of a row a learner keeps; larger rows, and rows with NaN/±Inf, are dropped.
@@ -66,14 +68,11 @@ class RowRule:
     @property
     def n_dropped_(self) -> int:
         """Rows the row rule rejected (on CUDA, after λ's warm-up, counted on the device; reading this syncs once)."""
-        if self._dropped_dev is not None:
-            self._dropped += int(self._dropped_dev)
-            self._dropped_dev = None
-        return self._dropped
+        return int(self._dropped)
 
     @n_dropped_.setter
     def n_dropped_(self, value: int) -> None:
-        self._dropped, self._dropped_dev = int(value), None
+        self._dropped = DeviceCount(value)
 
     def _finite_rows(self, x: Tensor, check_finite: bool, keep_rows: bool = False) -> Tensor:
         """``x`` without the rows the row rule rejects (NaN/±Inf, or Σx² > :data:`ROW_SQNORM_MAX`), counted in
@@ -93,12 +92,9 @@ class RowRule:
         if sync_free:
             fill = self.mean_ if self.dictionary_ is not None else torch.zeros((), dtype=x.dtype, device=x.device)
             count = (~ok).sum()
-            if x.device.type == "cpu":  # no synchronisation to avoid
-                self._dropped += int(count)
-            else:
-                self._dropped_dev = count if self._dropped_dev is None else self._dropped_dev + count
+            self._dropped.add(int(count) if x.device.type == "cpu" else count)  # CPU: no synchronisation to avoid
             return torch.where(ok[:, None], x, fill)
         if bool(ok.all()):
             return x
-        self._dropped += int((~ok).sum())
+        self._dropped.add(int((~ok).sum()))
         return x[ok]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .backend import triton_applies
+from .counts import DeviceCount
 from .bounds import normalise
 from .pursuit import default_max_steps, greedy_pursuit_torch, lasso_pursuit
 from .rows import split_rows
@@ -126,21 +127,15 @@ class TrainingStep:
     @property
     def capped_(self) -> int:
         """Rows that stopped at ``max_steps`` (on CUDA counted on the device; reading this syncs once)."""
-        if self._capped_dev is not None:
-            self._capped += int(self._capped_dev)
-            self._capped_dev = None
-        return self._capped
+        return int(self._capped)
 
     @capped_.setter
     def capped_(self, value: int) -> None:
-        self._capped, self._capped_dev = int(value), None
+        self._capped = DeviceCount(value)
 
     def _count_capped(self, count: int | Tensor) -> None:
         """Add a pursuit's capped rows: an int on the host, or a device tensor kept on the device (no sync)."""
-        if isinstance(count, Tensor):
-            self._capped_dev = count + (0 if self._capped_dev is None else self._capped_dev)
-        else:
-            self._capped += count
+        self._capped.add(count)
 
     # ------------------------------------------------------------------ the dictionary step
     def _mean_max(self, alpha: Tensor, n_total: int) -> float:

@@ -1,0 +1,36 @@
+"""A count a learner adds to on the host or on its device without waiting for the device: ``capped_`` (rows that
+stopped at the pursuit's step cap) and ``n_dropped_`` (rows the row rule rejected) both use it."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+__all__ = ["DeviceCount"]
+
+
+class DeviceCount:
+    """A non-negative count grown by host ints or by device tensors; a device tensor is kept on its device (no
+    host synchronisation) until the count is read with ``int()``, which synchronises once for all of them."""
+
+    __slots__ = ("_host", "_device")
+
+    def __init__(self, value: int = 0) -> None:
+        self._host, self._device = int(value), None
+
+    def add(self, count: int | Tensor) -> None:
+        if isinstance(count, Tensor):
+            self._device = count if self._device is None else self._device + count
+        else:
+            self._host += int(count)
+
+    def __int__(self) -> int:
+        if self._device is not None:
+            self._host += int(self._device)
+            self._device = None
+        return self._host
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DeviceCount) and int(self) == int(other)
+
+    def __repr__(self) -> str:
+        return f"DeviceCount({int(self)})"
