@@ -50,7 +50,7 @@ def make_source(name: str, d: int, seed: int):
 def study(name: str, centre: str, cap_mult: float, seed: int, d: int, tokens: int, warmup: int) -> dict:
     cap = UNLIMITED if math.isinf(cap_mult) else int(cap_mult * d)
     coder = OnlineSparseCoder(expansion=8, seed=seed, max_steps=cap, warmup_tokens=warmup,
-                              center=centre == "first-batch")
+                              center=centre == "first-batch", massive_ratio=None)
     t0 = time.perf_counter()
     for x in make_source(name, d, seed).batches(tokens, chunk=16384):
         coder.partial_fit(x)

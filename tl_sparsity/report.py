@@ -18,7 +18,7 @@ __all__ = ["SparsityReport"]
 
 COLUMNS = ("hook", "layer", "site", "d_in", "n_atoms", "n_tokens", "n_heldout", "n_eval", "lam", "normalized_loss",
            "normalized_loss_se", "coef_norm", "nnz", "fvu", "converged", "n_steps", "drift", "convergence", "capped",
-           "n_dropped", "status")
+           "n_dropped", "n_massive", "status")
 _FORMAT_VERSION = 1
 
 

@@ -24,6 +24,7 @@ held-out rows, convergence trace, λ check and replay buffer (:mod:`.tracking`);
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from torch import Tensor
 
 from . import state_io as _state
 from .bounds import RowRule, normalise
+from .massive import MassiveRows
 from .convergence import ConvergenceTrace
 from .metrics import MetricAccumulator
 from .options import SAVED_FIELDS, LearnerOptions
@@ -57,7 +59,7 @@ def state_bytes(d: int, m: int, reservoir_size: int, n_pending: int = 0, probe_s
     return 4 * d * (3 * m + 1 + reservoir_size + probe_size + replay_size + n_pending)
 
 
-class OnlineSparseCoder(RowRule, Tracking, TrainingStep):
+class OnlineSparseCoder(RowRule, MassiveRows, Tracking, TrainingStep):
     """Online sparse coding of rows x ≈ αΦ, α ≥ 0, unit-norm dictionary rows (``PAPER.md``).
 
     Parameters (stored only; nothing is allocated until the first batch): one keyword argument per field of
@@ -66,8 +68,8 @@ class OnlineSparseCoder(RowRule, Tracking, TrainingStep):
 
     Learned state (trailing underscore, as in scikit-learn): ``dictionary_`` [m, d], ``mean_`` [d], ``scale_``,
     ``lam_``, ``n_tokens_`` (rows trained on), ``n_heldout_`` (held-out rows seen), ``n_steps_`` (dictionary
-    updates), ``capped_``, ``n_dropped_`` (rows the row rule of
-    :mod:`.bounds` rejected), ``converged_`` and ``convergence_`` (the rule's verdict
+    updates), ``capped_``, ``n_dropped_`` (rows the row rule of :mod:`.bounds` rejected), ``massive_norm_`` and
+    ``n_massive_`` (rows kept out as massive activations, :mod:`.massive`), ``converged_`` and ``convergence_`` (the rule's verdict
     and evidence), ``trace_`` (the held-out trace). Its size is bounded by :func:`state_bytes`; :meth:`save` /
     :meth:`load`.
     """
@@ -97,18 +99,20 @@ class OnlineSparseCoder(RowRule, Tracking, TrainingStep):
         tol: float = _O.tol,
         min_steps: int = _O.min_steps,
         lam_rounds: int = _O.lam_rounds,
+        massive_ratio: float | None = _O.massive_ratio,
     ) -> None:
         options = LearnerOptions(
             d_in=d_in, expansion=expansion, lam=lam, solver=solver, seed=seed, batch_size=batch_size, lr=lr,
             warmup_tokens=warmup_tokens, lam_ratio=lam_ratio, holdout_frac=holdout_frac, reservoir_size=reservoir_size,
             max_steps=max_steps, phi_steps=phi_steps, device=device, init=init, center=center, replay=replay,
             replay_size=replay_size, warmup_steps=warmup_steps, probe_size=probe_size, tol=tol, min_steps=min_steps,
-            lam_rounds=lam_rounds)
+            lam_rounds=lam_rounds, massive_ratio=massive_ratio)
         for name, value in options.as_dict().items():  # plain attributes: the learner's own from here on
             setattr(self, name, value)
         self._pending: list[Tensor] = []
         self._n_pending = 0
-        self.n_tokens_ = self.n_heldout_ = self.n_steps_ = self.n_dropped_ = self.capped_ = 0
+        self.n_tokens_ = self.n_heldout_ = self.n_steps_ = self.n_dropped_ = self.capped_ = self.n_massive_ = 0
+        self.massive_norm_ = math.inf
         self.dictionary_: Tensor | None = None
         self._gen: torch.Generator | None = None
         self.trace_ = ConvergenceTrace(self.tol, self.min_steps)

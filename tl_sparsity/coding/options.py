@@ -91,6 +91,10 @@ class LearnerOptions:
     rounds"): λ's fixed point ``lam_ratio`` × mean max coefficient is recomputed on training rows with the learned
     dictionary; if it moved by more than ``tol``, the new λ is set and convergence is judged afresh from there. 0
     keeps λ frozen after warm-up."""
+    massive_ratio: float | None = 3.0
+    """Rows longer than ``massive_ratio`` × the 99th percentile of the first batch's training rows' norms are
+    massive activations (attention sinks): kept out of learning and of every metric, counted in ``n_massive_``
+    (:mod:`tl_sparsity.coding.massive`). ``None`` keeps every row."""
 
     def __post_init__(self) -> None:
         init, solver, d_in, lam, lr = self.init, self.solver, self.d_in, self.lam, self.lr
@@ -125,6 +129,8 @@ class LearnerOptions:
                              f"{self.replay!r}, replay_size={replay_size!r}, warmup_steps={self.warmup_steps!r}.")
         if int(self.lam_rounds) < 0:
             raise ValueError(f"lam_rounds must be ≥ 0, got {self.lam_rounds!r}.")
+        if self.massive_ratio is not None and not self.massive_ratio > 1:
+            raise ValueError(f"massive_ratio must be > 1 (or None to keep every row), got {self.massive_ratio!r}.")
         if int(self.probe_size) < 8:
             raise ValueError(f"probe_size must be ≥ 8 held-out rows, got {self.probe_size!r}.")
         ConvergenceTrace(self.tol, self.min_steps)  # validates tol and min_steps
@@ -144,12 +150,13 @@ _NORMALISE: dict[str, type] = {
     "d_in": int, "lam": float, "seed": int, "batch_size": int, "warmup_tokens": int, "lam_ratio": float,
     "holdout_frac": float, "reservoir_size": int, "phi_steps": int, "center": bool, "replay": int,
     "replay_size": int, "warmup_steps": int, "probe_size": int, "tol": float, "min_steps": int, "lam_rounds": int,
+    "massive_ratio": float,
 }
-_OPTIONAL = ("d_in", "lam", "warmup_tokens", "replay_size")
+_OPTIONAL = ("d_in", "lam", "warmup_tokens", "replay_size", "massive_ratio")
 #: The numeric fields, checked for finiteness before anything else.
 _NUMERIC = ("d_in", "expansion", "lam", "seed", "batch_size", "lr", "warmup_tokens", "lam_ratio", "holdout_frac",
             "reservoir_size", "max_steps", "phi_steps", "replay", "replay_size", "warmup_steps", "probe_size", "tol",
-            "min_steps", "lam_rounds")
+            "min_steps", "lam_rounds", "massive_ratio")
 
 
 #: The fields ``get_params()`` returns and learner files record, in order: all but ``device``.

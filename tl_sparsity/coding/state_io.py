@@ -27,6 +27,8 @@ __all__ = ["CheckpointError", "saved_params", "learner_state", "restore_learner"
 LEARNER_FORMAT, COLLECTOR_FORMAT, EXTRAS_FORMAT, VERSION = ("tl_sparsity.learner", "tl_sparsity.collector",
                                                             "tl_sparsity.extras", 1)
 _COUNTERS = ("n_tokens_", "n_heldout_", "n_steps_", "n_dropped_", "capped_")
+#: Counters that files written before them lack (read as 0).
+_NEWER_COUNTERS = ("n_massive_",)
 
 
 class CheckpointError(ValueError):
@@ -36,7 +38,7 @@ class CheckpointError(ValueError):
 def learner_state(lr: Any, copy: bool = True, hook: str | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """``(tensors, meta)``: a learner's full state; ``meta`` is JSON-able. ``copy=False`` shares the live tensors;
     ``hook`` (a collector's learner) is recorded in ``meta``, so a file loaded into another hook is caught."""
-    state: dict[str, Any] = {k: getattr(lr, k) for k in _COUNTERS}
+    state: dict[str, Any] = {k: getattr(lr, k) for k in _COUNTERS + _NEWER_COUNTERS}
     tensors: dict[str, Tensor] = {}
     if lr._n_pending:
         tensors["pending"] = torch.cat(lr._pending)
@@ -44,7 +46,8 @@ def learner_state(lr: Any, copy: bool = True, hook: str | None = None) -> tuple[
         state.update(scale_=lr.scale_, lam_=lr.lam_, lr_=lr._lr, cap=lr._cap, res_fill=lr._res_fill,
                      lam_frozen=not lr.lam_adapting, device=str(lr.dictionary_.device),
                      probe_fill=lr._probe_fill, replay_fill=lr._replay_fill, replay_pos=lr._replay_pos,
-                     trace=lr.trace_.state())
+                     trace=lr.trace_.state(),
+                     massive_norm=None if math.isinf(lr.massive_norm_) else lr.massive_norm_)
         tensors.update(dictionary=lr.dictionary_, mean=lr.mean_, adam_m=lr._adam_m, adam_v=lr._adam_v,
                        reservoir=lr._reservoir[: lr._res_fill], rng_state=lr._gen.get_state(),
                        probe=lr._probe[: lr._probe_fill], replay=lr._replay_buf[: lr._replay_fill])
@@ -71,6 +74,10 @@ def restore_learner(lr: Any, tensors: dict[str, Tensor], meta: dict[str, Any],
     lr.d_in = saved["d_in"]
     for k in _COUNTERS:
         setattr(lr, k, int(st[k]))
+    for k in _NEWER_COUNTERS:
+        setattr(lr, k, int(st.get(k, 0)))
+    norm = st.get("massive_norm")
+    lr.massive_norm_ = math.inf if norm is None else float(norm)
     lr._pending = [on["pending"]] if "pending" in on else []
     lr._n_pending = on["pending"].shape[0] if "pending" in on else 0
     lr.dictionary_ = None
@@ -182,9 +189,9 @@ def read_learner(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
 def saved_params(meta: dict[str, Any]) -> dict[str, Any]:
     """A learner file's constructor parameters, with the values that files written before an option existed
     imply: ``center`` True; no replay, the convergence rule's defaults and no λ check after convergence (the
-    one-pass learner)."""
+    one-pass learner) and no massive-row rule."""
     return {"center": True, "replay": 0, "replay_size": None, "warmup_steps": 100, "probe_size": 512, "tol": 0.02,
-            "min_steps": 400, "lam_rounds": 0, **meta["params"]}
+            "min_steps": 400, "lam_rounds": 0, "massive_ratio": None, **meta["params"]}
 
 
 def _check_params(lr: Any, meta: dict[str, Any], where: str) -> None:
@@ -233,6 +240,10 @@ def check_learner(tensors: dict[str, Tensor], meta: dict[str, Any], where: str) 
         raise CheckpointError(f"{where}: the saved learner parameters are invalid: {e}") from e
     for k in _COUNTERS:
         num(st, k)
+    for k in _NEWER_COUNTERS:
+        num(st, k, default=0)
+    if st.get("massive_norm") is not None:
+        num(st, "massive_norm", float)
     d = opts.d_in
     widths = {k: t.shape[-1] for k, t in tensors.items() if k != "rng_state" and t.dim() == 2}
     if len(set(widths.values()) | ({d} if d is not None else set())) > 1 or "dictionary" in tensors and d is None:

@@ -76,11 +76,12 @@ class TrainingStep:
             self._train(x, x.shape[0])
 
     def _prepare(self, batch: Tensor) -> Tensor:
-        """Split off a batch's held-out rows (first: nothing learns from them), normalise, keep the held-out rows;
-        returns the training rows (normalised)."""
+        """Split off a batch's held-out rows (first: nothing learns from them), set aside its massive rows
+        (:mod:`.massive`), normalise, keep the held-out rows; returns the training rows (normalised)."""
         held = self._heldout_mask(batch.shape[0])
         if self.dictionary_ is None:
-            self._init_state(split_rows(batch, held)[1])
+            self._init_state(self._set_massive_norm(split_rows(batch, held)[1]))
+        batch, held = self._without_massive(batch, held)
         heldout, x = split_rows(normalise(batch, self.mean_, self.scale_), held)
         self._add_heldout(heldout)
         return x

@@ -161,8 +161,9 @@ class DataParallelCoder(OnlineSparseCoder):
         return {known}
 
     def global_counts(self) -> dict[str, int]:
-        """Collective: ``capped`` and ``n_dropped`` summed over the ranks."""
-        return dict(zip(("capped", "n_dropped"), self._all_reduce_ints([self.capped_, self.n_dropped_])))
+        """Collective: ``capped``, ``n_dropped`` and ``n_massive`` summed over the ranks."""
+        return dict(zip(("capped", "n_dropped", "n_massive"),
+                        self._all_reduce_ints([self.capped_, self.n_dropped_, self.n_massive_])))
 
     def parallel_state(self) -> dict[str, Any]:
         """This rank's place in the shared stream (saved with :meth:`state_dict`, beside its own pending rows)."""
@@ -207,10 +208,11 @@ class DataParallelCoder(OnlineSparseCoder):
     def _process_shared(self, rows: Tensor, owner: Tensor, size: int, width: int) -> None:
         held = self._heldout_mask(size)  # the same draw on every rank, on the CPU, before anything learns
         if self.dictionary_ is None:  # normaliser, seed and λ's guess from the training rows only
-            self._init_state(self._gather_ordered(split_rows(rows, held[owner == self.rank])[1], owner[~held], width,
-                                                  rows.device))
+            self._init_state(self._set_massive_norm(self._gather_ordered(
+                split_rows(rows, held[owner == self.rank])[1], owner[~held], width, rows.device)))
         dev = self.dictionary_.device
-        xn = normalise(rows.to(dev), self.mean_, self.scale_)
+        rows = self._without_massive(rows.to(dev), held, keep_rows=True)[0]  # row counts stay: replaced in place
+        xn = normalise(rows, self.mean_, self.scale_)
         heldout, train = split_rows(xn, held[owner == self.rank])  # this rank's rows, held out or not
         self._add_heldout(self._gather_ordered(heldout, owner[held], width, dev))
         n_train = size - int(held.sum())
