@@ -269,3 +269,26 @@ def test_cli_keeps_real_bugs_as_tracebacks(tmp_path, monkeypatch):
     monkeypatch.setattr(SparsityReport, "to_markdown", broken)
     with pytest.raises(TypeError, match="a bug"):
         cli.main(["show", str(good)])
+
+
+def test_load_state_dict_checks_ranges_like_a_file_and_changes_nothing_on_failure():
+    import copy
+
+    import torch
+
+    from tl_sparsity import OnlineSparseCoder
+    from tl_sparsity.coding.state_io import CheckpointError
+
+    c = OnlineSparseCoder(seed=0, batch_size=64).partial_fit(torch.randn(300, 8))
+    state = c.state_dict()
+    target = OnlineSparseCoder(seed=0, batch_size=64).partial_fit(torch.randn(200, 8))
+    before = target.dictionary_.clone()
+    for field, value in (("scale_", 0.0), ("lam_", float("nan")), ("n_tokens_", -5), ("cap", -1)):
+        bad = copy.deepcopy(state)
+        bad["meta"]["state"][field] = value
+        with pytest.raises(CheckpointError, match=field):
+            target.load_state_dict(bad)
+        assert torch.equal(target.dictionary_, before)
+    with pytest.raises(CheckpointError, match="state_dict"):
+        target.load_state_dict({"tensors": [], "meta": {}})
+    assert torch.equal(target.load_state_dict(state).dictionary_, c.dictionary_)

@@ -263,3 +263,46 @@ def test_cuda_phi_products_in_bfloat16_are_close_to_float64():
     resid, grad = phi_products(x, alpha, phi)
     assert ((resid.double() - resid64).norm() / resid64.norm()) < 2e-2
     assert ((grad.double() - grad64).norm() / grad64.norm()) < 2e-2
+
+
+def _rounded_correlations(x, phi, rows):
+    """The CUDA path's xΦᵀ emulated on any device: float16 operands (x scaled per row with ``rows``, else by the
+    batch's largest entry, as before), float32 products."""
+    from tl_sparsity.coding.kernels import _half_each_row, _half_rows
+
+    p, sp = _half_rows(phi, torch.float16)
+    xs, sx = (_half_each_row if rows else _half_rows)(x, torch.float16)
+    return (xs.float() @ p.float().T) * sx * sp
+
+
+def test_one_outlier_row_costs_the_other_rows_no_precision_in_the_float16_correlations():
+    """One row 1e5 times longer than the rest: scaled by the batch's largest entry, the other rows fell towards
+    float16's subnormal range (their correlation error 3e-4 → 5e-3); scaled per row they keep it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g) / 8
+    phi = torch.nn.functional.normalize(torch.randn(512, 64, generator=g), dim=1)
+    exact = x @ phi.T
+    clean = (_rounded_correlations(x, phi, rows=True) - exact).abs().max() / exact.abs().max()
+    x[7] *= 1e5
+    others = torch.arange(512) != 7
+    exact = x @ phi.T
+    err = {rows: ((_rounded_correlations(x, phi, rows)[others] - exact[others]).abs().max()
+                  / exact[others].abs().max()) for rows in (True, False)}
+    assert err[True] <= 1.5 * clean and err[True] < 2e-3
+    assert err[False] > 5 * err[True]  # what the batch-wide scale did
+    rel_outlier = ((_rounded_correlations(x, phi, True)[7] - exact[7]).abs().max() / exact[7].abs().max())
+    assert rel_outlier < 2e-3
+
+
+@cuda
+def test_cuda_correlations_with_an_outlier_row_keep_the_other_rows_precision():
+    from tl_sparsity.coding.kernels import correlations
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(4096, 256, generator=g) / 16).cuda()
+    phi = torch.nn.functional.normalize(torch.randn(2048, 256, generator=g), dim=1).cuda()
+    x[5] *= 1e5
+    exact = (x.double() @ phi.double().T)
+    c = correlations(x, phi).double()
+    others = torch.arange(4096, device="cuda") != 5
+    assert ((c[others] - exact[others]).abs().max() / exact[others].abs().max()) < 2e-3

@@ -222,7 +222,14 @@ class OnlineSparseCoder(RowRule, MassiveRows, Tracking, TrainingStep):
         return {"tensors": tensors, "meta": meta}
 
     def load_state_dict(self, state: dict, device: str | torch.device | None = None) -> "OnlineSparseCoder":
-        """Restore :meth:`state_dict` output; this learner's parameters must equal the saved ones."""
+        """Restore :meth:`state_dict` output; this learner's parameters must equal the saved ones. The state is
+        checked first, as a file's is (types, ranges, shapes): a bad one raises ``CheckpointError`` naming the field
+        and leaves this learner as it was."""
+        if not isinstance(state, dict) or not isinstance(state.get("tensors"), dict) or not isinstance(
+                state.get("meta"), dict):
+            raise _state.CheckpointError("load_state_dict: expected state_dict()'s output, a dict with 'tensors' "
+                                         f"and 'meta' dicts; got {type(state).__name__}.")
+        _state.check_learner(state["tensors"], state["meta"], "load_state_dict")
         return _state.restore_learner(self, state["tensors"], state["meta"], device)
 
     def save(self, path: str | Path) -> Path:
