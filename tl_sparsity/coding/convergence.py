@@ -47,7 +47,7 @@ class ConvergenceTrace:
         self.steps: list[int] = []
         self.values: list[float] = []
         self.lam_frozen_at: int | None = None  # the dictionary step from which λ no longer changes
-        self.lam_checks: list[list[float]] = []  # [step, λ before, λ after] of each check of λ after convergence
+        self.lam_checks: list[list[float]] = []  # [step, λ before, λ after] of each check of λ after it froze
 
     @staticmethod
     def due(step: int) -> bool:

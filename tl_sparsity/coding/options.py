@@ -86,11 +86,13 @@ class LearnerOptions:
     within it, all with λ frozen (:mod:`tl_sparsity.coding.convergence`)."""
     min_steps: int = 400
     """The fewest dictionary steps the convergence rule judges (see ``tol``)."""
-    lam_rounds: int = 2
-    """How many times λ may be re-estimated after the rule first says converged (the paper's "repeat a couple of
-    rounds"): λ's fixed point ``lam_ratio`` × mean max coefficient is recomputed on training rows with the learned
-    dictionary; if it moved by more than ``tol``, the new λ is set and convergence is judged afresh from there. 0
-    keeps λ frozen after warm-up."""
+    lam_rounds: int = 6
+    """How many times λ may be re-estimated after it froze (the paper's "repeat a couple of rounds"): at each
+    doubling of the dictionary steps since it froze (steps 200, 400, 800, … with the default warm-up), λ's fixed point
+    ``lam_ratio`` × mean max coefficient is recomputed on training rows with the learned dictionary; if it moved by
+    more than ``tol``, the new λ is set and convergence is judged afresh from there. A hook is converged only once a
+    check in the last half of its steps found λ where it is (or the re-estimates are spent). 0 keeps λ frozen after
+    warm-up."""
     massive_ratio: float | None = 3.0
     """Rows longer than ``massive_ratio`` × the 99th percentile of the first batch's training rows' norms are
     massive activations (attention sinks): kept out of learning and of every metric, counted in ``n_massive_``

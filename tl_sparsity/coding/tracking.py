@@ -85,8 +85,8 @@ class Tracking:
         probe's normalized loss over the last half of training), ``reason``, ``n_steps``, ``lam_frozen_at``."""
         out = self.trace_.verdict(self.n_steps_)
         checks = self.trace_.lam_checks
-        if out["converged"] and self._lam_check_due():
-            out["converged"], out["reason"] = False, "λ not yet checked at convergence"
+        if out["converged"] and self._lam_check_due() and not (checks and checks[-1][1] == checks[-1][2]):
+            out["converged"], out["reason"] = False, "λ not yet checked at its fixed point"
         elif checks and checks[-1][1] != checks[-1][2] and not out["converged"]:
             step, before, after = checks[-1]
             out["reason"] += f" (λ re-estimated at step {int(step)}: {before:.4g} → {after:.4g})"
@@ -127,28 +127,28 @@ class Tracking:
         return s
 
     def _settle(self, x: Tensor, n_total: int) -> None:
-        """After each dictionary step: the trace, and at each new trace point the check of λ at convergence (the
+        """After each dictionary step: the trace, and at each new trace point the check of λ when one is due (the
         same steps on every process that shares the learner)."""
         if self._track():
             self._check_lam(x, n_total)
 
-    # ------------------------------------------------------------------ λ at convergence
+    # ------------------------------------------------------------------ λ at its fixed point
     def _lam_check_due(self) -> bool:
-        """Whether λ is to be checked when the rule next says converged: λ adaptive, no check has found it stable,
-        fewer than ``lam_rounds`` re-estimates so far."""
-        if self.lam is not None or self.lam_adapting:
+        """Whether λ is still checked: λ adaptive and frozen, and fewer than ``lam_rounds`` checks have moved it."""
+        if self.lam is not None or self.lam_adapting or self.lam_rounds == 0:
             return False
-        checks = self.trace_.lam_checks
-        if checks and checks[-1][1] == checks[-1][2]:
-            return False
-        return sum(1 for c in checks if c[1] != c[2]) < self.lam_rounds
+        return sum(1 for c in self.trace_.lam_checks if c[1] != c[2]) < self.lam_rounds
 
     def _check_lam(self, x: Tensor, n_total: int) -> None:
-        """At the first trace point where the rule says converged (and again after each re-estimate): recompute λ's
-        fixed point on training rows — the replay buffer, or this step's rows ``x`` — with the learned dictionary. A
-        move of more than ``tol`` sets the new λ and restarts the λ-frozen window; a smaller one keeps λ, and the
-        verdict stands."""
-        due = self._lam_check_due() and bool(self.trace_.verdict(self.n_steps_)["converged"])
+        """At each doubling of the step count since λ froze (the first trace point at or past twice the step of the
+        last check, or of the freeze): recompute λ's fixed point on training rows — the replay buffer, or this step's
+        rows ``x`` — with the learned dictionary. A move of more than ``tol`` sets the new λ and restarts the
+        λ-frozen window; a smaller one keeps λ. So when the rule says converged (which needs a window at least as
+        long as the time since λ last moved), the latest check lies in that window's last half and found λ at its
+        fixed point — unless ``lam_rounds`` moves are spent."""
+        checks = self.trace_.lam_checks
+        last = checks[-1][0] if checks else self.trace_.lam_frozen_at
+        due = self._lam_check_due() and last is not None and self.n_steps_ >= 2 * max(int(last), 1)
         if not self._agree(due):
             return
         rows, n = (self._replay_buf[: self._replay_fill], self._replay_fill) if self._replay_fill else (x, n_total)
@@ -162,7 +162,7 @@ class Tracking:
             self.lam_ = before
         else:
             self.trace_.lam_frozen_at = self.n_steps_
-        self.trace_.lam_checks.append([self.n_steps_, before, self.lam_])
+        checks.append([self.n_steps_, before, self.lam_])
 
     def _agree(self, flag: bool) -> bool:
         """``flag`` as all processes that share this learner see it (one process here)."""
