@@ -159,6 +159,18 @@ class OnlineSparseCoder(RowRule, MassiveRows, Tracking, TrainingStep):
                 self._process(batch)
         return self
 
+    @torch.no_grad()
+    def flush(self) -> "OnlineSparseCoder":
+        """Process the pending rows (fewer than ``batch_size``) now, as one last, shorter batch: held-out split,
+        training step and counters as for a full one. For the end of a fixed budget, so that every row received is
+        trained on or held out; continuing afterwards is fine (the next batch starts empty)."""
+        if self._n_pending:
+            batch = torch.cat(self._pending)
+            self._pending, self._n_pending = [], 0
+            with defer_interrupts():
+                self._process(batch)
+        return self
+
     def _batches(self, x: Tensor, check_finite: bool) -> Iterator[Tensor]:
         """The full batches that ``x`` completes, pending rows first, in stream order; what is left becomes the
         pending rows (copied) once the last batch has been taken. The pending rows are released as the first batch
