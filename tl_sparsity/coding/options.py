@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .convergence import ConvergenceTrace
-from .devices import check_device
 
 if TYPE_CHECKING:
     import torch
@@ -135,7 +134,6 @@ class LearnerOptions:
         if int(self.probe_size) < 8:
             raise ValueError(f"probe_size must be ≥ 8 held-out rows, got {self.probe_size!r}.")
         ConvergenceTrace(self.tol, self.min_steps)  # validates tol and min_steps
-        check_device(self.device)  # here, not as torch's bare AssertionError at the first batch
         for name, kind in _NORMALISE.items():
             value = getattr(self, name)
             if not (value is None and name in _OPTIONAL):

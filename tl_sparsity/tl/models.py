@@ -86,7 +86,7 @@ def _bridge(name: str, device: Any, dtype: torch.dtype) -> Any:
 def _hub_reachable(name: str) -> None:
     """Raise at once, instead of after the hub client's retries, when ``name`` must come from the Hugging Face hub
     but is not in the local cache and the hub is off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``) or
-    unreachable (no connection to its host within 3 s)."""
+    unreachable (no direct connection to its host within 3 s; not checked behind a proxy)."""
     import os
     import socket
     from urllib.parse import urlparse
@@ -106,6 +106,8 @@ def _hub_reachable(name: str) -> None:
     if off:
         raise RuntimeError(f"{name!r} is not in the local Hugging Face cache and {off[0]} is set (offline), so it "
                            f"cannot be downloaded. {fix}")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return  # the hub is reached through a proxy: a direct connection says nothing
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=3).close()
