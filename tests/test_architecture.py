@@ -9,8 +9,8 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "tl_sparsity"
 # a layer may import its own layer (its own folder) and the layers below it
-RANK = {"report": 0, "text": 0, "coding": 1, "stats": 2, "scale": 3, "tl": 4, "cli": 5, "distributed": 5,
-        "__main__": 6}
+RANK = {"report": 0, "text": 0, "coding": 1, "stats": 2, "scale": 3, "tl": 4, "cli_run": 5, "distributed": 5, "cli": 6,
+        "__main__": 7}
 MODULES = sorted(p for p in PKG.rglob("*.py") if p.name != "__init__.py" or p.parent != PKG)
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 __all__ = ["SparsityReport"]
 
-COLUMNS = ("hook", "layer", "site", "d_in", "n_atoms", "n_tokens", "n_heldout", "n_eval", "lam", "normalized_loss",
-           "normalized_loss_se", "coef_norm", "nnz", "fvu", "converged", "n_steps", "drift", "convergence", "capped",
-           "n_dropped", "n_massive", "status")
+COLUMNS = ("hook", "layer", "site", "d_in", "n_atoms", "n_rows", "n_tokens", "n_heldout", "n_eval", "lam",
+           "normalized_loss", "normalized_loss_se", "coef_norm", "nnz", "fvu", "converged", "n_steps", "drift",
+           "convergence", "capped", "n_dropped", "n_massive", "status")
 _FORMAT_VERSION = 1
 
 
@@ -85,8 +85,8 @@ class SparsityReport:
         after the table lists the unconverged hooks with the reason. Default columns add the control ratio and the
         dead-neuron fraction when the report has them."""
         if columns is None:
-            columns = ("hook", "layer", "site", "d_in", "n_tokens", "lam", "normalized_loss", "coef_norm", "nnz",
-                       "fvu", "converged", "n_steps")
+            columns = ("hook", "layer", "site", "d_in", "n_rows", "n_tokens", "lam", "normalized_loss", "coef_norm",
+                       "nnz", "fvu", "converged", "n_steps")
             for extra in ("sparsity_ratio", "dead_frac", "n_token_detectors"):
                 if any(_num_or_none(r.get(extra)) is not None for r in self.rows):
                     columns += (extra,)

@@ -27,6 +27,7 @@ __all__ = [
     "load_texts",
     "separator_token_id",
     "start_token_id",
+    "text_batches",
     "token_windows",
 ]
 
@@ -219,6 +220,22 @@ def token_windows(
     if n == 0:
         raise ValueError(f"the texts hold fewer tokens than one window of {body} (ctx_len={ctx_len}); lower ctx_len "
                          "or use a larger text source.")
+
+
+def text_batches(tokenizer: Any, texts: Iterable[str], *, ctx_len: int = 128, batch_size: int = 16,
+                 bos: bool = True) -> Iterator[Int[Tensor, "batch pos"]]:
+    """Like :func:`token_windows` (no shuffling, no budget), but the stream's trailing tokens are not dropped: they
+    come last as one shorter window of their own (a batch of one row, so no padding). For text given to
+    ``SparsityCollector.fit``: every token of a short text is seen. Yields nothing for texts without tokens."""
+    body, start = _check(ctx_len, batch_size, bos, tokenizer)
+    prefix = [] if start is None else [start]
+    stream = list(itertools.chain.from_iterable(_token_stream(tokenizer, texts)))
+    full, tail = divmod(len(stream), body)
+    for i in range(0, full, int(batch_size)):
+        rows = [prefix + stream[j * body:(j + 1) * body] for j in range(i, min(i + int(batch_size), full))]
+        yield torch.tensor(rows, dtype=torch.long)
+    if tail:
+        yield torch.tensor([prefix + stream[full * body:]], dtype=torch.long)
 
 
 class TokenCount(NamedTuple):

@@ -36,6 +36,7 @@ from . import state_io as _state
 from .bounds import RowRule, normalise
 from .massive import MassiveRows
 from .convergence import ConvergenceTrace
+from .devices import check_device
 from .metrics import MetricAccumulator
 from .options import SAVED_FIELDS, LearnerOptions
 from .rows import split_rows, to_device
@@ -109,6 +110,7 @@ class OnlineSparseCoder(RowRule, MassiveRows, Tracking, TrainingStep):
             lam_rounds=lam_rounds, massive_ratio=massive_ratio)
         for name, value in options.as_dict().items():  # plain attributes: the learner's own from here on
             setattr(self, name, value)
+        check_device(self.device)  # here, not as torch's bare AssertionError at the first batch
         self._pending: list[Tensor] = []
         self._n_pending = 0
         self.n_tokens_ = self.n_heldout_ = self.n_steps_ = self.n_dropped_ = self.capped_ = self.n_massive_ = 0
@@ -155,6 +157,18 @@ class OnlineSparseCoder(RowRule, MassiveRows, Tracking, TrainingStep):
         that of whole batches.
         """
         for batch in self._batches(x, check_finite):
+            with defer_interrupts():
+                self._process(batch)
+        return self
+
+    @torch.no_grad()
+    def flush(self) -> "OnlineSparseCoder":
+        """Process the pending rows (fewer than ``batch_size``) now, as one last, shorter batch: held-out split,
+        training step and counters as for a full one. For the end of a fixed budget, so that every row received is
+        trained on or held out; continuing afterwards is fine (the next batch starts empty)."""
+        if self._n_pending:
+            batch = torch.cat(self._pending)
+            self._pending, self._n_pending = [], 0
             with defer_interrupts():
                 self._process(batch)
         return self

@@ -160,6 +160,10 @@ class DataParallelCoder(OnlineSparseCoder):
             raise ValueError(f"this rank sent rows of width {x.shape[1]}, but the ranks' rows have width {known}.")
         return {known}
 
+    def flush(self) -> "DataParallelCoder":
+        """Not here: the ranks' pending rows form one shared stream; train on whole batches (or one process)."""
+        raise ValueError("flush() is for one process; a data-parallel learner trains on whole shared batches.")
+
     def global_counts(self) -> dict[str, int]:
         """Collective: ``capped``, ``n_dropped`` and ``n_massive`` summed over the ranks."""
         return dict(zip(("capped", "n_dropped", "n_massive"),

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["all_gather_flat", "comm_device", "common_checkpoint", "finite_row_counts", "merged_extras", "rank_dir",
-           "same_batch_count"]
+__all__ = ["RankView", "all_gather_flat", "comm_device", "common_checkpoint", "finite_row_counts", "merged_extras",
+           "rank_dir", "same_batch_count"]
 
 
 def all_gather_flat(out: Tensor, t: Tensor, group: Any = None) -> Tensor:
@@ -132,3 +132,28 @@ def merged_extras(col: Any) -> dict[str, Any]:
         merged._control = ex._control  # the control is cached per row count, which every rank shares
         out[name] = merged
     return out
+
+
+class RankView:
+    """A collector's place among ranks, read from its learners (``parallel``: None when it runs alone); a base of
+    :class:`tl_sparsity.SparsityCollector`."""
+
+    parallel: Any
+    learners: dict[str, Any]
+
+    @property
+    def _distributed(self) -> bool:
+        """Whether the ranks of a ``torch.distributed`` group run this collector together."""
+        return self.parallel is not None
+
+    @property
+    def _group(self) -> Any:
+        return getattr(next(iter(self.learners.values()), None), "group", None)
+
+    @property
+    def _rank(self) -> int:
+        return getattr(next(iter(self.learners.values()), None), "rank", 0)
+
+    @property
+    def _world(self) -> int:
+        return getattr(next(iter(self.learners.values()), None), "world", 1)

@@ -28,7 +28,9 @@ from . import extract as _extract
 from . import feeding as _feeding
 from . import fitting as _fitting
 from . import forwards as _forwards
+from . import hook_select as _select
 from . import hooks as _hooks
+from . import learn_progress as _progress
 from . import resume as _resume
 from . import rows as _rows
 
@@ -36,13 +38,14 @@ __all__ = ["SparsityCollector"]
 _all_finite = _feeding.all_finite  # its former home; still imported from here
 
 
-class SparsityCollector:
+class SparsityCollector(_ranks.RankView):
     """Measure feature sparsity at a model's hook points (``PAPER.md``), one :class:`OnlineSparseCoder` per hook.
 
     Args:
         model: a TransformerLens ``HookedTransformer`` or ``TransformerBridge``.
         hooks: alias (``"resid_post"`` → every layer; see :data:`tl_sparsity.tl.hooks.ALIASES`), exact HT-style
             name, glob, filter function, comma-separated string or list of these.
+        layers: keep hooks of these layers only, like ``--layers``: ``[0, 3]`` or ``"0:12:4"``; None: every layer.
         skip_bos: drop the first position of each sequence (the first attended one when an ``attention_mask`` is
             given). BOS/[CLS] activations have outsized norms; set False if your inputs carry no BOS.
         controls: keep each hook's streamed mean and covariance (float64, d × d) of the rows its learner gets, so that
@@ -65,11 +68,14 @@ class SparsityCollector:
     ``col.start()`` / ``col.stop()`` across notebook cells, or ``col.fit(batches)``; then ``col.report()``.
     """
 
-    def __init__(self, model: Any, hooks: _hooks.HookSpec = "resid_post", *, skip_bos: bool = True,
-                 controls: bool = False, neurons: Any = None, neuron_options: dict[str, Any] | None = None,
-                 parallel: str | None = "auto", process_group: Any = None, **learner_options: Any) -> None:
+    progress = True  #: a tqdm.auto bar while a forward's rows train learners (start/attach/fwd_hooks); False: none
+
+    def __init__(self, model: Any, hooks: _hooks.HookSpec = "resid_post", *, layers: Any = None,
+                 skip_bos: bool = True, controls: bool = False, neurons: Any = None,
+                 neuron_options: dict[str, Any] | None = None, parallel: str | None = "auto",
+                 process_group: Any = None, **learner_options: Any) -> None:
         self.model = model
-        self.hook_points = _hooks.resolve_hooks(model, hooks)
+        self.hook_points = _select.select_hooks(model, hooks, layers)
         self.skip_bos = bool(skip_bos)
         self.learner_options = dict(learner_options)
         OnlineSparseCoder(**self.learner_options)  # validate options once, with a clear error
@@ -87,7 +93,7 @@ class SparsityCollector:
         self.attention_mask: Tensor | None = None  # used by hooks added with start()
         self.tokens: Tensor | None = None  # token ids [batch, pos] used by hooks added with start()
         self._persistent: dict[str, list[Any]] = {}
-        self._forwards = _forwards.WholeForwards(model, lambda sink: _forwards.feed_each(self, sink))  # start()'s
+        self._forwards = _forwards.WholeForwards(model, lambda sink: _progress.feed_each(self, sink))  # start()'s
 
     def __repr__(self) -> str:
         state = "started" if self._persistent else "idle"
@@ -136,7 +142,7 @@ class SparsityCollector:
                 acts = _extract.own_copy(acts)  # raw dtype; no reference to the model's tensor is kept
                 held.setdefault(name, []).append((rows, acts, toks, keep))
                 return None
-            with torch.inference_mode(False), torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad(), _progress.learning_bar(self, {name: [(rows,)]}):
                 learner.partial_fit(rows)
                 extras.update(rows, acts, toks, keep)
             return None
@@ -210,6 +216,7 @@ class SparsityCollector:
         ...]``: another tool's hooks, run in every forward of the fit (which then runs the whole model); on a hook
         point both use, theirs run first and ours after them, so the collector sees the activation as they left it.
 
+        ``token_batches`` may be text (a string, a list of them, a text file): see :mod:`tl_sparsity.tl.text_input`.
         Each batch is a token tensor ``[batch, pos]``, a ``(tokens, attention_mask)`` pair or a dict with
         ``input_ids`` (and ``attention_mask``); a single 2-D tensor is one batch. Forwards stop after the last
         hooked layer when every hook is inside a block; integer token tensors also feed the neuron statistics. A
@@ -230,6 +237,15 @@ class SparsityCollector:
                      forward_kwargs)
         return self
 
+    def flush(self) -> "SparsityCollector":
+        """Train every learner on its pending rows now, as a last, shorter batch (``OnlineSparseCoder.flush``)."""
+        if self._distributed:
+            raise ValueError("flush() runs in one process; in data- or hook-parallel mode the ranks share batches.")
+        with torch.inference_mode(False):
+            for learner in self.learners.values():
+                learner.flush()
+        return self
+
     def _feed(self, sink: dict[str, list[tuple]]) -> None:
         """Hand one completed forward's kept rows (and neuron inputs) to the learners and side statistics
         (:func:`tl_sparsity.tl.feeding.feed`); hook-parallel collectors gather them to their owners first."""
@@ -246,8 +262,8 @@ class SparsityCollector:
     def save(self, path: str | Path) -> Path:
         """Checkpoint every learner's full state and the side statistics (covariances, neuron statistics) under
         ``path`` (safetensors + a JSON manifest naming the model, hooks, widths and options, with the sha256 of
-        every file); written atomically beside the previous one,
-        which is kept. Returns the new checkpoint's folder. See :mod:`tl_sparsity.tl.checkpoint` for the layout.
+        every file); written atomically beside the previous one, which is kept. Returns the new checkpoint's folder.
+        See :mod:`tl_sparsity.tl.checkpoint` for the layout.
 
         ``path`` is a folder (created if needed); an existing file there raises :class:`NotADirectoryError` (one
         learner saves to a file: ``col.learners[hook].save(file)``)."""
@@ -277,23 +293,6 @@ class SparsityCollector:
     def _rows(self, names: Iterable[str]) -> list[dict[str, Any]]:
         """Report rows (hook, layer, site and the learner's columns) for the learners of ``names``."""
         return _rows.hook_rows(self, names)
-
-    @property
-    def _distributed(self) -> bool:
-        """Whether the ranks of a ``torch.distributed`` group run this collector together."""
-        return self.parallel is not None
-
-    @property
-    def _group(self) -> Any:
-        return getattr(next(iter(self.learners.values()), None), "group", None)
-
-    @property
-    def _rank(self) -> int:
-        return getattr(next(iter(self.learners.values()), None), "rank", 0)
-
-    @property
-    def _world(self) -> int:
-        return getattr(next(iter(self.learners.values()), None), "world", 1)
 
     def learners_params(self) -> dict[str, Any]:
         return next(iter(self.learners.values())).get_params() if self.learners else {}

@@ -22,6 +22,7 @@ from ..scale import ranks as _ranks
 from . import checkpoint as _ckpt
 from . import hooks as _hooks
 from . import resume as _resume
+from . import text_input as _text_input
 
 __all__ = ["fit", "fit_batch", "stop_early"]
 
@@ -31,6 +32,7 @@ def fit(col: Any, token_batches: Iterable[Any] | Tensor, n_tokens: int | None, p
         forward_kwargs: dict[str, Any]) -> None:
     """Run ``col``'s model over ``token_batches`` with its hooks attached (``SparsityCollector.fit``)."""
     n_tokens = _check(col, n_tokens, checkpoint_dir, checkpoint_every, until, max_tokens)
+    token_batches = _text_input.as_batches(col, token_batches)  # text → windows through the model's tokenizer
     if isinstance(token_batches, Tensor):
         token_batches = [token_batches]
     resume_from = checkpoint_dir
@@ -58,6 +60,7 @@ def fit(col: Any, token_batches: Iterable[Any] | Tensor, n_tokens: int | None, p
 
         bar = tqdm(total=n_tokens, initial=col.n_tokens - start, unit="tok", unit_scale=True, desc="tl_sparsity")
     active = list(col.hook_points)
+    col._in_fit = True  # fit's bar counts tokens: no second bar for the learning inside its forwards
     try:
         with torch.no_grad():
             for batch in batches:
@@ -71,8 +74,8 @@ def fit(col: Any, token_batches: Iterable[Any] | Tensor, n_tokens: int | None, p
                 fit_batch(col, tokens, mask, kwargs, active)
                 done += 1
                 last_fp = None if checkpoint_dir is None else _ckpt.fingerprint(tokens, mask)
-                if bar is not None:
-                    bar.update(col.n_tokens - before)
+                if bar is not None:  # the budget's last forward may overshoot it: the bar stops at its total
+                    bar.update(min(col.n_tokens - before, bar.total - bar.n) if bar.total else col.n_tokens - before)
                 if checkpoint_every and done % int(checkpoint_every) == 0:
                     saved_at = _checkpoint(col, checkpoint_dir, done, start, last_fp)
                 if n_tokens is not None and col.n_tokens - start >= n_tokens:
@@ -80,7 +83,11 @@ def fit(col: Any, token_batches: Iterable[Any] | Tensor, n_tokens: int | None, p
         if checkpoint_dir is not None and saved_at != done:
             _checkpoint(col, checkpoint_dir, done, start, last_fp)
     finally:
+        col._in_fit = False
         if bar is not None:
+            if bar.total is None or bar.n < bar.total:  # the batches ended (or all converged) first: end there
+                bar.total = bar.n
+                bar.refresh()
             bar.close()
 
 
@@ -133,6 +140,7 @@ def fit_batch(col: Any, tokens: Any, mask: Tensor | None, forward_kwargs: dict[s
             col._feed({name: [] for name in names})  # the other ranks' rows still count
         return
     sink: dict[str, list[tuple]] = {name: [] for name in names}
+    col._fit_forwards = getattr(col, "_fit_forwards", 0) + 1  # for report()'s message when no row was kept
     ids = tokens if isinstance(tokens, Tensor) and not tokens.is_floating_point() else None
     kwargs = dict(forward_kwargs)
     key = mask_keyword(col.model) if mask is not None else None

@@ -83,6 +83,39 @@ def _bridge(name: str, device: Any, dtype: torch.dtype) -> Any:
     return TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
 
 
+def _hub_reachable(name: str) -> None:
+    """Raise at once, instead of after the hub client's retries, when ``name`` must come from the Hugging Face hub
+    but is not in the local cache and the hub is off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``) or
+    unreachable (no direct connection to its host within 3 s; not checked behind a proxy)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return  # cached: loads offline
+    except Exception:  # noqa: BLE001  (an invalid repo name, an old huggingface_hub: let the loader say)
+        return
+    close = difflib.get_close_matches(name, list(BUILTINS), n=1, cutoff=0.6)
+    fix = (f"Did you mean {close[0]!r}? " if close else "") + (f"Offline, use a built-in model "
+                                                                f"({', '.join(BUILTINS)}) or a local folder.")
+    off = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v, "").lower() in ("1", "true",
+                                                                                                        "yes", "on")]
+    if off:
+        raise RuntimeError(f"{name!r} is not in the local Hugging Face cache and {off[0]} is set (offline), so it "
+                           f"cannot be downloaded. {fix}")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return  # the hub is reached through a proxy: a direct connection says nothing
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as e:
+        raise RuntimeError(f"{name!r} is not in the local Hugging Face cache and the hub ({host}) cannot be reached "
+                           f"({e}): it looks like there is no network (offline). {fix}") from e
+
+
 def load_model(name: str = "smollm2-135m", *, backend: str = "auto", device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None) -> tuple[Any, Any]:
     """Load a TransformerLens model by name; returns ``(model, tokenizer)`` (the tokenizer is ``model.tokenizer``).
@@ -113,6 +146,7 @@ def load_model(name: str = "smollm2-135m", *, backend: str = "auto", device: str
         raise FileNotFoundError(f"no such model folder: {local}. Built-in offline models: {', '.join(BUILTINS)}.")
     else:
         folder = None
+        _hub_reachable(name)
     try:
         if backend == "bridge":
             model = _bridge(str(folder) if folder is not None else name, device, dtype)

@@ -29,8 +29,14 @@ def build_report(col: Any, controls: bool | None = None) -> SparsityReport:
     if col.parallel:  # collective: every rank gets the report of all ranks' tokens
         for row in rows:
             row.update(col.learners[row["hook"]].global_counts())
+            row["n_rows"] = row_count(row, col.learners[row["hook"]])
         view = copy.copy(col)
         view.extras = _ranks.merged_extras(col)
+    if all(r["status"].startswith("no tokens") for r in rows) and getattr(col, "_fit_forwards", 0):
+        raise RuntimeError(
+            f"no activations collected: fit ran {col._fit_forwards} forward(s), but no hook kept a row. Each sequence "
+            "had only one position, its first (BOS), which skip_bos=True drops: give sequences of at least two tokens "
+            "(BOS + text; fit also takes text), or build the collector with skip_bos=False if there is no BOS.")
     if all(r["status"].startswith("no tokens") for r in rows):
         raise RuntimeError(
             "no activations collected yet: run the model with col.fwd_hooks(), inside `with col.attach():`, "
@@ -77,6 +83,7 @@ def learner_row(learner: OnlineSparseCoder) -> dict[str, Any]:
         "n_dropped": learner.n_dropped_, "n_massive": learner.n_massive_, "converged": None,
         "n_steps": learner.n_steps_, "drift": float("nan"), "convergence": "no dictionary yet",
     }
+    row["n_rows"] = row_count(row, learner)
     seen = learner.n_tokens_ + learner.n_heldout_ + learner.n_pending_
     if seen == 0:
         row["status"] = "no tokens: this hook never fired (gated hook point, or a layer past stop_at_layer?)"
@@ -107,6 +114,12 @@ def learner_row(learner: OnlineSparseCoder) -> dict[str, Any]:
     else:
         row["status"] = "ok" if row["converged"] else f"not converged: {verdict['reason']}"
     return row
+
+
+def row_count(row: dict[str, Any], learner: OnlineSparseCoder) -> int:
+    """Rows the hook received (``n_rows``): trained on, held out, set aside (massive, dropped) and pending; the same
+    for every hook that saw the same forwards, unlike ``n_tokens`` (rows trained on; the held-out split is random)."""
+    return int(row["n_tokens"] + row["n_heldout"] + row["n_massive"] + row["n_dropped"] + learner.n_pending_)
 
 
 def _degenerate(heldout: Any) -> str | None:
