@@ -87,9 +87,8 @@ def point(hook_dict: dict[str, Any], name: str) -> tuple[str, Any] | None:
     """``(name measured, HookPoint)`` that measures ``name`` in ``hook_dict`` now: its own HookPoint, or, where an SAE
     (SAELens ``add_sae``, ``run_with_saes``) has replaced it, the SAE's input hook point ``name.hook_sae_input`` —
     the same activation, as the model computed it. None when neither is there."""
-    hp = hook_dict.get(name)
-    if hp is not None and hasattr(hp, "add_hook"):
-        return name, hp
+    if name in hook_dict:  # hook_dict holds HookPoints only: an SAE in their place is not there
+        return name, hook_dict[name]
     alt = f"{name}.{SAE_INPUT}"
     return (alt, hook_dict[alt]) if alt in hook_dict else None
 
