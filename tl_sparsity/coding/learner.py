@@ -70,10 +70,8 @@ class OnlineSparseCoder(RowRule, MassiveRows, Tracking, TrainingStep):
     Learned state (trailing underscore, as in scikit-learn): ``dictionary_`` [m, d], ``mean_`` [d], ``scale_``,
     ``lam_``, ``n_tokens_`` (rows trained on), ``n_heldout_`` (held-out rows seen), ``n_steps_`` (dictionary
     updates), ``capped_``, ``n_dropped_`` (rows the row rule of :mod:`.bounds` rejected), ``massive_norm_`` and
-    ``n_massive_`` (rows kept out as massive activations, :mod:`.massive`), ``converged_`` and ``convergence_`` (the rule's verdict
-    and evidence), ``trace_`` (the held-out trace). Its size is bounded by :func:`state_bytes`; :meth:`save` /
-    :meth:`load`.
-    """
+    ``n_massive_`` (rows kept out as massive activations, :mod:`.massive`), ``converged_`` and ``convergence_``
+    (the rule's verdict and evidence), ``trace_`` (the held-out trace). Size bounded by :func:`state_bytes`."""
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ from ..report import SparsityReport
 from ..scale import data_parallel as _dp
 from ..scale import ranks as _ranks
 from ..stats import side as _side
+from . import attach as _attach
 from . import checkpoint as _ckpt
 from . import extract as _extract
 from . import feeding as _feeding
@@ -92,11 +93,15 @@ class SparsityCollector(_ranks.RankView):
                        for name in self.hook_points}  # per hook: covariance and neuron statistics
         self.attention_mask: Tensor | None = None  # used by hooks added with start()
         self.tokens: Tensor | None = None  # token ids [batch, pos] used by hooks added with start()
-        self._persistent: dict[str, list[Any]] = {}
-        self._forwards = _forwards.WholeForwards(model, lambda sink: _progress.feed_each(self, sink))  # start()'s
+        self._persistent: dict[str, tuple[Any, list[Any]]] = {}  # start()'s hooks: name → (HookPoint, handles)
+        # tl_sparsity.tl.attach's state: started?, attach() depth and hooks, own hooks per HookPoint, measured, ...
+        self._started, self._attached_depth, self._on, self._measured, self._last_seen = False, 0, {}, {}, {}
+        self._temporary, self._temporary_fns = {}, {}  # attach()'s and fit()'s hooks: as _persistent; their fns
+        self._forwards = _forwards.WholeForwards(model, lambda sink: _progress.feed_each(self, sink),
+                                                 before=lambda: _attach.refresh(self))  # start()'s
 
     def __repr__(self) -> str:
-        state = "started" if self._persistent else "idle"
+        state = "started" if self._started else "idle"
         return f"SparsityCollector({len(self.hook_points)} hooks, {state}, tokens={self.n_tokens})"
 
     @property
@@ -123,11 +128,13 @@ class SparsityCollector(_ranks.RankView):
         return _extract.rows(activation, self.skip_bos, attention_mask, keep)
 
     def _hook_fn(self, name: str, attention_mask: Tensor | None = None, use_attribute: bool = False,
-                 sink: dict[str, list[tuple]] | None = None, tokens: Tensor | None = None) -> Callable:
+                 sink: dict[str, list[tuple]] | None = None, tokens: Tensor | None = None, own: bool = False
+                 ) -> Callable:
         # sink: fit()'s, whose tokens are implicit (dropped for neuron statistics started without tokens)
         learner, extras = self.learners[name], self.extras[name]
 
         def hook(activation: Tensor, hook: Any = None) -> None:
+            _attach.first_sight(self, name, activation, hook, own)  # fed at most once per forward
             mask = self.attention_mask if use_attribute else attention_mask
             ids = self.tokens if use_attribute else tokens
             act = activation.detach()
@@ -157,29 +164,25 @@ class SparsityCollector(_ranks.RankView):
 
         ``attention_mask`` ``[batch, pos]`` (1 = real token) of the tokens of that call excludes padding;
         ``tokens`` ``[batch, pos]`` (the token ids of that call) feed the neuron statistics' token detectors.
+        The names are filters (:class:`~tl_sparsity.tl.attach.HookName`, equal to the name) resolved by TransformerLens
+        when it attaches the hooks, so SAEs added meanwhile (SAELens) are no obstacle.
+        Raises :class:`~tl_sparsity.tl.attach.DoubleCountError` on a started or attached collector (double counting).
         """
-        return [(name, self._hook_fn(name, attention_mask, tokens=tokens)) for name in self.hook_points]
+        _attach.check_free(self, "col.fwd_hooks()")
+        return [(_attach.HookName(n, self), self._hook_fn(n, attention_mask, tokens=tokens)) for n in self.hook_points]
 
     @contextlib.contextmanager
     def attach(self, attention_mask: Tensor | None = None, tokens: Tensor | None = None
                ) -> Iterator["SparsityCollector"]:
         """``with col.attach(): model(tokens)`` — hooks live exactly for the block, also when it raises.
-        ``attention_mask`` and ``tokens`` as in :meth:`fwd_hooks`."""
+        ``attention_mask`` and ``tokens`` as in :meth:`fwd_hooks`; hook points looked up on entry, and raises
+        :class:`~tl_sparsity.tl.attach.DoubleCountError` on a started or already attached collector."""
         with self._attached(attention_mask, tokens=tokens):
             yield self
 
-    @contextlib.contextmanager
     def _attached(self, attention_mask: Tensor | None, sink: dict[str, list[tuple]] | None = None,
-                  tokens: Tensor | None = None, names: list[str] | None = None) -> Iterator[None]:
-        added: list[tuple[Any, list[Any]]] = []
-        try:
-            for name in self.hook_points if names is None else names:
-                fn, hp = self._hook_fn(name, attention_mask, sink=sink, tokens=tokens), self.hook_points[name]
-                added.append((hp, _hooks.add_hook(hp, fn, False)))
-            yield
-        finally:
-            for hp, handles in added:
-                _hooks.remove_hook(hp, handles)
+                  tokens: Tensor | None = None, names: list[str] | None = None) -> Any:
+        return _attach.attached(self, attention_mask, sink, tokens, names)
 
     def start(self) -> "SparsityCollector":
         """Keep hooks attached across calls (and ``model.reset_hooks()``) until :meth:`stop`.
@@ -187,19 +190,15 @@ class SparsityCollector(_ranks.RankView):
         Padding is excluded through ``col.attention_mask``, and token ids reach the neuron statistics through
         ``col.tokens``; set them before each forward. A forward's rows reach the learners when it returns (see
         :mod:`tl_sparsity.tl.forwards`): one that raises, e.g. in another tool's hook, gives rows to no hook.
+        Hook points are looked up by name before every forward, so SAELens ``add_sae`` / ``run_with_saes`` neither
+        blind nor break it; while started, ``fwd_hooks()`` / ``attach()`` / ``fit()`` raise (double counting).
         """
-        self._forwards.install()
-        for name, hp in self.hook_points.items():
-            if name not in self._persistent:
-                self._persistent[name] = _hooks.add_hook(hp, self._hook_fn(name, use_attribute=True), permanent=True)
+        _attach.start(self)
         return self
 
     def stop(self) -> "SparsityCollector":
         """Remove exactly the hooks :meth:`start` added (and the wrapper of the model's ``forward``)."""
-        self._forwards.remove()
-        for name, handles in self._persistent.items():
-            _hooks.remove_hook(self.hook_points[name], handles)
-        self._persistent = {}
+        _attach.stop(self)
         return self
 
     # ------------------------------------------------------------------ streaming loop
@@ -233,6 +232,7 @@ class SparsityCollector(_ranks.RankView):
         and a resumed run starts from the newest checkpoint that every rank has (a crash between two ranks' writes
         falls back to the previous one).
         """
+        _attach.check_free(self, "col.fit(...)")  # before any forward: rows would be counted twice
         _fitting.fit(self, token_batches, n_tokens, progress, checkpoint_dir, checkpoint_every, until, max_tokens,
                      forward_kwargs)
         return self

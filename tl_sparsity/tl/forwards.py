@@ -25,8 +25,9 @@ class WholeForwards:
     """Holds what ``hold()`` is given during a forward of ``model`` and hands it to ``feed`` once that (outermost)
     forward has returned; drops it, for every hook, when the forward raises."""
 
-    def __init__(self, model: Any, feed: Callable[[dict[str, list[tuple]]], None]) -> None:
-        self.model, self.feed = model, feed
+    def __init__(self, model: Any, feed: Callable[[dict[str, list[tuple]]], None],
+                 before: Callable[[], None] | None = None) -> None:
+        self.model, self.feed, self.before = model, feed, before  # before: called as an outermost forward starts
         self.active, self.depth = False, 0
         self.sink: dict[str, list[tuple]] = {}
         self._wrapper: Callable | None = None
@@ -47,6 +48,8 @@ class WholeForwards:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not self.active:
                 return inner(*args, **kwargs)
+            if self.depth == 0 and self.before is not None:
+                self.before()  # e.g. hooks moved to HookPoints that replaced theirs (tl_sparsity.tl.attach.refresh)
             self.depth += 1
             if self.depth == 1:
                 self.sink = {}

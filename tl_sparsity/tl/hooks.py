@@ -16,7 +16,10 @@ from importlib import metadata
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["HookModel", "ALIASES", "resolve_hooks", "add_hook", "remove_hook", "model_info", "parse_hook_name",
-           "split_batch", "neuron_hooks"]
+           "split_batch", "neuron_hooks", "point", "SAE_INPUT", "sae_sites"]
+
+#: the hook point of an SAE (SAELens ``add_sae``) that sees the activation the model computed where it is attached
+SAE_INPUT = "hook_sae_input"
 
 
 @runtime_checkable
@@ -80,9 +83,34 @@ def _check_model(model: Any) -> dict[str, Any]:
     return dict(model.hook_dict)  # bridges rebuild it on each access: take it once
 
 
-def _unknown(name: str, names: list[str]) -> KeyError:
+def point(hook_dict: dict[str, Any], name: str) -> tuple[str, Any] | None:
+    """``(name measured, HookPoint)`` that measures ``name`` in ``hook_dict`` now: its own HookPoint, or, where an SAE
+    (SAELens ``add_sae``, ``run_with_saes``) has replaced it, the SAE's input hook point ``name.hook_sae_input`` —
+    the same activation, as the model computed it. None when neither is there."""
+    if name in hook_dict:  # hook_dict holds HookPoints only: an SAE in their place is not there
+        return name, hook_dict[name]
+    alt = f"{name}.{SAE_INPUT}"
+    return (alt, hook_dict[alt]) if alt in hook_dict else None
+
+
+def sae_sites(hook_dict: dict[str, Any]) -> list[str]:
+    """The names where an SAE is attached now (``X`` for every ``X.hook_sae_input`` of ``hook_dict``)."""
+    tail = f".{SAE_INPUT}"
+    return [n[: -len(tail)] for n in hook_dict if n.endswith(tail)]
+
+
+def _unknown(name: str, names: list[str], hook_dict: dict[str, Any] | None = None) -> KeyError:
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
     hint = f" Closest valid names: {', '.join(close)}." if close else ""
+    saes = sae_sites(hook_dict or {})
+    if saes:  # SAELens: the SAE replaced the hook point, its own hook points carry the name further
+        x = saes[0]
+        hint += (f" SAEs are attached at {', '.join(saes)}; their hook points are named like {x}.hook_sae_input (the "
+                 f"model's activation, the SAE's input), {x}.hook_sae_acts_post (its latents), {x}.hook_sae_recons, "
+                 f"{x}.hook_sae_error, {x}.hook_sae_output.")
+    elif ".hook_sae_" in name:
+        hint += (f" {name.rsplit('.', 1)[0]!r} has no SAE attached now: attach it first (SAELens model.add_sae(sae)), "
+                 "or measure the plain hook point.")
     return KeyError(
         f"no hook point named {name!r} in this model.{hint} Aliases: {', '.join(ALIASES)}; globs like "
         f"'blocks.*.hook_resid_post' and filter functions also work."
@@ -96,7 +124,7 @@ def resolve_hooks(model: Any, spec: HookSpec) -> dict[str, Any]:
     filter function ``name -> bool``, a comma-separated string of these, or a list of them.
     """
     hook_dict = _check_model(model)
-    names = list(hook_dict)
+    names = list(hook_dict) + [n for n in sae_sites(hook_dict) if n not in hook_dict]  # SAE sites: by their names
     if isinstance(spec, str):
         items: list[Any] = [s.strip() for s in spec.split(",") if s.strip()]
     elif callable(spec):
@@ -118,22 +146,22 @@ def resolve_hooks(model: Any, spec: HookSpec) -> dict[str, Any]:
             tmpl = ALIASES[item]
             alias_names = [tmpl.format(L=i) for i in range(_n_layers(model))] if "{L}" in tmpl else [tmpl]
             for n in alias_names:
-                if n not in hook_dict:
-                    raise _unknown(n, names)
+                if point(hook_dict, n) is None:
+                    raise _unknown(n, names, hook_dict)
             wanted += alias_names
         elif any(ch in item for ch in "*?["):
             hits = fnmatch.filter(names, item)
             if not hits:
-                raise _unknown(item, names)
+                raise _unknown(item, names, hook_dict)
             wanted += _prefer_ht(hits, hook_dict)
-        elif item in hook_dict:
+        elif point(hook_dict, item) is not None:
             wanted.append(item)
         else:
-            raise _unknown(item, names)
+            raise _unknown(item, names, hook_dict)
     out: dict[str, Any] = {}
     seen: set[int] = set()
     for n in wanted:
-        hp = hook_dict[n]
+        hp = point(hook_dict, n)[1]  # type: ignore[index]
         if id(hp) not in seen:
             seen.add(id(hp))
             out[n] = hp
@@ -145,7 +173,7 @@ def _prefer_ht(hits: list[str], hook_dict: dict[str, Any]) -> list[str]:
     """Among names that reach the same HookPoint, keep the HT-style one (else the first)."""
     best: dict[int, str] = {}
     for n in hits:
-        k = id(hook_dict[n])
+        k = id(point(hook_dict, n)[1])  # type: ignore[index]
         if k not in best or (_HT_STYLE.match(n) and not _HT_STYLE.match(best[k])):
             best[k] = n
     return list(best.values())

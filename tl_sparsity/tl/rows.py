@@ -14,6 +14,7 @@ from ..coding.learner import OnlineSparseCoder
 from ..report import SparsityReport
 from ..scale import ranks as _ranks
 from ..stats.side import CONTROL_NOTE
+from . import attach as _attach
 from . import hooks as _hooks
 
 __all__ = ["build_report", "hook_rows", "learner_row", "add_to_report"]
@@ -70,7 +71,8 @@ def hook_rows(col: Any, names: Iterable[str]) -> list[dict[str, Any]]:
     rows = []
     for name in names:
         layer, site = _hooks.parse_hook_name(name)
-        rows.append({"hook": name, "layer": layer, "site": site, **learner_row(col.learners[name])})
+        rows.append({"hook": name, "layer": layer, "site": site, **learner_row(col.learners[name]),
+                     "measured": _attach.measured_label(col, name)})  # the HookPoint, or an SAE's hook point
     return rows
 
 
