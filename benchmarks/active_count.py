@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     print(f"| {d} | {law} | {sigma:g} | {k} | {m['normalized_loss']:.2f} ({e['normalized_loss']:+.0f} %)"
                           f" | {m['coef_norm']:.2f} ({e['coef_norm']:+.0f} %) | {m['nnz']:.2f} ({e['nnz']:+.0f} %) | "
                           f"{m['n_active']:.2f} ± {m['n_active_se']:.2f} ({e['n_active']:+.0f} %) | "
-                          f"{time.perf_counter() - t:.1f} |", flush=True)
+                          f"{time.perf_counter() - t:.1f}" + (" (converged)" if m.get("converged") == 1.0 else
+                                                                " (NOT converged)" if "converged" in m else "")
+                          + " |", flush=True)
     return out
 
 

@@ -49,11 +49,12 @@ def test_split_atoms_merge_into_one():
 
 
 def test_noise_threshold_reads_the_refit_residual():
-    # atoms e0, e1 of R⁴ (m = 2); residual (0, 0, 0.4, 0): cut = 1.5 · 0.4 · √(2 ln 2 / 4) ≈ 0.353 > β₁ = 0.3
+    # atoms e0, e1 of R⁴ (m = 2); residual (0, 0, 0.4, 0) over d − s = 2 free directions:
+    # cut = 1.5 · 0.4 · √(2 ln 2 / 2) ≈ 0.500 > β₁ = 0.3
     phi = torch.eye(4, dtype=D)[:2]
     x = torch.tensor([[1.0, 0.3, 0.4, 0.0]], dtype=D)
     alpha = torch.tensor([[0.9, 0.2]], dtype=D)
-    cut = 1.5 * 0.4 * math.sqrt(2 * math.log(2) / 4)
+    cut = 1.5 * 0.4 * math.sqrt(2 * math.log(2) / 2)
     assert 0.3 < cut < 1.0
     assert active_counts(x, phi, alpha, lam=0.2).tolist() == [1.0]
     assert active_counts(x, phi, alpha, lam=0.2, noise_k=0.0).tolist() == [2.0]

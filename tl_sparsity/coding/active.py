@@ -85,7 +85,8 @@ def active_counts(x: Float[Tensor, "n d"], dictionary: Float[Tensor, "m d"], alp
             atoms = dictionary[idx]
             resid = x[sl] - (beta.unsqueeze(1) @ atoms).squeeze(1)
             m, d = dictionary.shape
-            cut = cut.maximum(noise_k * resid.norm(dim=1) * (2 * math.log(max(m, 2)) / d) ** 0.5)
+            dof = (d - (beta > 0).sum(1)).clamp_min(1).to(x.dtype)  # the refit fits s of the d noise directions
+            cut = cut.maximum(noise_k * resid.norm(dim=1) * (2 * math.log(max(m, 2)) / dof).sqrt())
         keep = beta > cut.unsqueeze(1)
         if merge_cos < 1.0:
             norms = gram.diagonal(dim1=1, dim2=2).clamp_min(1e-12).sqrt()
