@@ -71,12 +71,17 @@ def active_counts(x: Float[Tensor, "n d"], dictionary: Float[Tensor, "m d"], alp
     out = x.new_zeros(n)
     if n == 0 or alpha.shape[1] == 0:
         return out
-    s_all = (alpha > 0).sum(1)
-    s_max = max(int(s_all.max()), 1)
-    rows = max(1, _CHUNK_ELEMS // (s_max * max(s_max, x.shape[1])))
+    # rows sorted by support size, so that a few long supports do not shrink every chunk (each is padded to its
+    # largest support)
+    order = (alpha > 0).sum(1).argsort()
+    s_sorted = (alpha > 0).sum(1)[order].tolist()
     floor = float(threshold) * float(lam) / 2.0
-    for start in range(0, n, rows):
-        sl = slice(start, start + rows)
+    start = 0
+    while start < n:
+        end = start + _rows_for(s_sorted[start], x.shape[1])
+        end = min(n, start + _rows_for(s_sorted[min(end, n) - 1], x.shape[1]))
+        sl = order[start:end]
+        start = end
         beta, idx, gram = support_refit(x[sl], dictionary, alpha[sl], sweeps)
         if beta.shape[1] == 0:
             continue
@@ -99,3 +104,9 @@ def active_counts(x: Float[Tensor, "n d"], dictionary: Float[Tensor, "m d"], alp
             keep = keep & ~dominated
         out[sl] = keep.sum(1).to(x.dtype)
     return out
+
+
+def _rows_for(support: int, d: int) -> int:
+    """Rows per chunk so that a chunk's padded ``[rows, s, max(s, d)]`` tensors stay under ``_CHUNK_ELEMS``."""
+    s = max(int(support), 1)
+    return max(1, _CHUNK_ELEMS // (s * max(s, d)))
