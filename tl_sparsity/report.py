@@ -17,8 +17,8 @@ from typing import Any
 __all__ = ["SparsityReport"]
 
 COLUMNS = ("hook", "layer", "site", "d_in", "n_atoms", "n_rows", "n_tokens", "n_heldout", "n_eval", "lam",
-           "normalized_loss", "normalized_loss_se", "coef_norm", "nnz", "fvu", "converged", "n_steps", "drift",
-           "convergence", "capped", "n_dropped", "n_massive", "status")
+           "normalized_loss", "normalized_loss_se", "n_active", "n_active_se", "coef_norm", "nnz", "fvu", "converged",
+           "n_steps", "drift", "convergence", "capped", "n_dropped", "n_massive", "status")
 _FORMAT_VERSION = 1
 
 
@@ -85,8 +85,8 @@ class SparsityReport:
         after the table lists the unconverged hooks with the reason. Default columns add the control ratio and the
         dead-neuron fraction when the report has them."""
         if columns is None:
-            columns = ("hook", "layer", "site", "d_in", "n_rows", "n_tokens", "lam", "normalized_loss", "coef_norm",
-                       "nnz", "fvu", "converged", "n_steps")
+            columns = ("hook", "layer", "site", "d_in", "n_rows", "n_tokens", "lam", "normalized_loss", "n_active",
+                       "coef_norm", "nnz", "fvu", "converged", "n_steps")
             for extra in ("sparsity_ratio", "dead_frac", "n_token_detectors"):
                 if any(_num_or_none(r.get(extra)) is not None for r in self.rows):
                     columns += (extra,)
@@ -95,9 +95,8 @@ class SparsityReport:
             cells = []
             for c in columns:
                 v = r.get(c)
-                if c == "normalized_loss" and v is not None and not _isnan(v):
-                    se = r.get("normalized_loss_se")
-                    cells.append(f"{v:.3f} ± {_num(se):.3f}" + (" ⚠" if _late(r) else ""))
+                if c in ("normalized_loss", "n_active") and v is not None and not _isnan(v):
+                    cells.append(f"{v:.3f} ± {_num(r.get(c + '_se')):.3f}" + (" ⚠" if _late(r) else ""))
                 elif c == "converged":
                     cells.append("—" if v is None or _isnan(v) else "yes" if v else "NO")
                 else:
@@ -125,7 +124,7 @@ class SparsityReport:
 
     # ------------------------------------------------------------------ views across hooks and runs
     def plot(self, column: str = "normalized_loss", ax: Any = None, title: str | None = None) -> Any:
-        """Profile by layer: ``column`` (default normalized loss) on y, layer on x, one line per site, ±1 standard
+        """Profile by layer: ``column`` (default normalized loss; ``"n_active"`` for the active-feature count) on y, layer on x, one line per site, ±1 standard
         error bars when the report has them, and a dashed line per site for ``control_<column>`` when present.
         Hooks outside blocks (``hook_embed``) are drawn at x = −1, labelled "emb". Points of unconverged rows are
         ringed in red (legend "not converged"). Returns the matplotlib Axes."""

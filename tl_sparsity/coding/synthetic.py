@@ -13,7 +13,14 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["SparseLinear", "Gaussian", "IsotropicCauchy", "Rademacher", "CovarianceMatchedGaussian"]
+__all__ = ["COEF_LAWS", "SparseLinear", "Gaussian", "IsotropicCauchy", "Rademacher", "CovarianceMatchedGaussian"]
+
+
+# coefficient laws of SparseLinear's active features: name -> mean (each has scale 1 in its own parameterisation)
+COEF_LAWS = {"uniform": 0.5, "exponential": 1.0, "half-normal": (2 / torch.pi) ** 0.5,
+             "log-normal": float(torch.tensor(0.5).exp()), "constant": 1.0}
+_MEAN_SQ = {"uniform": 1 / 3, "exponential": 2.0, "half-normal": 1.0, "log-normal": float(torch.tensor(2.0).exp()),
+            "constant": 1.0}  # E c² of each law
 
 
 class _Source:
@@ -52,21 +59,30 @@ class _Source:
 
 class SparseLinear(_Source):
     """x = Σ_i c_i f_i + noise: m_true = ``n_features`` (default 4d) unit features uniform on the sphere, each c_i ~
-    U(0, 1) with probability a/m_true else 0; Gaussian noise of variance a·σ²/d per coordinate (``PAPER.md``'s
+    U(0, 1) with probability a/m_true else 0; Gaussian noise of variance a·σ²/d per coordinate (times 3·E c² for laws other than
+    uniform: the same signal-to-noise ratio) (``PAPER.md``'s
     reading; ``noise_scales_with_a=False``: σ²/d, the convention under which the paper's Fig. 1a is reproduced
-    within 3 %, see the README); centred (by the exact mean, (a/(2·m_true))·Σ f_i) and scaled. Ground-truth sparsity
-    is ``a/2`` (:attr:`truth`).
+    within 3 %, see the README); centred (by the exact mean, (a·E c/m_true)·Σ f_i) and scaled. Ground-truth sparsity
+    is ``a/2`` (:attr:`truth`); the expected number of active features per sample is ``a`` (:attr:`count`).
+
+    ``law`` picks the active coefficients' law (:data:`COEF_LAWS`): ``"uniform"`` U(0, 1) (the paper's),
+    ``"exponential"`` Exp(1), ``"half-normal"`` |N(0, 1)|, ``"log-normal"`` exp(N(0, 1)), ``"constant"`` 1.
     """
 
     def __init__(self, d: int, a: float, sigma: float = 0.1, n_features: int | None = None, seed: int = 0,
-                 calibration: int = 16384, noise_scales_with_a: bool = True) -> None:
+                 calibration: int = 16384, noise_scales_with_a: bool = True, law: str = "uniform") -> None:
+        if law not in COEF_LAWS:
+            raise ValueError(f"law must be one of {sorted(COEF_LAWS)}, got {law!r}.")
+        self.law = law
         m_true = 4 * int(d) if n_features is None else int(n_features)
         if not 0 < a <= m_true:
             raise ValueError(f"a must be in (0, n_features={m_true}], got {a!r}.")
         if sigma < 0:
             raise ValueError(f"sigma must be ≥ 0, got {sigma!r}.")
         self.a, self.sigma, self.n_features = float(a), float(sigma), m_true
-        self.noise_var = (self.a if noise_scales_with_a else 1.0) * self.sigma**2 / int(d)  # per coordinate
+        # per coordinate; other laws scale the noise by their coefficients' RMS over U(0, 1)'s (1/√3), so every law
+        # has the uniform law's signal-to-noise ratio
+        self.noise_var = (self.a if noise_scales_with_a else 1.0) * self.sigma**2 / int(d) * 3 * _MEAN_SQ[law]
         g = torch.Generator().manual_seed(int(seed) + 104_729)
         f = torch.randn(m_true, int(d), generator=g)
         self.features = f / f.norm(dim=1, keepdim=True)
@@ -74,16 +90,33 @@ class SparseLinear(_Source):
 
     @property
     def truth(self) -> float:
-        """The expected number of active features times their mean size: a/2."""
-        return self.a / 2
+        """The expected number of active features times their mean size (a/2 under the uniform law)."""
+        return self.a * COEF_LAWS[self.law]
+
+    @property
+    def count(self) -> float:
+        """The expected number of active features per sample: a."""
+        return self.a
 
     def _centre(self, cal: Tensor) -> Tensor:
-        return (self.a / (2 * self.n_features)) * self.features.sum(0)
+        return (self.a * COEF_LAWS[self.law] / self.n_features) * self.features.sum(0)
+
+    def _coefficients(self, n: int, gen: torch.Generator) -> Tensor:
+        shape = (n, self.n_features)
+        if self.law == "uniform":
+            return torch.rand(shape, generator=gen)
+        if self.law == "exponential":
+            return -torch.log1p(-torch.rand(shape, generator=gen))
+        if self.law == "half-normal":
+            return torch.randn(shape, generator=gen).abs()
+        if self.law == "log-normal":
+            return torch.randn(shape, generator=gen).exp()
+        return torch.ones(shape)
 
     def _draw(self, n: int, gen: torch.Generator) -> Tensor:
         p = self.a / self.n_features
         active = torch.rand(n, self.n_features, generator=gen) < p
-        coef = torch.rand(n, self.n_features, generator=gen) * active
+        coef = self._coefficients(n, gen) * active
         noise = torch.randn(n, self.d, generator=gen) * self.noise_var**0.5
         return coef @ self.features + noise
 

@@ -114,7 +114,7 @@ class Tracking:
         step = self.n_steps_
         if self._probe_fill < self.probe_size or (self.trace_.steps and step < self._next_point()):
             return False
-        acc = MetricAccumulator(self.lam_)
+        acc = MetricAccumulator(self.lam_, active=False)  # the trace reads L_norm only
         acc.update(self._probe, self.dictionary_, self._code(self._probe))
         self.trace_.add(step, acc.result()["normalized_loss"])
         return True

@@ -81,7 +81,7 @@ def learner_row(learner: OnlineSparseCoder) -> dict[str, Any]:
     row: dict[str, Any] = {
         "d_in": learner.d_in, "n_atoms": None, "n_tokens": learner.n_tokens_, "n_heldout": learner.n_heldout_,
         "n_eval": 0, "lam": None, "normalized_loss": float("nan"), "normalized_loss_se": float("nan"),
-        "coef_norm": float("nan"), "nnz": float("nan"), "fvu": float("nan"), "capped": learner.capped_,
+        "n_active": float("nan"), "n_active_se": float("nan"), "coef_norm": float("nan"), "nnz": float("nan"), "fvu": float("nan"), "capped": learner.capped_,
         "n_dropped": learner.n_dropped_, "n_massive": learner.n_massive_, "converged": None,
         "n_steps": learner.n_steps_, "drift": float("nan"), "convergence": "no dictionary yet",
     }
@@ -106,7 +106,7 @@ def learner_row(learner: OnlineSparseCoder) -> dict[str, Any]:
         return row
     ev = learner.evaluate()
     row["n_eval"] = int(ev["n_eval"])
-    for k in ("normalized_loss", "normalized_loss_se", "coef_norm", "nnz", "fvu"):
+    for k in ("normalized_loss", "normalized_loss_se", "n_active", "n_active_se", "coef_norm", "nnz", "fvu"):
         row[k] = ev[k]
     verdict = learner.convergence_
     row.update(converged=bool(verdict["converged"]), drift=float(verdict["drift"]), convergence=verdict["reason"])

@@ -1,0 +1,123 @@
+"""n_active (tl_sparsity/coding/active.py, docs/active.md): hand-computed counts on small fixed codes, the metric
+key and report column, and calibration on one planted law (the study's --quick mode)."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tl_sparsity import OnlineSparseCoder, SparsityReport, sparsity_metrics
+from tl_sparsity.coding.active import active_counts, support_refit
+from tl_sparsity.coding.metrics import MetricAccumulator
+from tl_sparsity.coding.synthetic import SparseLinear
+from tl_sparsity.tl.rows import learner_row
+
+D = torch.float64
+
+
+def test_refit_on_the_support_removes_cross_talk():
+    # x = f1 exactly; a pursuit-like code put weight on f0 too. NNLS on {f0, f1} gives β = (0, 1): one feature.
+    phi = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=D)
+    x = torch.tensor([[0.6, 0.8]], dtype=D)
+    alpha = torch.tensor([[0.5, 0.3]], dtype=D)
+    beta, idx, _ = support_refit(x, phi, alpha, sweeps=200)
+    by_atom = dict(zip(idx[0].tolist(), beta[0].tolist()))
+    assert by_atom[0] == pytest.approx(0.0, abs=1e-9) and by_atom[1] == pytest.approx(1.0, abs=1e-9)
+    assert active_counts(x, phi, alpha, lam=0.2, sweeps=200).tolist() == [1.0]
+    assert (alpha > 0).sum().item() == 2  # N₀ counts both
+
+
+def test_lambda_floor_counts_coefficients_above_half_lambda():
+    # orthonormal atoms: the refit is β = x on the support; λ/2 = 0.1 drops the 0.05 coefficient; residual 0
+    phi = torch.eye(3, dtype=D)
+    x = torch.tensor([[2.0, 1.0, 0.05]], dtype=D)
+    alpha = torch.tensor([[1.9, 0.9, 0.01]], dtype=D)
+    assert active_counts(x, phi, alpha, lam=0.2).tolist() == [2.0]
+    assert active_counts(x, phi, alpha, lam=0.0).tolist() == [3.0]
+
+
+def test_split_atoms_merge_into_one():
+    # f0 and f1 have cosine 0.8 > 0.7: the smaller refit coefficient (f1's 0.5) is not counted
+    phi = torch.tensor([[1.0, 0.0], [0.8, 0.6]], dtype=D)
+    x = (1.0 * phi[0] + 0.5 * phi[1]).unsqueeze(0)
+    alpha = torch.tensor([[1.0, 0.5]], dtype=D)
+    assert active_counts(x, phi, alpha, lam=0.2).tolist() == [1.0]
+    assert active_counts(x, phi, alpha, lam=0.2, merge_cos=1.0).tolist() == [2.0]
+    assert active_counts(x, phi, alpha, lam=0.2, merge_cos=0.85).tolist() == [2.0]
+
+
+def test_noise_threshold_reads_the_refit_residual():
+    # atoms e0, e1 of R⁴ (m = 2); residual (0, 0, 0.4, 0) over d − s = 2 free directions:
+    # cut = 1.5 · 0.4 · √(2 ln 2 / 2) ≈ 0.500 > β₁ = 0.3
+    phi = torch.eye(4, dtype=D)[:2]
+    x = torch.tensor([[1.0, 0.3, 0.4, 0.0]], dtype=D)
+    alpha = torch.tensor([[0.9, 0.2]], dtype=D)
+    cut = 1.5 * 0.4 * math.sqrt(2 * math.log(2) / 2)
+    assert 0.3 < cut < 1.0
+    assert active_counts(x, phi, alpha, lam=0.2).tolist() == [1.0]
+    assert active_counts(x, phi, alpha, lam=0.2, noise_k=0.0).tolist() == [2.0]
+
+
+def test_empty_codes_count_zero():
+    phi = torch.eye(2, dtype=D)
+    assert active_counts(torch.zeros(3, 2, dtype=D), phi, torch.zeros(3, 2, dtype=D), 0.1).tolist() == [0.0] * 3
+
+
+def test_metrics_key_and_standard_error_by_hand():
+    phi = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=D)
+    x = torch.tensor([[2.0, 1.0], [0.0, 0.0], [0.6, 0.8]], dtype=D)
+    alpha = torch.tensor([[2.0, 0.5, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=D)
+    m = sparsity_metrics(x, phi, alpha, 0.5)
+    # per-row counts 2 (refit β = (2, 1), orthogonal atoms), 0, 1 → mean 1, sd 1, se 1/√3
+    assert m["n_active"] == pytest.approx(1.0)
+    assert m["n_active_se"] == pytest.approx(1 / math.sqrt(3))
+    a, b = MetricAccumulator(0.5), MetricAccumulator(0.5)
+    a.update(x[:2], phi, alpha[:2])
+    b.update(x[2:], phi, alpha[2:])
+    merged = a.merge(b).result()
+    assert merged["n_active"] == pytest.approx(1.0) and merged["n_active_se"] == pytest.approx(1 / math.sqrt(3))
+    off = MetricAccumulator(0.5, active=False)
+    off.update(x, phi, alpha)
+    assert math.isnan(off.result()["n_active"]) and not math.isnan(off.result()["normalized_loss"])
+
+
+def test_sparse_linear_laws():
+    base = SparseLinear(16, 2, seed=3, calibration=256).sample(8)
+    assert torch.equal(SparseLinear(16, 2, seed=3, calibration=256, law="uniform").sample(8), base)
+    const = SparseLinear(16, 2, sigma=0.0, seed=3, calibration=256, law="constant")
+    assert const.count == 2 and const.truth == 2
+    with pytest.raises(ValueError, match="law"):
+        SparseLinear(16, 2, law="cauchy")
+
+
+def test_learner_row_and_report_carry_n_active():
+    coder = OnlineSparseCoder(8, seed=0)
+    coder.partial_fit(SparseLinear(8, 2, seed=0, calibration=512).sample(6000))
+    row = learner_row(coder)
+    assert row["n_active"] > 0 and row["n_active_se"] > 0
+    ev = coder.evaluate()
+    assert ev["n_active"] == row["n_active"]
+    rows = [{"hook": f"blocks.{i}.hook_resid_post", "layer": i, "site": "resid_post", "normalized_loss": 2.0 + i,
+             "normalized_loss_se": 0.1, "n_active": 3.0 + i, "n_active_se": 0.2} for i in range(3)]
+    report = SparsityReport(rows)
+    assert "3.000 ± 0.200" in report.to_markdown()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ax = report.plot("n_active")
+    assert list(ax.lines[0].get_ydata()) == [3.0, 4.0, 5.0]
+    assert ax.get_ylabel() == "n active"
+
+
+def test_quick_study_is_calibrated_on_one_planted_law():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "active_count.py"
+    spec = importlib.util.spec_from_file_location("active_count", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main(["--quick"])
+    assert [r["k"] for r in rows] == [2, 4]
+    for r in rows:
+        assert abs(r["n_active"] / r["k"] - 1) <= 0.15, r
+    assert abs(rows[1]["normalized_loss"] / 4 - 1) > 0.15  # the paper's measure is not a count here
