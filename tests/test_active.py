@@ -121,3 +121,20 @@ def test_quick_study_is_calibrated_on_one_planted_law():
     for r in rows:
         assert abs(r["n_active"] / r["k"] - 1) <= 0.15, r
     assert abs(rows[1]["normalized_loss"] / 4 - 1) > 0.15  # the paper's measure is not a count here
+
+
+def test_n_active_is_computed_on_the_first_active_rows_rows_only():
+    """Its support refit costs far more than the pursuit: an accumulator counts on its first ACTIVE_ROWS rows."""
+    from tl_sparsity.coding.active import active_counts
+    from tl_sparsity.coding.metrics import ACTIVE_ROWS
+
+    g = torch.Generator().manual_seed(0)
+    phi = torch.nn.functional.normalize(torch.randn(32, 8, generator=g), dim=1)
+    alpha = torch.rand(ACTIVE_ROWS + 500, 32, generator=g) * (torch.rand(ACTIVE_ROWS + 500, 32, generator=g) < 0.1)
+    x = alpha @ phi
+    acc = MetricAccumulator(0.05)
+    acc.update(x[:700], phi, alpha[:700])
+    acc.update(x[700:], phi, alpha[700:])
+    assert acc.n == ACTIVE_ROWS + 500 and acc.n_act == ACTIVE_ROWS
+    want = active_counts(x[:ACTIVE_ROWS], phi, alpha[:ACTIVE_ROWS], 0.05).double()
+    assert acc.result()["n_active"] == pytest.approx(float(want.mean()))

@@ -10,7 +10,8 @@ Definitions (``PAPER.md``; matrix norms are averages over samples j):
 * FVU  := Σ_j ‖x_j − α_jΦ‖² / Σ_j ‖x_j − x̄‖²           — ``fvu`` (explained variance = 1 − FVU)
 * n_active := (1/n) Σ_j c_j, c_j the count of active features of row j after a support refit, merging of split
   atoms and a noise threshold (:mod:`tl_sparsity.coding.active`, docs/active.md) — ``n_active``, with
-  ``n_active_se`` = sd(c)/√n. Not the paper's; an estimate of "how many features fire per token".
+  ``n_active_se`` = sd(c)/√n, over the first :data:`ACTIVE_ROWS` rows an accumulator sees (its support refit costs
+  far more than the pursuit). Not the paper's; an estimate of "how many features fire per token".
 
 The standard error of ``normalized_loss`` is the delta-method error of a ratio of means, Σa/Σb with
 a_j = loss_j and b_j = λ·max_i α_ij, which treats samples as independent (tokens of one sequence are not quite).
@@ -27,7 +28,10 @@ from torch import Tensor
 
 from .active import active_counts
 
-__all__ = ["sparsity_metrics", "per_sample_terms", "MetricAccumulator"]
+__all__ = ["sparsity_metrics", "per_sample_terms", "MetricAccumulator", "ACTIVE_ROWS"]
+
+#: Rows per accumulator on which ``n_active`` is computed (the first ones; held-out rows arrive in random order).
+ACTIVE_ROWS = 1024
 
 
 @torch.no_grad()
@@ -57,6 +61,7 @@ class MetricAccumulator:
     sums: dict[str, float] = field(default_factory=dict)
     x_sum: Tensor | None = None  # Σ_j x_j, float64 [d]
     active: bool = True
+    n_act: int = 0  # rows n_active was computed on (the first ACTIVE_ROWS)
 
     _KEYS = ("sq_err", "l1", "max", "nnz", "x_sq", "loss_sq", "max_sq", "loss_max", "act", "act_sq")
 
@@ -69,9 +74,11 @@ class MetricAccumulator:
             "x_sq": x.double().pow(2).sum(), "loss_sq": loss.pow(2).sum(), "max_sq": b.pow(2).sum(),
             "loss_max": (loss * b).sum(), "act": 0.0, "act_sq": 0.0,
         }
-        if self.active:
-            c = active_counts(x, dictionary, alpha, self.lam).double()
+        take = min(x.shape[0], max(ACTIVE_ROWS - self.n_act, 0)) if self.active else 0
+        if take:
+            c = active_counts(x[:take], dictionary, alpha[:take], self.lam).double()
             add["act"], add["act_sq"] = c.sum(), c.pow(2).sum()
+            self.n_act += take
         for k in self._KEYS:
             self.sums[k] = self.sums.get(k, 0.0) + float(add[k])
         xs = x.double().sum(0).cpu()
@@ -81,7 +88,8 @@ class MetricAccumulator:
     def merge(self, other: "MetricAccumulator") -> "MetricAccumulator":
         if other.lam != self.lam:
             raise ValueError(f"cannot merge metrics computed with different λ ({self.lam} vs {other.lam}).")
-        out = MetricAccumulator(self.lam, self.n + other.n, active=self.active and other.active)
+        out = MetricAccumulator(self.lam, self.n + other.n, active=self.active and other.active,
+                                n_act=self.n_act + other.n_act)
         out.sums = {k: self.sums.get(k, 0.0) + other.sums.get(k, 0.0) for k in self._KEYS}
         parts = [s for s in (self.x_sum, other.x_sum) if s is not None]
         out.x_sum = sum(parts[1:], parts[0].clone()) if parts else None
@@ -102,8 +110,9 @@ class MetricAccumulator:
             # Var(a − R·b) from raw moments; mean(a − R·b) is 0 by construction of R.
             var = (s["loss_sq"] - 2 * ratio * s["loss_max"] + ratio**2 * s["max_sq"]) / (n - 1)
             se = math.sqrt(max(var, 0.0) / n) / (b_sum / n)
-        act = s.get("act", 0.0) / n if self.active else nan
-        act_se = math.sqrt(max(s.get("act_sq", 0.0) - n * act**2, 0.0) / (n - 1) / n) if self.active and n > 1 else nan
+        k = self.n_act
+        act = s.get("act", 0.0) / k if self.active and k else nan
+        act_se = math.sqrt(max(s.get("act_sq", 0.0) - k * act**2, 0.0) / (k - 1) / k) if self.active and k > 1 else nan
         centred = s["x_sq"] - float(self.x_sum.pow(2).sum()) / n
         return {
             "loss": loss_sum / n,
