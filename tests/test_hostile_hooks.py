@@ -144,6 +144,24 @@ def test_a_forward_that_raises_under_start_leaves_every_hook_with_the_same_rows(
     assert set(_received(col).values()) == {2 * 6 * 16}
 
 
+def test_a_forward_that_raises_inside_attach_gives_its_rows_to_no_hook(model):
+    """attach() holds a forward's rows until it returns, as start() does: before, the hooks that had already run
+    kept the failed forward's rows and the others did not (blocks.0: 22 rows, blocks.1: 0)."""
+    col = SparsityCollector(model, hooks=["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], **OPTS)
+
+    def boom(act, hook):
+        raise RuntimeError("boom")
+
+    with col.attach():
+        model(_tokens(seed=0))
+        with pytest.raises(RuntimeError, match="boom"):
+            model.run_with_hooks(_tokens(seed=1), fwd_hooks=[("blocks.1.hook_resid_pre", boom)])
+        assert set(_received(col).values()) == {6 * 16}
+        model(_tokens(seed=2))
+    assert set(_received(col).values()) == {2 * 6 * 16}
+    assert n_hooks(model) == 0 and "forward" not in vars(model)
+
+
 def test_two_started_collectors_stopped_in_any_order_each_learn_whole_forwards_and_leave_the_model_as_it_was(model):
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     a, b = SparsityCollector(model, hooks=hooks, **OPTS), SparsityCollector(model, hooks=hooks, **OPTS)

@@ -144,8 +144,8 @@ class SparsityCollector(_ranks.RankView):
             _extract.check_width(name, rows, learner.d_in)
             acts = act.reshape(*act.shape[:2], rows.shape[1]) if extras.want_neurons else None
             toks = None if acts is None else extras.check(acts, ids, keep, rows.shape[0], implicit=sink is not None)
-            held = sink if sink is not None else self._forwards.hold() if use_attribute else None
-            if held is not None:  # fit(), start(): kept until the forward completes, then fed to the learners
+            held = sink if sink is not None else self._forwards.hold() if use_attribute or own else None
+            if held is not None:  # fit(), start(), attach(): kept until the forward completes, then fed
                 acts = _extract.own_copy(acts)  # raw dtype; no reference to the model's tensor is kept
                 held.setdefault(name, []).append((rows, acts, toks, keep))
                 return None
@@ -174,8 +174,9 @@ class SparsityCollector(_ranks.RankView):
     @contextlib.contextmanager
     def attach(self, attention_mask: Tensor | None = None, tokens: Tensor | None = None
                ) -> Iterator["SparsityCollector"]:
-        """``with col.attach(): model(tokens)`` — hooks live exactly for the block, also when it raises.
-        ``attention_mask`` and ``tokens`` as in :meth:`fwd_hooks`; hook points looked up on entry, and raises
+        """``with col.attach(): model(tokens)`` — hooks live exactly for the block, also when it raises; as with
+        :meth:`start`, a forward that raises gives its rows to no hook (with :meth:`fwd_hooks`, the hooks that ran
+        keep them). ``attention_mask``, ``tokens`` as in :meth:`fwd_hooks`; hook points looked up on entry; raises
         :class:`~tl_sparsity.tl.attach.DoubleCountError` on a started or already attached collector."""
         with self._attached(attention_mask, tokens=tokens):
             yield self
