@@ -215,3 +215,21 @@ def test_normalise_shrinks_only_far_rows():
     rest = [0, 2, 3, 4, 5]
     assert torch.equal(xn[rest], (x[rest] - mean) / scale)
     assert abs(float(xn[1].norm()) / NORMALISED_NORM_MAX - 1) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sync_free_path_replaces_bad_and_massive_rows_in_place_and_counts_them():
+    """On a GPU after λ's warm-up, with check_finite=False (the collector's path), rejected rows — non-finite,
+    overflowing, massive — are replaced by the mean row on the device and counted there, without a host sync."""
+    g = torch.Generator().manual_seed(0)
+    c = OnlineSparseCoder(seed=0, batch_size=256, warmup_steps=2, device="cuda")
+    c.partial_fit(torch.randn(1024, 16, generator=g).cuda())
+    assert not c.lam_adapting
+    x = torch.randn(1024, 16, generator=g)
+    x[3, 0], x[500, 1], x[700] = float("nan"), 1e20, 0.0
+    x[700, 2] = 40.0 * float(x.norm(dim=1).median())  # a massive row
+    before = (c.n_dropped_, c.n_massive_)
+    c.partial_fit(x.cuda(), check_finite=False)
+    assert (c.n_dropped_ - before[0], c.n_massive_ - before[1]) == (2, 1)
+    assert torch.isfinite(c.dictionary_).all() and torch.isfinite(c.heldout_).all()
+    assert math.isfinite(c.evaluate()["normalized_loss"])
