@@ -226,8 +226,9 @@ def test_cuda_sync_free_path_replaces_bad_and_massive_rows_in_place_and_counts_t
     c.partial_fit(torch.randn(1024, 16, generator=g).cuda())
     assert not c.lam_adapting
     x = torch.randn(1024, 16, generator=g)
+    long = 40.0 * float(x.norm(dim=1).median())
     x[3, 0], x[500, 1], x[700] = float("nan"), 1e20, 0.0
-    x[700, 2] = 40.0 * float(x.norm(dim=1).median())  # a massive row
+    x[700, 2] = long  # a massive row
     before = (c.n_dropped_, c.n_massive_)
     c.partial_fit(x.cuda(), check_finite=False)
     assert (c.n_dropped_ - before[0], c.n_massive_ - before[1]) == (2, 1)
