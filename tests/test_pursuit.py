@@ -306,3 +306,18 @@ def test_cuda_correlations_with_an_outlier_row_keep_the_other_rows_precision():
     c = correlations(x, phi).double()
     others = torch.arange(4096, device="cuda") != 5
     assert ((c[others] - exact[others]).abs().max() / exact[others].abs().max()) < 2e-3
+
+
+@cuda
+def test_cuda_codes_of_the_other_rows_stay_within_tolerance_next_to_a_1e6_outlier_row():
+    """The same agreement with the float64 reference as the test above, with one row 1e6 times longer in the
+    batch (before per-row scaling of x, its float16 rounding pushed the other rows towards the subnormal range)."""
+    x, phi = _planted(n=256, d=128, a=16, device="cuda")
+    x[11] *= 1e6
+    lam = 0.04
+    others = torch.arange(256, device="cuda") != 11
+    ref, _ = greedy_pursuit_reference(x[others].double(), phi.double(), lam)
+    a = greedy_pursuit(x, phi, lam)[others].double()
+    l1 = (a - ref).abs().sum(1) / ref.abs().sum(1)
+    assert (l1 <= 0.02).float().mean() > 0.75
+    assert l1.max() < 0.3
