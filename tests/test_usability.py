@@ -165,8 +165,11 @@ def test_learning_inside_a_forward_shows_a_bar_and_fit_shows_only_its_own(model,
         model(tokens)
     assert "learning" not in capsys.readouterr().err
     col.progress = True
-    with col.attach():  # attach() learns inside each hook: one bar per hook that completes a batch
+    with col.attach():  # attach(), like start(), learns once the forward has returned: one bar for all hooks
         model(tokens)
+    assert "tl_sparsity: learning (2 hooks)" in capsys.readouterr().err
+    hooks = col.fwd_hooks()  # fwd_hooks() learns inside each hook: one bar per hook that completes a batch
+    model.run_with_hooks(tokens, fwd_hooks=hooks)
     assert capsys.readouterr().err.count("tl_sparsity: learning (1 hook)") >= 2
     SparsityCollector(model, hooks="resid_post", batch_size=32).fit(tokens, n_tokens=64)
     assert "learning" not in capsys.readouterr().err
