@@ -268,10 +268,10 @@ def test_cuda_phi_products_in_bfloat16_are_close_to_float64():
 def _rounded_correlations(x, phi, rows):
     """The CUDA path's xΦᵀ emulated on any device: float16 operands (x scaled per row with ``rows``, else by the
     batch's largest entry, as before), float32 products."""
-    from tl_sparsity.coding.kernels import _half_each_row, _half_rows
+    from tl_sparsity.coding.kernels import _half_rows
 
     p, sp = _half_rows(phi, torch.float16)
-    xs, sx = (_half_each_row if rows else _half_rows)(x, torch.float16)
+    xs, sx = _half_rows(x, torch.float16, each_row=rows)
     return (xs.float() @ p.float().T) * sx * sp
 
 

@@ -61,7 +61,7 @@ def test_a_started_collector_sees_through_add_sae_reset_and_run_with_saes(sae_mo
         sae_model.add_sae(sae)
         sae_model(_tokens(1))
         sae_model.reset_saes()
-        sae_model(_tokens(2))  # on the fresh HookPoint reset_saes put there (the issue's 0 rows)
+        sae_model(_tokens(2))  # on the fresh HookPoint reset_saes put there (a collector holding the old one got 0 rows)
         sae_model.run_with_saes(_tokens(3), saes=[sae])
         sae_model.run_with_saes(_tokens(4), saes=[sae], use_error_term=True)
         sae(torch.randn(3, 5, TINY["d_model"]))  # the SAE run on its own, outside the model: not measured
@@ -94,7 +94,7 @@ def test_the_sae_input_is_the_models_activation(sae_model, sae):
 
 def test_built_while_an_sae_is_attached_and_used_after_it_is_gone(sae_model, sae):
     sae_model.add_sae(sae)
-    col = SparsityCollector(sae_model, hooks="resid_post", parallel=None)  # the issue's KeyError
+    col = SparsityCollector(sae_model, hooks="resid_post", parallel=None)  # once a KeyError: no hook point named 'blocks.0.hook_resid_post'
     col.fit([_tokens(0)], progress=False)
     sae_model.reset_saes()
     col.fit([_tokens(1)], progress=False)
@@ -135,7 +135,7 @@ def test_errors_name_the_sae_and_its_hook_points(sae_model, sae):
 
 
 def test_fwd_hooks_lists_made_before_add_sae_still_work(sae_model, sae):
-    """The issue's ``TypeError: Expected a module with add_hook, got _SAEWrapper``: the names are filters
+    """Once ``TypeError: Expected a module with add_hook, got _SAEWrapper``: the names are filters
     TransformerLens resolves when it attaches the hooks."""
     col = SparsityCollector(sae_model, hooks="resid_post", parallel=None)
     hooks = col.fwd_hooks()

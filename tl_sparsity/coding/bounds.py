@@ -19,9 +19,10 @@ import math
 import torch
 from torch import Tensor
 
-from .counts import DeviceCount
+from .counts import Counted, DeviceCount
 
-__all__ = ["ROW_SQNORM_MAX", "NORMALISED_NORM_MAX", "RowRule", "bounded_rows", "normalise", "state_problems"]
+__all__ = ["ROW_SQNORM_MAX", "NORMALISED_NORM_MAX", "RowRule", "bounded_rows", "normalise", "replace_rows",
+           "state_problems"]
 
 #: Largest squared L2 norm (float64) of a row a learner keeps; larger rows, and rows with NaN/±Inf, are dropped.
 ROW_SQNORM_MAX = 1e30
@@ -48,6 +49,14 @@ def normalise(x: Tensor, mean: Tensor, scale: float) -> Tensor:
     return torch.where(keep, xn, shrunk.to(xn.dtype))
 
 
+def replace_rows(x: Tensor, bad: Tensor, fill: Tensor, count: DeviceCount) -> Tensor:
+    """``x`` with the rows of the mask ``bad`` replaced by ``fill``, added to ``count`` — on the device for device
+    rows (no host synchronisation), at once on the CPU (nothing to avoid there)."""
+    n = bad.sum()
+    count.add(int(n) if x.device.type == "cpu" else n)
+    return torch.where(bad[:, None], fill.to(x.dtype), x)
+
+
 def state_problems(learner) -> list[str]:
     """Names of an initialised learner's state entries holding NaN/±Inf (dictionary, mean, scale, λ, Adam
     moments); empty when all are finite. One host synchronisation."""
@@ -65,14 +74,8 @@ class RowRule:
     """The row rule applied to a learner's incoming rows, and ``n_dropped_``; mixed into
     :class:`~tl_sparsity.coding.learner.OnlineSparseCoder`."""
 
-    @property
-    def n_dropped_(self) -> int:
-        """Rows the row rule rejected (on CUDA, after λ's warm-up, counted on the device; reading this syncs once)."""
-        return int(self._dropped)
-
-    @n_dropped_.setter
-    def n_dropped_(self, value: int) -> None:
-        self._dropped = DeviceCount(value)
+    n_dropped_ = Counted("_dropped", "Rows the row rule rejected (on CUDA, after λ's warm-up, counted on the device; "
+                                     "reading this syncs once).")
 
     def _finite_rows(self, x: Tensor, check_finite: bool, keep_rows: bool = False) -> Tensor:
         """``x`` without the rows the row rule rejects (NaN/±Inf, or Σx² > :data:`ROW_SQNORM_MAX`), counted in
@@ -91,9 +94,7 @@ class RowRule:
                                   and not self.lam_adapting)
         if sync_free:
             fill = self.mean_ if self.dictionary_ is not None else torch.zeros((), dtype=x.dtype, device=x.device)
-            count = (~ok).sum()
-            self._dropped.add(int(count) if x.device.type == "cpu" else count)  # CPU: no synchronisation to avoid
-            return torch.where(ok[:, None], x, fill)
+            return replace_rows(x, ~ok, fill, self._dropped)
         if bool(ok.all()):
             return x
         self._dropped.add(int((~ok).sum()))

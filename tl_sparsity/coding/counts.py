@@ -1,11 +1,12 @@
 """A count a learner adds to on the host or on its device without waiting for the device: ``capped_`` (rows that
-stopped at the pursuit's step cap) and ``n_dropped_`` (rows the row rule rejected) both use it."""
+stopped at the pursuit's step cap), ``n_dropped_`` (rows the row rule rejected) and ``n_massive_`` (massive rows)
+are :class:`Counted` attributes holding one."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
-__all__ = ["DeviceCount"]
+__all__ = ["DeviceCount", "Counted"]
 
 
 class DeviceCount:
@@ -34,3 +35,17 @@ class DeviceCount:
 
     def __repr__(self) -> str:
         return f"DeviceCount({int(self)})"
+
+
+class Counted:
+    """A learner attribute read as an ``int`` and backed by a :class:`DeviceCount` in ``private`` (where the learner
+    adds to it); assigning an int starts a new count."""
+
+    def __init__(self, private: str, doc: str) -> None:
+        self.private, self.__doc__ = private, doc
+
+    def __get__(self, obj: object, owner: type | None = None) -> "int | Counted":
+        return self if obj is None else int(getattr(obj, self.private))
+
+    def __set__(self, obj: object, value: int) -> None:
+        setattr(obj, self.private, DeviceCount(value))

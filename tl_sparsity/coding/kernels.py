@@ -109,18 +109,13 @@ def default_maxnreg(shape: dict, gram_dtype: torch.dtype = GRAM_DTYPE) -> int | 
     return 72 if per_thread == 48 and gram_dtype.itemsize == 2 else None
 
 
-def _half_rows(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _half_rows(t: Tensor, dtype: torch.dtype, each_row: bool = False) -> tuple[Tensor, Tensor]:
     """(t / s in ``dtype``, s) with s = max |t_ij| of each matrix (t [n, d] → s [1, 1]; t [k, n, d] → s [k, 1, 1]),
-    so every entry is in [−1, 1]; scaled and rounded in one pass."""
-    s = torch.linalg.vector_norm(t, float("inf"), dim=(-2, -1), keepdim=True).clamp_min(1e-30)
-    return torch.div(t, s, out=torch.empty(t.shape, dtype=dtype, device=t.device)), s
-
-
-def _half_each_row(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(t / s in ``dtype``, s) with s = max |t_ij| of each row (t [..., n, d] → s [..., n, 1]): every entry in
-    [−1, 1] and each row's largest exactly ±1, whatever the other rows hold (a batch-wide scale would push the
-    rows next to a 10⁵× outlier into float16's subnormal range)."""
-    s = t.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+    or with ``each_row`` of each row (s [..., n, 1]): every entry in [−1, 1]; scaled and rounded in one pass. Rows
+    of x are scaled each on its own: a batch-wide scale would push the rows next to a 10⁵× outlier into float16's
+    subnormal range."""
+    dims = -1 if each_row else (-2, -1)
+    s = torch.linalg.vector_norm(t, float("inf"), dim=dims, keepdim=True).clamp_min(1e-30)
     return torch.div(t, s, out=torch.empty(t.shape, dtype=dtype, device=t.device)), s
 
 
@@ -148,7 +143,7 @@ def correlations(x: Float[Tensor, "n d"], dictionary: Float[Tensor, "m d"], dtyp
         c = x @ dictionary.T
         return c if scaled else (c, torch.ones(1, device=x.device))
     p, sp = half_rows if half_rows is not None and half_rows[0].dtype == dtype else _half_rows(dictionary, dtype)
-    xs, sx = _half_each_row(x, dtype)
+    xs, sx = _half_rows(x, dtype, each_row=True)
     c = torch.mm(xs, p.T, out_dtype=torch.float32).mul_(sx)  # rows back to their own scale
     return c.mul_(sp) if scaled else (c, sp.reshape(1))
 
@@ -244,7 +239,7 @@ def grouped_codes(x: Float[Tensor, "k n d"], dictionaries: Float[Tensor, "k m d"
         raise ValueError(f"the Triton pursuit holds at most {MAX_ATOMS} atoms per row; got m={m}.")
     p, s = _half_rows(dictionaries, GRAM_DTYPE)  # s [k, 1, 1]
     G = torch.bmm(p, p.transpose(1, 2))  # [k, m, m] float16, float32 accumulation
-    xs, sx = _half_each_row(x, CORR_DTYPE)  # sx [k, n, 1]
+    xs, sx = _half_rows(x, CORR_DTYPE, each_row=True)  # sx [k, n, 1]
     c = torch.bmm(xs, p.transpose(1, 2), out_dtype=torch.float32).mul_(sx).view(k * n, m)
     # Hook-major order, longest rows first within each set: the programs running at any moment then read the G of
     # one or two sets, which keeps their rows in L2 (all sets' rows sorted together ran slower than one at a time).

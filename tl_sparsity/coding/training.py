@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .backend import triton_applies
-from .counts import DeviceCount
+from .counts import Counted
 from .bounds import normalise
 from .pursuit import default_max_steps, greedy_pursuit_torch, lasso_pursuit
 from .rows import split_rows
@@ -125,14 +125,8 @@ class TrainingStep:
         self._last_capped = info.capped
         return alpha
 
-    @property
-    def capped_(self) -> int:
-        """Rows that stopped at ``max_steps`` (on CUDA counted on the device; reading this syncs once)."""
-        return int(self._capped)
-
-    @capped_.setter
-    def capped_(self, value: int) -> None:
-        self._capped = DeviceCount(value)
+    capped_ = Counted("_capped", "Rows that stopped at ``max_steps`` (on CUDA counted on the device; reading this syncs "
+                                 "once).")
 
     def _count_capped(self, count: int | Tensor) -> None:
         """Add a pursuit's capped rows: an int on the host, or a device tensor kept on the device (no sync)."""

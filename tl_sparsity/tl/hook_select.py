@@ -1,10 +1,8 @@
-"""Choosing a collector's hook points: :func:`tl_sparsity.tl.hooks.resolve_hooks`, then ``layers=`` (as the command
-line's ``--layers``), and suggestions that know the site names of a layer (``blocks.0.hook_mlp_post`` → also
-``blocks.0.mlp.hook_post``) when a name is unknown."""
+"""Choosing a collector's hook points: :func:`tl_sparsity.tl.hooks.resolve_hooks` (whose errors suggest names), then
+``layers=`` (as the command line's ``--layers``)."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from . import hooks as _hooks
@@ -41,11 +39,8 @@ def parse_layers(spec: Any, n_layers: int, max_layers: int | None = None, name: 
 
 def select_hooks(model: Any, hooks: _hooks.HookSpec, layers: Any = None) -> dict[str, Any]:
     """``{name: HookPoint}`` of ``hooks`` (see ``resolve_hooks``), kept to the hooks in ``layers`` (hooks outside
-    any block, e.g. ``hook_embed``, stay); unknown names raise ``KeyError`` with site-aware suggestions."""
-    try:
-        points = _hooks.resolve_hooks(model, hooks)
-    except KeyError as e:
-        raise _with_sites(e, model) from None
+    any block, e.g. ``hook_embed``, stay); unknown names raise ``resolve_hooks``' ``KeyError``."""
+    points = _hooks.resolve_hooks(model, hooks)
     if layers is None:
         return points
     n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
@@ -57,25 +52,3 @@ def select_hooks(model: Any, hooks: _hooks.HookSpec, layers: Any = None) -> dict
         raise ValueError(f"layers={layers!r} keeps none of the hooks {list(points)}; pick layers they are in.")
     return kept
 
-
-def _with_sites(e: KeyError, model: Any) -> KeyError:
-    """``e`` with the names at the same layer whose words contain the unknown name's (``hook_mlp_post`` →
-    ``mlp.hook_post``), and the alias of that site, put first among the suggestions."""
-    msg = str(e.args[0]) if e.args else str(e)
-    m = re.search(r"no hook point named '([^']+)'", msg)
-    if not m:
-        return e
-    wanted = m.group(1)
-    block = re.match(r"blocks\.(\d+)\.(.+)$", wanted)
-    prefix, rest = (f"blocks.{block.group(1)}.", block.group(2)) if block else ("", wanted)
-    words = set(re.split(r"[._]", rest)) - {"hook", ""}
-    names = [n for n in getattr(model, "hook_dict", {}) if n.startswith(prefix) and (block or "." not in n)]
-    close = [n for n in names if words and words <= set(re.split(r"[._]", n[len(prefix):])) - {"hook", ""}]
-    alias = rest.removeprefix("hook_")
-    template = _hooks.ALIASES.get(alias)
-    if template is not None and block:
-        close.insert(0, template.format(L=block.group(1)))
-    close = list(dict.fromkeys(close))[:5]
-    if not close:
-        return e
-    return KeyError(f"{msg} Same site, this model's name: {', '.join(close)}.")

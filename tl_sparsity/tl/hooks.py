@@ -99,9 +99,25 @@ def sae_sites(hook_dict: dict[str, Any]) -> list[str]:
     return [n[: -len(tail)] for n in hook_dict if n.endswith(tail)]
 
 
+def _same_site(name: str, names: list[str]) -> list[str]:
+    """Names at ``name``'s layer whose words contain its words (``blocks.0.hook_mlp_post`` → ``blocks.0.mlp.hook_post``),
+    with the alias of that site first; at most 5."""
+    block = re.match(r"blocks\.(\d+)\.(.+)$", name)
+    prefix, rest = (f"blocks.{block.group(1)}.", block.group(2)) if block else ("", name)
+    words = set(re.split(r"[._]", rest)) - {"hook", ""}
+    close = [n for n in names if n.startswith(prefix) and (block or "." not in n) and words
+             and words <= set(re.split(r"[._]", n[len(prefix):])) - {"hook", ""}]
+    template = ALIASES.get(rest.removeprefix("hook_"))
+    if template is not None and block:
+        close.insert(0, template.format(L=block.group(1)))
+    return list(dict.fromkeys(close))[:5]
+
+
 def _unknown(name: str, names: list[str], hook_dict: dict[str, Any] | None = None) -> KeyError:
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
     hint = f" Closest valid names: {', '.join(close)}." if close else ""
+    site = _same_site(name, names)
+    hint += f" Same site, this model's name: {', '.join(site)}." if site else ""
     saes = sae_sites(hook_dict or {})
     if saes:  # SAELens: the SAE replaced the hook point, its own hook points carry the name further
         x = saes[0]
