@@ -7,7 +7,7 @@ model (random weights, built as in ``bench_e2e.py``) and its own token shard, co
     torchrun --nproc_per_node=2 benchmarks/bench_distributed.py --device cpu --layers 2 --d-model 64 --batch 2 \\
         --seq 16 --iters 2 --warmup-tokens 64 --batch-size 64                    # a smoke test on CPU (gloo)
 
-Modes: ``hooks`` = ``tl_sparsity.distributed.HookParallelCollector`` (hook i's learner on rank i % N; rows gathered
+Modes: ``hooks`` = ``tl_sparsity.HookParallelCollector`` (hook i's learner on rank i % N; rows gathered
 to it after each forward); ``data`` = ``SparsityCollector(..., parallel="data")`` (one hook's learning split over the
 ranks); ``none`` = an independent ``SparsityCollector`` per rank (each learner sees only its rank's rows). Every rank
 runs the same number of forwards: warm-up (until every learner that has rows has frozen λ, agreed over the ranks
@@ -92,7 +92,7 @@ def make_collector(args, model):
     opts = {"batch_size": args.batch_size, "warmup_tokens": args.warmup_tokens, "expansion": args.expansion,
                 "neurons": False}
     if args.mode == "hooks":
-        from tl_sparsity.distributed import HookParallelCollector
+        from tl_sparsity import HookParallelCollector
 
         return HookParallelCollector(model, args.hooks, **opts)
     has_parallel = "parallel" in inspect.signature(SparsityCollector.__init__).parameters

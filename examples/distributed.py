@@ -22,8 +22,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from tl_sparsity import SparsityCollector
-from tl_sparsity.distributed import HookParallelCollector
+from tl_sparsity import DataParallelCollector, HookParallelCollector
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         hooks = hook_spec(args.hooks, int(model.cfg.n_layers), layers=args.layers)
         opts = {"batch_size": 512, **({"device": device} if cuda else {})}
         if args.mode == "data":
-            col = SparsityCollector(model, hooks=hooks, parallel="data", **opts)
+            col = DataParallelCollector(model, hooks=hooks, **opts)  # = SparsityCollector(..., parallel="data")
             layout = "every hook's learner shared by all ranks"
         else:
             col = HookParallelCollector(model, hooks=hooks, **opts)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from tl_sparsity import SparsityCollector
-from tl_sparsity.distributed import HookParallelCollector, _pack, _unpack
+from tl_sparsity.scale.hook_parallel import HookParallelCollector, _pack, _unpack
 from tl_sparsity.stats.side import NEURON_COLUMNS
 
 HOOKS = "blocks.0.hook_resid_post,blocks.1.hook_resid_post,blocks.1.mlp.hook_post"
@@ -184,3 +184,15 @@ def test_comm_device_names_a_missing_set_device_under_nccl(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert comm_device() == torch.device("cuda", 1)
+
+
+def test_the_former_module_still_gives_the_hook_parallel_collector_with_a_deprecation_warning():
+    import tl_sparsity
+    from tl_sparsity.scale import modes
+
+    with pytest.warns(DeprecationWarning, match="moved to tl_sparsity.scale.hook_parallel"):
+        from tl_sparsity.distributed import HookParallelCollector as former, _pack as former_pack
+    assert former is HookParallelCollector is tl_sparsity.HookParallelCollector and former_pack is _pack
+    assert tl_sparsity.SparsityCollector is modes.SparsityCollector
+    assert issubclass(HookParallelCollector, tl_sparsity.SparsityCollector)  # every mode is a SparsityCollector
+    assert issubclass(tl_sparsity.DataParallelCollector, tl_sparsity.SparsityCollector)

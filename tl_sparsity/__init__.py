@@ -11,7 +11,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "SparsityCollector": "tl.collector",
+    "SparsityCollector": "scale.modes",
     "OnlineSparseCoder": "coding.learner",
     "LearnerOptions": "coding.options",
     "greedy_pursuit": "coding.backend",
@@ -24,7 +24,8 @@ _EXPORTS = {
     "parameter_activation": "tl.parameters",
     "plot_parameter_activation": "tl.parameters",
     "StreamingCovariance": "stats.controls",
-    "HookParallelCollector": "distributed",
+    "DataParallelCollector": "scale.data_parallel",
+    "HookParallelCollector": "scale.hook_parallel",
 }
 __all__ = list(_EXPORTS)
 

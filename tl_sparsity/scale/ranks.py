@@ -1,8 +1,9 @@
 """What both parallel modes share: where collectives run, row counts gathered in one collective, per-rank
 checkpoint folders, agreement on the number of batches, and side statistics merged over the ranks.
 
-Used by :mod:`tl_sparsity.scale.data_parallel` (the shared learner), :mod:`tl_sparsity.distributed` (hook-parallel) and
-:class:`tl_sparsity.SparsityCollector`; ``torch.distributed`` is imported inside the functions.
+Used by :mod:`tl_sparsity.scale.shared_coder` (the shared learner), :mod:`tl_sparsity.scale.ranked` (what both modes'
+collectors share), :mod:`tl_sparsity.scale.data_parallel` and :mod:`tl_sparsity.scale.hook_parallel`;
+``torch.distributed`` is imported inside the functions.
 """
 
 from __future__ import annotations
@@ -14,8 +15,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["RankView", "all_gather_flat", "comm_device", "common_checkpoint", "finite_row_counts", "merged_extras",
-           "rank_dir", "same_batch_count"]
+__all__ = ["all_gather_flat", "comm_device", "common_checkpoint", "finite_row_counts", "merged_extras",
+           "rank_dir", "resolve_parallel", "same_batch_count"]
+
+
+def resolve_parallel(parallel: str | None, group: Any = None) -> str | None:
+    """``"data"`` or None. ``"auto"``: data-parallel when ``torch.distributed`` is initialised with more than one
+    rank in ``group``; ``"data"`` requires it to be initialised; None / ``"none"``: every rank on its own."""
+    if parallel in (None, "none", False):
+        return None
+    if parallel not in ("auto", "data"):
+        raise ValueError(f"parallel must be 'auto', 'data' or None, got {parallel!r} (hook-parallel collection is "
+                         "tl_sparsity.HookParallelCollector).")
+    import torch.distributed as dist
+
+    ready = dist.is_available() and dist.is_initialized()
+    if parallel == "data" and not ready:
+        raise RuntimeError("parallel='data' needs torch.distributed initialised first: launch with torchrun and call "
+                           "torch.distributed.init_process_group(backend='gloo' or 'nccl').")
+    if not ready:
+        return None
+    return "data" if parallel == "data" or dist.get_world_size(group) > 1 else None
 
 
 def all_gather_flat(out: Tensor, t: Tensor, group: Any = None) -> Tensor:
@@ -114,7 +134,7 @@ def merged_extras(col: Any) -> dict[str, Any]:
 
     from ..stats.side import SideStats
 
-    group = col._group
+    group = col.group
     states = {name: ex.state() for name, ex in col.extras.items()}
     gathered: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, states, group=group)
@@ -132,28 +152,3 @@ def merged_extras(col: Any) -> dict[str, Any]:
         merged._control = ex._control  # the control is cached per row count, which every rank shares
         out[name] = merged
     return out
-
-
-class RankView:
-    """A collector's place among ranks, read from its learners (``parallel``: None when it runs alone); a base of
-    :class:`tl_sparsity.SparsityCollector`."""
-
-    parallel: Any
-    learners: dict[str, Any]
-
-    @property
-    def _distributed(self) -> bool:
-        """Whether the ranks of a ``torch.distributed`` group run this collector together."""
-        return self.parallel is not None
-
-    @property
-    def _group(self) -> Any:
-        return getattr(next(iter(self.learners.values()), None), "group", None)
-
-    @property
-    def _rank(self) -> int:
-        return getattr(next(iter(self.learners.values()), None), "rank", 0)
-
-    @property
-    def _world(self) -> int:
-        return getattr(next(iter(self.learners.values()), None), "world", 1)

@@ -20,8 +20,6 @@ from torch import Tensor
 
 from ..coding.learner import OnlineSparseCoder
 from ..report import SparsityReport
-from ..scale import data_parallel as _dp
-from ..scale import ranks as _ranks
 from ..stats import side as _side
 from . import attach as _attach
 from . import checkpoint as _ckpt
@@ -39,7 +37,7 @@ __all__ = ["SparsityCollector"]
 _all_finite = _feeding.all_finite  # its former home; still imported from here
 
 
-class SparsityCollector(_ranks.RankView):
+class SparsityCollector:
     """Measure feature sparsity at a model's hook points (``PAPER.md``), one :class:`OnlineSparseCoder` per hook.
 
     Args:
@@ -57,33 +55,27 @@ class SparsityCollector(_ranks.RankView):
             or hook names / aliases / globs among ``hooks``. Token detectors need token ids: ``fit`` passes them,
             ``fwd_hooks`` / ``attach`` take ``tokens=``, ``start()`` reads ``col.tokens``.
         neuron_options: keyword arguments of ``NeuronStats`` (``threshold``, ``absolute``, ``trigram_slots``, ...).
-        parallel: ``"auto"`` (default): data-parallel when ``torch.distributed`` is initialised with more than one
-            rank — every rank runs its replica on its own tokens, every hook's learner is shared by all ranks
-            (:mod:`tl_sparsity.scale.data_parallel`), and ``report()`` (called on every rank) describes all ranks'
-            tokens; ``"data"``: the same, required; None: this process on its own. Every rank must run the same
-            forwards.
-        process_group: the ``torch.distributed`` group of the data-parallel ranks (default: the world).
         **learner_options: passed to every :class:`OnlineSparseCoder` (``expansion``, ``lam``, ``seed``, ...).
 
     Use ``model.run_with_hooks(tokens, fwd_hooks=col.fwd_hooks() + others)``, ``with col.attach(): model(tokens)``,
     ``col.start()`` / ``col.stop()`` across notebook cells, or ``col.fit(batches)``; then ``col.report()``.
+
+    One process. The ``torch.distributed`` modes are subclasses in :mod:`tl_sparsity.scale`; the package's
+    ``SparsityCollector`` (:mod:`tl_sparsity.scale.modes`) adds ``parallel=``, the choice of data-parallel.
     """
 
+    parallel: str | None = None  #: the mode: None (one process); "data" or "hooks" in tl_sparsity.scale's subclasses
     progress = True  #: a tqdm.auto bar while a forward's rows train learners (start/attach/fwd_hooks); False: none
 
     def __init__(self, model: Any, hooks: _hooks.HookSpec = "resid_post", *, layers: Any = None,
                  skip_bos: bool = True, controls: bool = False, neurons: Any = None,
-                 neuron_options: dict[str, Any] | None = None, parallel: str | None = "auto",
-                 process_group: Any = None, **learner_options: Any) -> None:
+                 neuron_options: dict[str, Any] | None = None, **learner_options: Any) -> None:
         self.model = model
         self.hook_points = _select.select_hooks(model, hooks, layers)
         self.skip_bos = bool(skip_bos)
         self.learner_options = dict(learner_options)
         OnlineSparseCoder(**self.learner_options)  # validate options once, with a clear error
-        self.parallel = _dp.resolve_parallel(parallel, process_group)
-        make = (lambda: _dp.DataParallelCoder(group=process_group, **self.learner_options)) if self.parallel else (
-            lambda: OnlineSparseCoder(**self.learner_options))
-        self.learners: dict[str, OnlineSparseCoder] = {name: make() for name in self.hook_points}
+        self.learners: dict[str, OnlineSparseCoder] = {name: self._new_learner() for name in self.hook_points}
         if not isinstance(controls, bool):
             raise TypeError(f"controls must be True or False, got {controls!r}.")
         self.controls = controls
@@ -99,6 +91,10 @@ class SparsityCollector(_ranks.RankView):
         self._temporary, self._temporary_fns = {}, {}  # attach()'s and fit()'s hooks: as _persistent; their fns
         self._forwards = _forwards.WholeForwards(model, lambda sink: _progress.feed_each(self, sink),
                                                  before=lambda: _attach.refresh(self))  # start()'s
+
+    def _new_learner(self) -> OnlineSparseCoder:
+        """One hook's learner (a parallel mode's shares its learning with the other ranks)."""
+        return OnlineSparseCoder(**self.learner_options)
 
     def __repr__(self) -> str:
         state = "started" if self._started else "idle"
@@ -229,9 +225,9 @@ class SparsityCollector(_ranks.RankView):
         when ``fit`` ends. If ``checkpoint_dir`` already holds a checkpoint written by ``fit``, this collector's
         state is replaced by it and the batches it had consumed are skipped: pass the same batches, in the same
         order (the last consumed batch is checked against its sha256), to continue the interrupted run exactly.
-        In data- and hook-parallel modes every rank keeps its checkpoints in ``checkpoint_dir/rank<r>-of-<world>``,
-        and a resumed run starts from the newest checkpoint that every rank has (a crash between two ranks' writes
-        falls back to the previous one).
+        In the parallel modes (:mod:`tl_sparsity.scale`) every rank keeps its checkpoints in
+        ``checkpoint_dir/rank<r>-of-<world>``, and a resumed run starts from the newest checkpoint that every rank
+        has (a crash between two ranks' writes falls back to the previous one).
         """
         _attach.check_free(self, "col.fit(...)")  # before any forward: rows would be counted twice
         _fitting.fit(self, token_batches, n_tokens, progress, checkpoint_dir, checkpoint_every, until, max_tokens,
@@ -240,8 +236,6 @@ class SparsityCollector(_ranks.RankView):
 
     def flush(self) -> "SparsityCollector":
         """Train every learner on its pending rows now, as a last, shorter batch (``OnlineSparseCoder.flush``)."""
-        if self._distributed:
-            raise ValueError("flush() runs in one process; in data- or hook-parallel mode the ranks share batches.")
         with torch.inference_mode(False):
             for learner in self.learners.values():
                 learner.flush()
@@ -251,6 +245,12 @@ class SparsityCollector(_ranks.RankView):
         """Hand one completed forward's kept rows (and neuron inputs) to the learners and side statistics
         (:func:`tl_sparsity.tl.feeding.feed`); hook-parallel collectors gather them to their owners first."""
         _feeding.feed(self, sink)
+
+    def _fit_setup(self, token_batches: Iterable[Any], checkpoint_dir: str | Path | None, progress: bool
+                   ) -> tuple[Iterable[Any], str | Path | None, str | Path | None, bool]:
+        """``fit``'s batches, checkpoint folder, folder to resume from and progress flag (a parallel mode's: per
+        rank, checked against the other ranks)."""
+        return token_batches, checkpoint_dir, checkpoint_dir, progress
 
     def _fit_state(self) -> dict[str, Any]:
         """What a subclass keeps beside its learners and statistics, saved with ``fit``'s checkpoints."""
@@ -268,8 +268,6 @@ class SparsityCollector(_ranks.RankView):
 
         ``path`` is a folder (created if needed); an existing file there raises :class:`NotADirectoryError` (one
         learner saves to a file: ``col.learners[hook].save(file)``)."""
-        if self._distributed:  # every rank writes its own folder
-            path = _ranks.rank_dir(path, self._rank, self._world)
         return _ckpt.save_collector(self, path)
 
     @classmethod

@@ -1,5 +1,5 @@
-"""How one completed forward's kept rows reach a collector's learners and side statistics: in one process, hook
-learners of one shape train together; data-parallel, every rank's row counts travel in one collective."""
+"""How one completed forward's kept rows reach a collector's learners and side statistics: hook learners of one shape
+train together (data-parallel collectors feed their own way: :mod:`tl_sparsity.scale.data_parallel`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from ..coding.grouped import train_together
-from ..scale import ranks as _ranks
 
 __all__ = ["feed", "all_finite"]
 
@@ -21,30 +20,17 @@ def feed(col: Any, sink: dict[str, list[tuple]]) -> None:
     The rows are checked for NaN/Inf with one host synchronisation for all hooks, not one per hook, so on CUDA the
     CPU queues every hook's learner work without waiting for the previous hook's, and learners of one shape take
     their batches together (:func:`tl_sparsity.coding.grouped.train_together`: on CUDA, one set of launches for all
-    hooks' r-th batches). Data-parallel: that one synchronisation also brings every rank's count of finite rows of
-    every hook (one collective for all hooks); each learner is told them (``counts=``), so it exchanges nothing
-    itself."""
-    if not col.parallel:
-        finite = iter(all_finite([c[0] for chunks in sink.values() for c in chunks]))
-        queues = []  # per hook, the full batches this forward completes, in stream order
-        for name, chunks in sink.items():
-            learner, batches = col.learners[name], []
-            for (rows, acts, toks, keep), ok in zip(chunks, [next(finite) for _ in chunks]):
-                batches.extend(learner.batches(rows, check_finite=not ok))  # NaN/Inf: the learner drops them
-                col.extras[name].update(rows, acts, toks, keep)
-            queues.append((learner, batches))
-        for r in range(max((len(b) for _, b in queues), default=0)):  # each hook's r-th batch, all together
-            train_together([(lr, lr.prepare(b[r])) for lr, b in queues if r < len(b)])
-        return
-    joined = [torch.cat([c[0] for c in chunks]) if chunks else None for chunks in sink.values()]
-    counts = _ranks.finite_row_counts(joined, col._group)  # per hook, every rank's rows, after dropping NaN/Inf
-    for (name, chunks), x, n in zip(sink.items(), joined, counts):
-        learner = col.learners[name]
-        if x is not None and n[col._rank] < x.shape[0]:  # NaN/Inf rows: dropped and counted by the learner's check
-            x = learner.finite_rows(x)
-        learner.partial_fit(torch.zeros(0, 0) if x is None else x, check_finite=False, counts=n)
-        for rows, acts, toks, keep in chunks:
+    hooks' r-th batches)."""
+    finite = iter(all_finite([c[0] for chunks in sink.values() for c in chunks]))
+    queues = []  # per hook, the full batches this forward completes, in stream order
+    for name, chunks in sink.items():
+        learner, batches = col.learners[name], []
+        for (rows, acts, toks, keep), ok in zip(chunks, [next(finite) for _ in chunks]):
+            batches.extend(learner.batches(rows, check_finite=not ok))  # NaN/Inf: the learner drops them
             col.extras[name].update(rows, acts, toks, keep)
+        queues.append((learner, batches))
+    for r in range(max((len(b) for _, b in queues), default=0)):  # each hook's r-th batch, all together
+        train_together([(lr, lr.prepare(b[r])) for lr, b in queues if r < len(b)])
 
 
 def all_finite(tensors: list[Tensor]) -> list[bool]:

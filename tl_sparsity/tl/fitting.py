@@ -1,5 +1,5 @@
 """The work of :meth:`SparsityCollector.fit <tl_sparsity.tl.collector.SparsityCollector.fit>` (documented there): its
-checks, the data- and hook-parallel prelude, resuming from a checkpoint, the loop over token batches with
+checks, a parallel mode's prelude (``col._fit_setup``), resuming from a checkpoint, the loop over token batches with
 ``until="converged"`` freezing, and one batch's forward.
 
 A batch reaches the learners only once its forward has completed: the hooks attached here put their rows into a sink,
@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from ..coding.safe_io import defer_interrupts
-from ..scale import ranks as _ranks
 from . import checkpoint as _ckpt
 from . import hooks as _hooks
 from . import resume as _resume
@@ -35,14 +34,8 @@ def fit(col: Any, token_batches: Iterable[Any] | Tensor, n_tokens: int | None, p
     token_batches = _text_input.as_batches(col, token_batches)  # text → windows through the model's tokenizer
     if isinstance(token_batches, Tensor):
         token_batches = [token_batches]
-    resume_from = checkpoint_dir
-    if col._distributed:  # data- or hook-parallel: every rank runs the same number of forwards
-        token_batches = list(token_batches)
-        if checkpoint_dir is not None:  # one folder per rank; resume from the newest checkpoint all ranks have
-            checkpoint_dir = _ranks.rank_dir(checkpoint_dir, col._rank, col._world)
-            resume_from = _ranks.common_checkpoint(checkpoint_dir, col._group)
-        _ranks.same_batch_count(token_batches, col._group)
-        progress = progress and col._rank == 0
+    # parallel modes: one folder per rank, resumed from the newest checkpoint all ranks have, the same batch count
+    token_batches, checkpoint_dir, resume_from, progress = col._fit_setup(token_batches, checkpoint_dir, progress)
     auto_stop = "stop_at_layer" not in forward_kwargs and "stop_at_layer" in forward_params(col.model) and not (
         forward_kwargs.get("fwd_hooks"))  # another tool's hooks may be anywhere: the whole model runs
     forward_kwargs.setdefault("return_type", None)
@@ -103,9 +96,6 @@ def _check(col: Any, n_tokens: int | None, checkpoint_dir: str | Path | None, ch
     if until not in (None, "converged"):
         raise ValueError(f"until must be None (run through the batches or the budget) or 'converged', got "
                          f"{until!r}.")
-    if until is not None and col._distributed:
-        raise ValueError("fit(until='converged') runs in one process; in data- or hook-parallel mode give a "
-                         "token budget (n_tokens=) and read each hook's `converged` column in the report.")
     if checkpoint_every is not None and (checkpoint_dir is None or int(checkpoint_every) < 1):
         raise ValueError("checkpoint_every must be a positive number of batches, and needs checkpoint_dir.")
     if checkpoint_dir is not None:  # before any forward, not at the first checkpoint
@@ -136,8 +126,7 @@ def fit_batch(col: Any, tokens: Any, mask: Tensor | None, forward_kwargs: dict[s
     (``forward_kwargs["fwd_hooks"]``) are added first, so on a hook point both use, theirs run before ours."""
     names = list(col.hook_points) if names is None else names
     if isinstance(tokens, Tensor) and tokens.numel() == 0:  # an empty batch: nothing to run
-        if col.parallel:
-            col._feed({name: [] for name in names})  # the other ranks' rows still count
+        col._feed({name: [] for name in names})  # nothing in one process; parallel: the other ranks' rows count
         return
     sink: dict[str, list[tuple]] = {name: [] for name in names}
     col._fit_forwards = getattr(col, "_fit_forwards", 0) + 1  # for report()'s message when no row was kept

@@ -107,8 +107,9 @@ def check_model(manifest: dict[str, Any], model: Any, where: str, stacklevel: in
                                   f"{width}.")
 
 
-def load_collector(cls: Any, path: str | Path, model: Any, device: str | torch.device | None) -> Any:
-    """A new collector of class ``cls`` on ``model`` from the checkpoint at ``path`` (``SparsityCollector.load``)."""
+def load_collector(cls: Any, path: str | Path, model: Any, device: str | torch.device | None, **build: Any) -> Any:
+    """A new collector of class ``cls`` on ``model`` from the checkpoint at ``path`` (``SparsityCollector.load``);
+    ``build``: more arguments of ``cls`` (a parallel mode's process group)."""
     manifest, blobs, folder = read_collector(path)
     check_model(manifest, model, f"checkpoint {folder}", stacklevel=4)
     opts = dict(manifest["options"])
@@ -118,13 +119,15 @@ def load_collector(cls: Any, path: str | Path, model: Any, device: str | torch.d
     if device is not None and "device" in nopts:
         nopts["device"] = device
     col = cls(model, hooks=manifest["hooks"], skip_bos=manifest["skip_bos"], controls=manifest.get("controls", False),
-              neurons=manifest.get("neurons", []), neuron_options=nopts, parallel=None, **opts)
+              neurons=manifest.get("neurons", []), neuron_options=nopts, **build, **opts)
     _check_side_config(manifest, col, f"checkpoint {folder}")
     learners, extras = _parsed(manifest, blobs, folder, col)
     extras = _loaded_extras(col, extras, device, f"checkpoint {folder}")
     for name, (tensors, meta) in learners.items():
         restore_learner(col.learners[name], tensors, meta, device)
         col.extras[name].restore(extras[name])
+    if manifest.get("fit"):  # written by fit: what a subclass keeps beside its learners (a parallel mode's counts)
+        col._restore_fit_state(manifest["fit"])
     return col
 
 

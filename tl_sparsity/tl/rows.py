@@ -3,7 +3,6 @@ statistics' columns), the metadata, and the tables (neuron tables, each hook's c
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Iterable
@@ -12,7 +11,6 @@ from typing import Any
 from ..coding.bounds import state_problems
 from ..coding.learner import OnlineSparseCoder
 from ..report import SparsityReport
-from ..scale import ranks as _ranks
 from ..stats.side import CONTROL_NOTE
 from . import attach as _attach
 from . import hooks as _hooks
@@ -20,19 +18,15 @@ from . import hooks as _hooks
 __all__ = ["build_report", "hook_rows", "learner_row", "add_to_report"]
 
 
-def build_report(col: Any, controls: bool | None = None) -> SparsityReport:
-    """:meth:`SparsityCollector.report`'s work (see there)."""
+def build_report(col: Any, controls: bool | None = None, merge: Any = None) -> SparsityReport:
+    """:meth:`SparsityCollector.report`'s work (see there). ``merge(rows)``: a parallel mode's step after the checks
+    (collective), completing ``rows`` in place; returns ``(view, meta)``: the collector whose side statistics the
+    report reads (its ``extras`` merged over the ranks) and metadata to add (see :mod:`tl_sparsity.scale`)."""
     if controls and not col.controls:
         raise ValueError("this collector keeps no covariances: build it with SparsityCollector(..., "
                          "controls=True) to get control columns.")
     rows = hook_rows(col, col.learners)
-    view: Any = col
-    if col.parallel:  # collective: every rank gets the report of all ranks' tokens
-        for row in rows:
-            row.update(col.learners[row["hook"]].global_counts())
-            row["n_rows"] = row_count(row, col.learners[row["hook"]])
-        view = copy.copy(col)
-        view.extras = _ranks.merged_extras(col)
+    view, more = (col, {}) if merge is None else merge(rows)
     if all(r["status"].startswith("no tokens") for r in rows) and getattr(col, "_fit_forwards", 0):
         raise RuntimeError(
             f"no activations collected: fit ran {col._fit_forwards} forward(s), but no hook kept a row. Each sequence "
@@ -52,15 +46,13 @@ def build_report(col: Any, controls: bool | None = None) -> SparsityReport:
                       "method's (feed more tokens, or fit(..., until='converged')): "
                       + "; ".join(f"{r['hook']}: {r['convergence']}" for r in late), stacklevel=3)
     meta: dict[str, Any] = {"model": _hooks.model_info(col.model), "options": col.learners_params(),
-                            "skip_bos": col.skip_bos}
-    if col.parallel:
-        meta["data_parallel"] = {"world_size": col._world}
+                            "skip_bos": col.skip_bos, **more}
     tables = add_to_report(view, rows, meta, col.controls if controls is None else bool(controls))
     for name, lr in col.learners.items():  # the evidence of each verdict: the held-out probe's trace
         if lr.trace_.steps:
             tables[f"trace/{name}"] = [{"step": s, "normalized_loss": v}
                                        for s, v in zip(lr.trace_.steps, lr.trace_.values)]
-    if col.parallel:
+    if view is not col:
         for name, ex in view.extras.items():
             col.extras[name]._control = ex._control  # keep the control cache
     return SparsityReport(rows, meta, tables)
