@@ -88,3 +88,122 @@ def test_neuron_profile_example_runs_on_a_local_model(gpt2_folder, capsys):
     assert [r["layer"] for r in rows] == [0, 1] and all(r["n_tokens_seen"] >= 600 for r in rows)
     assert list(pa["layer"]) == [0, 1]
     assert capsys.readouterr().out.count("| 1 |") == 2  # one neuron row and one parameter row for layer 1
+
+
+# ------------------------------------------------------------------------------------------------- help
+@pytest.mark.parametrize("command", [[], ["run"], ["show"], ["compare"]])
+def test_help_explains_the_metric_and_gives_each_default_once(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for option in text.split(" --"):  # one option's help: its default said at most once
+        assert option.count("(default") <= 1 and option.count("None (default)") + option.count("(default: None)") <= 1, \
+            option
+    if command in ([], ["run"]):
+        assert "normalized loss ~ active dictionary features per token" in text and "higher = less sparse" in text
+        assert "too small to converge leaves a hook's row flagged 'not converged'" in text
+
+
+# ------------------------------------------------------------------------------------------------- show, compare
+def _saved(tmp_path, name, tokens=3000, **options):
+    from tl_sparsity.coding.options import LearnerOptions
+
+    opts = {**LearnerOptions().as_dict(), "d_in": 32, **options}
+    opts.pop("device")
+    rows = [{"hook": f"blocks.{i}.hook_resid_post", "layer": i, "site": "resid_post", "n_rows": 3010 + i,
+             "normalized_loss": 3.0 + i, "fvu": 0.1, "converged": i == 0} for i in range(2)]
+    meta = {"model": {"model_class": "TransformerBridge", "model_name": "tiny", "transformer_lens": "4.3.0",
+                      "dtype": "float32"}, "options": opts,
+            "run": {"tokens_requested": tokens, "until": "converged", "max_minutes": None, "text": "pydoc",
+                    "ctx_len": 32, "batch_size": 8, "device": "cpu"}}
+    return SparsityReport(rows, meta).save(tmp_path / f"{name}.json")
+
+
+def test_show_prints_the_metadata_before_the_table(tmp_path, capsys):
+    assert cli.main(["show", str(_saved(tmp_path, "a", replay=1))]) == 0
+    out = capsys.readouterr().out
+    head, table = out.split("\n\n| hook", 1)
+    assert head.splitlines() == [
+        "model: TransformerBridge tiny (TransformerLens 4.3.0, dtype float32)",
+        "hooks: 2 — resid_post at layers 0, 1",
+        "tokens: 3010 to 3011 rows per hook (n_rows); budget --tokens 3000, until converged, text pydoc, windows of "
+        "32 tokens, 8 per forward",
+        "device: cpu",
+        "options differing from the defaults: replay=1",
+        "converged: 1 of 2 hooks"]
+    assert table.count("| blocks.") == 2
+
+
+def test_compare_warns_naming_the_budget_and_options_that_differ(tmp_path, capsys):
+    a, b = _saved(tmp_path, "a"), _saved(tmp_path, "b", tokens=6000, replay=1)
+    assert cli.main(["compare", str(a), str(b)]) == 0
+    out, err = capsys.readouterr()
+    for text in (out.splitlines()[0], err):
+        assert "differ in budget or learner options" in text
+        assert "tokens_requested: 3000 (a), 6000 (b)" in text and "replay: 7 (a), 1 (b)" in text
+    assert "normalized_loss_ratio" in out
+    assert cli.main(["compare", str(a), str(_saved(tmp_path, "c"))]) == 0
+    out, err = capsys.readouterr()
+    assert "warning" not in out + err
+
+
+# ------------------------------------------------------------------------------------------------- resume
+RUN = ["--hooks", "resid_post", "--tokens", "3000", "--ctx-len", "32", "--learner-batch-size", "256",
+       "--no-progress"]
+
+
+@pytest.mark.skipif(not _has_bridge(), reason="needs TransformerBridge (TransformerLens >= 3)")
+def test_a_killed_run_resumed_gives_the_uninterrupted_report(gpt2_folder, tmp_path, monkeypatch, capsys):
+    from tl_sparsity.tl import fitting
+
+    run = ["run", "--model", str(gpt2_folder), *RUN]
+    assert cli.main([*run, "--out", str(tmp_path / "whole")]) == 0
+    whole = SparsityReport.load(tmp_path / "whole" / "report.json")
+    forward, calls = fitting.fit_batch, []
+
+    def killed_at_the_fifth(*a, **k):  # Ctrl-C during the fifth forward: checkpoints after forwards 2 and 4
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return forward(*a, **k)
+
+    monkeypatch.setattr(fitting, "fit_batch", killed_at_the_fifth)
+    out = tmp_path / "killed"
+    assert cli.main([*run, "--out", str(out), "--checkpoint-every", "2"]) == 130
+    assert f"continue with tl-sparsity run --resume {out}" in capsys.readouterr().err
+    assert not (out / "report.json").exists() and (out / "checkpoint" / "ckpt-000002").is_dir()
+    monkeypatch.setattr(fitting, "fit_batch", forward)
+    assert cli.main(["run", "--resume", str(out)]) == 0
+    resumed = SparsityReport.load(out / "report.json")
+    assert resumed.rows == whole.rows and resumed.meta["options"] == whole.meta["options"]
+    assert resumed.meta["run"]["tokens_requested"] == 3000 and len(calls) == 5
+    # finished: a second --resume is refused unless --force, which refits from the last checkpoint: the same report
+    assert cli.main(["run", "--resume", str(out)]) == 2
+    assert "the run has finished" in capsys.readouterr().err
+    assert cli.main(["run", "--resume", str(out), "--force", "--no-progress"]) == 0
+    assert SparsityReport.load(out / "report.json").rows == whole.rows
+
+
+def test_resume_errors_name_the_problem(tmp_path, capsys):
+    from tl_sparsity.cli_resume import prepare
+
+    assert cli.main(["run", "--resume", str(tmp_path / "gone")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "plain").mkdir()
+    assert cli.main(["run", "--resume", str(tmp_path / "plain")]) == 2
+    err = capsys.readouterr().err
+    assert "not a checkpointed run" in err and "--checkpoint-every" in err
+    out = tmp_path / "run"
+    argv = ["run", "--model", "tiny", *RUN, "--out", str(out), "--checkpoint-every", "2"]
+    args = cli._parser().parse_args(argv)
+    prepare(args, cli.given_arguments(argv))  # what a run writes before it starts: checkpoint/run.json
+    assert cli.main(["run", "--resume", str(out), "--tokens", "5000", "--replay", "7", "--expansion", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "the options differ" in err and "--tokens 5000 here, 3000 in the saved run" in err
+    assert "--expansion 4 here, 8 in the saved run" in err and "--replay" not in err  # 7: the saved value
+    assert cli.main(["run", "--resume", str(out), "--out", str(tmp_path / "other")]) == 2
+    assert "drop --out" in capsys.readouterr().err
+    (out / "checkpoint" / "LATEST").write_text("{}")  # a checkpoint there: a new run must not silently take it
+    assert cli.main(["run", "--model", "tiny", *RUN, "--out", str(out), "--checkpoint-every", "2"]) == 2
+    assert f"continue it with tl-sparsity run --resume {out}" in capsys.readouterr().err

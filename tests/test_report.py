@@ -159,3 +159,21 @@ def test_old_rows_without_convergence_keys_render_without_a_flag():
     assert "tl-not-converged" not in rep.to_html() and "not converged" not in repr(rep)
     assert "not converged" not in [t.get_text() for t in rep.plot().get_legend().get_texts()]
     assert rep.df["converged"].isna().all()
+
+
+@pytest.mark.parametrize("layers", [[0, 1], [0, 1, None], list(range(30)), [5]])
+def test_plot_ticks_are_whole_layers(layers):
+    """A two-layer report shows ticks 0 and 1 (not 0.2, 0.4, …); many layers get integer ticks only; emb at −1."""
+    rows = [{"hook": f"blocks.{x}.hook_resid_post" if x is not None else "hook_embed", "layer": x,
+             "site": "resid_post" if x is not None else "embed", "normalized_loss": 2.0} for x in layers]
+    ax = SparsityReport(rows).plot()
+    ax.figure.canvas.draw()
+    ticks = [float(t) for t in ax.get_xticks()]
+    shown = [t for t, lab in zip(ticks, ax.get_xticklabels()) if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert shown and all(t.is_integer() for t in shown)
+    blocks = [x for x in layers if x is not None]
+    if len(blocks) <= 12:
+        assert [t for t in shown if t >= 0] == blocks
+    assert (-1.0 in shown) == (None in layers)
+    labels = [lab.get_text() for lab in ax.get_xticklabels()]
+    assert ("emb" in labels) == (None in layers) and all(lab.lstrip("-").isdigit() or lab == "emb" for lab in labels)

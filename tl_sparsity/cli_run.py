@@ -81,8 +81,10 @@ def run(args: argparse.Namespace, options: dict[str, Any]) -> list[str]:
         neurons = [h.strip() for h in neurons.split(",") if h.strip()]
     col = SparsityCollector(model, hooks=hooks, controls=args.controls, neurons=neurons, **options)
     t1 = time.perf_counter()
+    ckpt = getattr(args, "checkpoint_dir", None)  # --checkpoint-every / --resume (cli_resume.py)
     col.fit(_timed(batches, args.max_minutes), n_tokens=args.tokens, progress=not args.no_progress,
-            until=None if args.until == "tokens" else "converged")
+            until=None if args.until == "tokens" else "converged", checkpoint_dir=ckpt,
+            checkpoint_every=args.checkpoint_every if ckpt else None)
     col.flush()  # the rows short of a last learner batch: trained on (or held out) too, none left pending
     t_fit = time.perf_counter() - t1
     report = col.report()

@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .report_plot import late, num
+
 __all__ = ["SparsityReport"]
 
 COLUMNS = ("hook", "layer", "site", "d_in", "n_atoms", "n_rows", "n_tokens", "n_heldout", "n_eval", "lam",
@@ -96,7 +98,7 @@ class SparsityReport:
             for c in columns:
                 v = r.get(c)
                 if c in ("normalized_loss", "n_active") and v is not None and not _isnan(v):
-                    cells.append(f"{v:.3f} ± {_num(r.get(c + '_se')):.3f}" + (" ⚠" if _late(r) else ""))
+                    cells.append(f"{v:.3f} ± {num(r.get(c + '_se')):.3f}" + (" ⚠" if late(r) else ""))
                 elif c == "converged":
                     cells.append("—" if v is None or _isnan(v) else "yes" if v else "NO")
                 else:
@@ -118,54 +120,20 @@ class SparsityReport:
             trs = tail.split("<tr>")
             marked = '<tr class="tl-not-converged" style="background-color:#fde0dc" title="not converged">'
             table = head + body + trs[0] + "".join(
-                (marked if _late(r) else "<tr>") + t for r, t in zip(self.rows, trs[1:]))
+                (marked if late(r) else "<tr>") + t for r, t in zip(self.rows, trs[1:]))
             note = f'<br><span style="color:#b00020">⚠ {html.escape(note)}</span>'
         return f"<div><b>{caption}</b>{note}{table}</div>"
 
     # ------------------------------------------------------------------ views across hooks and runs
     def plot(self, column: str = "normalized_loss", ax: Any = None, title: str | None = None) -> Any:
-        """Profile by layer: ``column`` (default normalized loss; ``"n_active"`` for the active-feature count) on y, layer on x, one line per site, ±1 standard
-        error bars when the report has them, and a dashed line per site for ``control_<column>`` when present.
-        Hooks outside blocks (``hook_embed``) are drawn at x = −1, labelled "emb". Points of unconverged rows are
-        ringed in red (legend "not converged"). Returns the matplotlib Axes."""
-        if not self.rows:
-            raise ValueError("this report has no rows to plot.")
-        if all(column not in r for r in self.rows):
-            raise KeyError(f"no column {column!r} in this report; columns: {sorted(self.rows[0])}.")
-        if ax is None:
-            import matplotlib.pyplot as plt
+        """Profile by layer: ``column`` (default normalized loss; ``"n_active"`` for the active-feature count) on y,
+        layer on x (integer ticks), one line per site, ±1 standard error bars when the report has them, and a dashed
+        line per site for ``control_<column>`` when present. Hooks outside blocks (``hook_embed``) are drawn at
+        x = −1, labelled "emb". Points of unconverged rows are ringed in red (legend "not converged"). Returns the
+        matplotlib Axes (:func:`tl_sparsity.report_plot.plot`)."""
+        from .report_plot import plot
 
-            _, ax = plt.subplots(figsize=(7, 4), layout="constrained")
-        by_site: dict[str, list[dict[str, Any]]] = {}
-        for r in self.rows:
-            by_site.setdefault(r.get("site") or r["hook"], []).append(r)
-        has_emb, late = False, []
-        for site, rows in by_site.items():
-            rows = sorted(rows, key=lambda r: -1 if r.get("layer") is None else r["layer"])
-            xs = [-1 if r.get("layer") is None else r["layer"] for r in rows]
-            has_emb |= -1 in xs
-            ys = [_num(r.get(column)) for r in rows]
-            late += [(x, y) for x, y, r in zip(xs, ys, rows) if _late(r) and not math.isnan(y)]
-            se = [_num(r.get(f"{column}_se")) for r in rows]
-            yerr = se if any(not math.isnan(v) for v in se) else None
-            line = ax.errorbar(xs, ys, yerr=yerr, marker="o", ms=4, capsize=2, label=site)
-            ctrl = [_num(r.get(f"control_{column}")) for r in rows]
-            if any(not math.isnan(v) for v in ctrl):
-                ax.plot(xs, ctrl, ls="--", color=line.lines[0].get_color(), label=f"{site}: Gaussian control")
-        if late:
-            ax.scatter(*zip(*late), s=90, facecolors="none", edgecolors="red", linewidths=1.5, zorder=3,
-                       label="not converged")
-        ax.set_xlabel("layer")
-        ax.set_ylabel(column.replace("_", " "))
-        if has_emb:
-            ticks = [t for t in ax.get_xticks() if float(t).is_integer() and t >= 0]
-            ax.set_xticks([-1, *ticks], ["emb", *[str(int(t)) for t in ticks]])
-        m = self.meta.get("model", {})
-        name = str(m.get("model_name") or m.get("model_class") or "model").split(" (")[0]  # drop provenance
-        ax.set_title(title if title is not None else f"{name}: {column.replace('_', ' ')} by layer", fontsize=11)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        return ax
+        return plot(self, column, ax, title)
 
     def compare(self, other: "SparsityReport", columns: tuple[str, ...] | str = ("normalized_loss", "fvu"),
                 labels: tuple[str, str] = ("a", "b")):
@@ -258,21 +226,11 @@ def _num_or_none(v: Any) -> float | None:
     return None if v is None or _isnan(v) else v
 
 
-def _late(row: dict[str, Any]) -> bool:
-    """Whether the row's learner has not converged (a missing or None ``converged`` is unknown: False here)."""
-    v = row.get("converged")
-    return v is not None and not v
-
-
 def _late_note(rows: list[dict[str, Any]]) -> str:
     """``"not converged (N of M hooks): <hook>: <reason>; ..."``, or ``""`` when no row is unconverged."""
-    late = [r for r in rows if _late(r)]
-    reasons = "; ".join(f"{r['hook']}: {r.get('convergence') or r.get('status') or '?'}" for r in late)
-    return f"not converged ({len(late)} of {len(rows)} hooks): {reasons}" if late else ""
-
-
-def _num(v: Any) -> float:
-    return float("nan") if v is None else float(v)
+    bad = [r for r in rows if late(r)]
+    reasons = "; ".join(f"{r['hook']}: {r.get('convergence') or r.get('status') or '?'}" for r in bad)
+    return f"not converged ({len(bad)} of {len(rows)} hooks): {reasons}" if bad else ""
 
 
 def _isnan(v: Any) -> bool:

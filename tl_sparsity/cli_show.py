@@ -1,0 +1,70 @@
+"""What ``tl-sparsity show`` and ``tl-sparsity compare`` print besides the tables: a saved report's metadata in a few
+lines (model, hooks, tokens, device, the options that differ from the defaults, how many hooks converged), and the
+differences in budget and learner options between two runs that make their numbers not directly comparable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .report import SparsityReport
+
+__all__ = ["describe", "differences"]
+
+#: The run's budget as ``tl-sparsity run`` records it (``report.meta["run"]``).
+_BUDGET = ("tokens_requested", "until", "max_minutes")
+_NOT_OPTIONS = ("d_in", "device")  # per hook or per machine: not a choice that changes the method
+
+
+def _default_options() -> dict[str, Any]:
+    from .coding.options import LearnerOptions
+
+    return {k: v for k, v in LearnerOptions().as_dict().items() if k not in _NOT_OPTIONS}
+
+
+def describe(report: SparsityReport) -> list[str]:
+    """The metadata lines ``show`` prints before the table."""
+    meta, rows = report.meta, report.rows
+    m, run = meta.get("model", {}), meta.get("run", {})
+    mode = ", compatibility mode" if m.get("compatibility_mode") else ""
+    lines = [f"model: {m.get('model_class', '?')} {m.get('model_name') or ''} (TransformerLens "
+             f"{m.get('transformer_lens', '?')}, dtype {m.get('dtype', '?')}{mode})"]
+    sites: dict[str, list[str]] = {}
+    for r in rows:
+        sites.setdefault(r.get("site") or r["hook"], []).append("emb" if r.get("layer") is None else str(r["layer"]))
+    lines.append(f"hooks: {len(rows)} — " + "; ".join(f"{s} at layers {', '.join(ls)}" if ls != ["emb"] else s
+                                                      for s, ls in sites.items()))
+    counts = sorted(int(r["n_rows"]) for r in rows if r.get("n_rows") is not None)
+    have = f"{counts[0]}" if counts and counts[0] == counts[-1] else f"{counts[0]} to {counts[-1]}" if counts else "?"
+    budget = (f"; budget --tokens {run['tokens_requested']}, until {run.get('until')}, text {run.get('text')}, "
+              f"windows of {run.get('ctx_len')} tokens, {run.get('batch_size')} per forward"
+              if "tokens_requested" in run else "")
+    lines.append(f"tokens: {have} rows per hook (n_rows){budget}")
+    opts = meta.get("options", {})
+    lines.append(f"device: {run.get('device') or opts.get('device') or 'not recorded'}")
+    default = _default_options()
+    changed = [f"{k}={opts[k]!r}" for k in default if k in opts and opts[k] != default[k]]
+    lines.append("options differing from the defaults: " + (", ".join(changed) if changed else "none") + (
+        "" if opts else " (not recorded)"))
+    known = [r for r in rows if r.get("converged") is not None]
+    n_conv = sum(bool(r["converged"]) for r in known)
+    lines.append(f"converged: {n_conv} of {len(rows)} hooks" + (
+        f" ({len(rows) - len(known)} without a verdict)" if len(known) < len(rows) else ""))
+    return lines
+
+
+def differences(a: SparsityReport, b: SparsityReport, labels: tuple[str, str] = ("a", "b")) -> list[str]:
+    """``"<what>: <value> (a), <value> (b)"`` for each budget setting and learner option in which the runs differ
+    (a setting one report does not record counts as differing only when the other's is not its default)."""
+    out = []
+    ra, rb = a.meta.get("run", {}), b.meta.get("run", {})
+    for k in _BUDGET:
+        if (k in ra or k in rb) and ra.get(k) != rb.get(k):
+            out.append(f"{k}: {ra.get(k, 'not recorded')} ({labels[0]}), {rb.get(k, 'not recorded')} ({labels[1]})")
+    oa, ob, default = a.meta.get("options", {}), b.meta.get("options", {}), _default_options()
+    for k in dict.fromkeys([*oa, *ob]):
+        if k in _NOT_OPTIONS:
+            continue
+        va, vb = oa.get(k, default.get(k)), ob.get(k, default.get(k))
+        if va != vb:
+            out.append(f"{k}: {va!r} ({labels[0]}), {vb!r} ({labels[1]})")
+    return out
