@@ -9,8 +9,9 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "tl_sparsity"
 # a layer may import its own layer (its own folder) and the layers below it
-RANK = {"report_plot": -1, "report": 0, "text": 0, "coding": 1, "stats": 2, "scale": 3, "tl": 4, "cli_run": 5,
-        "cli_resume": 5, "cli_show": 5, "distributed": 5, "cli": 6, "__main__": 7}
+# scale/ sits above tl/ (its parallel modes are collectors); distributed.py only forwards to scale/
+RANK = {"report_plot": -1, "report": 0, "text": 0, "coding": 1, "stats": 2, "tl": 3, "scale": 4, "cli_run": 4,
+        "cli_resume": 4, "cli_show": 4, "distributed": 5, "cli": 5, "__main__": 6}
 MODULES = sorted(p for p in PKG.rglob("*.py") if p.name != "__init__.py" or p.parent != PKG)
 
 
@@ -47,6 +48,24 @@ def test_imports_run_only_downward(path):
         theirs = RANK[_layer(target)]
         same_folder = len(here) > 1 and target[0] == here[0]
         assert theirs < mine or same_folder, f"{path.name}:{line} imports {'.'.join(target)} (a layer not below)"
+
+
+def test_the_package_has_at_most_six_floors_and_no_circle():
+    """A layer's floor is one above the highest layer it imports (a layer importing none of the others: floor 1);
+    the longest chain of imports across layers is at most six floors, and no two layers import each other."""
+    uses: dict[str, set[str]] = {}
+    for path in MODULES:
+        here = _layer(path.relative_to(PKG).with_suffix("").parts)
+        uses.setdefault(here, set()).update(t[0] for t, _ in _package_imports(path) if t[0] != here)
+    floors: dict[str, int] = {}
+
+    def floor(layer: str, seen: tuple[str, ...] = ()) -> int:
+        assert layer not in seen, f"import circle: {' -> '.join((*seen, layer))}"
+        if layer not in floors:
+            floors[layer] = 1 + max((floor(t, (*seen, layer)) for t in uses.get(layer, ())), default=0)
+        return floors[layer]
+
+    assert max(floor(layer) for layer in uses) <= 6, floors
 
 
 def test_transformer_lens_is_imported_only_under_tl():
