@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["active_counts", "support_refit", "MERGE_COS", "NOISE_K", "THRESHOLD", "SWEEPS"]
+__all__ = ["active_counts", "refit_coefficients", "support_refit", "MERGE_COS", "NOISE_K", "THRESHOLD", "SWEEPS"]
 
 MERGE_COS = 0.7  # cosine above which two support atoms are taken as one split feature
 THRESHOLD = 1.0  # in units of λ/2
@@ -67,43 +67,62 @@ def active_counts(x: Float[Tensor, "n d"], dictionary: Float[Tensor, "m d"], alp
                   sweeps: int = SWEEPS, noise_k: float = NOISE_K) -> Float[Tensor, " n"]:
     """Per-row count of active features (module docstring), ``[n]`` in ``x``'s dtype. ``merge_cos`` ≥ 1 turns
     merging off; ``sweeps`` = 0 skips the refit (α itself is thresholded)."""
+    out = x.new_zeros(x.shape[0])
+    floor = float(threshold) * float(lam) / 2.0
+    for sl, beta, _, noise in _refit_chunks(x, dictionary, alpha, merge_cos, sweeps):
+        cut = (noise * noise_k).clamp_min(floor) if noise_k > 0 else torch.full_like(noise, floor)
+        out[sl] = (beta > cut.unsqueeze(1)).sum(1).to(x.dtype)
+    return out
+
+
+@torch.no_grad()
+def refit_coefficients(x: Float[Tensor, "n d"], dictionary: Float[Tensor, "m d"], alpha: Float[Tensor, "n m"],
+                       merge_cos: float = MERGE_COS, sweeps: int = SWEEPS) -> tuple[Tensor, Tensor]:
+    """Steps 1–2 of the module docstring, for other thresholds than step 3's: ``(beta [n, m], noise [n])``, the
+    refit coefficients with merged (dominated) atoms set to 0, and each row's noise level ‖r_j‖·√(2 ln m / (d − s_j))
+    (step 3 counts β_ij > max(threshold·λ/2, noise_k·noise_j))."""
+    beta_full = x.new_zeros(alpha.shape)
+    noise_full = x.new_zeros(x.shape[0])
+    for sl, beta, idx, noise in _refit_chunks(x, dictionary, alpha, merge_cos, sweeps):
+        beta_full[sl] = beta_full[sl].scatter(1, idx, beta)
+        noise_full[sl] = noise
+    return beta_full, noise_full
+
+
+def _refit_chunks(x: Tensor, dictionary: Tensor, alpha: Tensor, merge_cos: float, sweeps: int):
+    """Yield ``(rows, beta [r, s], idx [r, s], noise [r])`` per chunk of rows: the support refit, dominated atoms'
+    β set to 0 (a dominated atom is not counted whatever the cut: the atom that dominates it is larger), and the
+    row's noise level (from the residual of the refit before merging)."""
     n = x.shape[0]
-    out = x.new_zeros(n)
     if n == 0 or alpha.shape[1] == 0:
-        return out
+        return
     # rows sorted by support size, so that a few long supports do not shrink every chunk (each is padded to its
     # largest support)
     order = (alpha > 0).sum(1).argsort()
     s_sorted = (alpha > 0).sum(1)[order].tolist()
-    floor = float(threshold) * float(lam) / 2.0
+    m, d = dictionary.shape
     start = 0
     while start < n:
-        end = start + _rows_for(s_sorted[start], x.shape[1])
-        end = min(n, start + _rows_for(s_sorted[min(end, n) - 1], x.shape[1]))
+        end = start + _rows_for(s_sorted[start], d)
+        end = min(n, start + _rows_for(s_sorted[min(end, n) - 1], d))
         sl = order[start:end]
         start = end
         beta, idx, gram = support_refit(x[sl], dictionary, alpha[sl], sweeps)
         if beta.shape[1] == 0:
             continue
-        cut = torch.full_like(beta[:, 0], floor)
-        if noise_k > 0:
-            atoms = dictionary[idx]
-            resid = x[sl] - (beta.unsqueeze(1) @ atoms).squeeze(1)
-            m, d = dictionary.shape
-            dof = (d - (beta > 0).sum(1)).clamp_min(1).to(x.dtype)  # the refit fits s of the d noise directions
-            cut = cut.maximum(noise_k * resid.norm(dim=1) * (2 * math.log(max(m, 2)) / dof).sqrt())
-        keep = beta > cut.unsqueeze(1)
+        resid = x[sl] - (beta.unsqueeze(1) @ dictionary[idx]).squeeze(1)
+        dof = (d - (beta > 0).sum(1)).clamp_min(1).to(x.dtype)  # the refit fits s of the d noise directions
+        noise = resid.norm(dim=1) * (2 * math.log(max(m, 2)) / dof).sqrt()
         if merge_cos < 1.0:
             norms = gram.diagonal(dim1=1, dim2=2).clamp_min(1e-12).sqrt()
             cos = gram / (norms.unsqueeze(2) * norms.unsqueeze(1))
             pos = torch.arange(beta.shape[1], device=beta.device)
-            # j dominates i: near atom (cos > merge_cos), kept, and larger (ties broken by position)
+            # j dominates i: near atom (cos > merge_cos), alive, and larger (ties broken by position)
             larger = (beta.unsqueeze(1) > beta.unsqueeze(2)) | (
                 (beta.unsqueeze(1) == beta.unsqueeze(2)) & (pos.view(1, 1, -1) < pos.view(1, -1, 1)))
-            dominated = ((cos > merge_cos) & keep.unsqueeze(1) & larger).any(2)
-            keep = keep & ~dominated
-        out[sl] = keep.sum(1).to(x.dtype)
-    return out
+            dominated = ((cos > merge_cos) & (beta > 0).unsqueeze(1) & larger).any(2)
+            beta = beta.masked_fill(dominated, 0.0)
+        yield sl, beta, idx, noise
 
 
 def _rows_for(support: int, d: int) -> int:
