@@ -207,3 +207,36 @@ def test_resume_errors_name_the_problem(tmp_path, capsys):
     (out / "checkpoint" / "LATEST").write_text("{}")  # a checkpoint there: a new run must not silently take it
     assert cli.main(["run", "--model", "tiny", *RUN, "--out", str(out), "--checkpoint-every", "2"]) == 2
     assert f"continue it with tl-sparsity run --resume {out}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_bridge(), reason="needs TransformerBridge (TransformerLens >= 3)")
+def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_report(gpt2_folder, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = ["run", "--model", str(gpt2_folder), *RUN, "--tokens", "12000"]
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tl_sparsity", *run, "--out", str(out), "--checkpoint-every", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest, deadline = out / "checkpoint" / "LATEST", time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if latest.exists() and json.loads(latest.read_text() or "{}").get("checkpoint", "") >= "ckpt-000003":
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (out / "report.json").exists()
+    assert cli.main(["run", "--resume", str(out)]) == 0
+    assert cli.main([*run, "--out", str(tmp_path / "whole")]) == 0
+    whole = SparsityReport.load(tmp_path / "whole" / "report.json")
+    assert SparsityReport.load(out / "report.json").rows == whole.rows
