@@ -36,8 +36,13 @@ class DataParallelCollector(RankedCollector):
     ``torch.distributed.init_process_group``: ``DataParallelCollector(model, hooks, group=None, **options)``."""
 
     parallel = "data"
+    mode = "data-parallel"
     alternative = ("Train on whole shared batches (give fit a budget that ends on one), or collect in one process "
                    "(tl_sparsity.SparsityCollector(..., parallel=None)) or hook-parallel (HookParallelCollector).")
+
+    def __init__(self, model: Any, hooks: Any = "resid_post", *, group: Any = None, **options: Any) -> None:
+        # its learners replay nothing (DataParallelCoder); recorded so, one rank's checkpoint loads in one process
+        super().__init__(model, hooks, group=group, **{**options, "replay": 0})
 
     def _new_learner(self) -> DataParallelCoder:
         return DataParallelCoder(group=self.group, **self.learner_options)

@@ -45,6 +45,7 @@ class HookParallelCollector(RankedCollector):
     ``torch.distributed.init_process_group``: ``HookParallelCollector(model, hooks, group=None, **options)``."""
 
     parallel = "hooks"
+    mode = "hook-parallel"
     alternative = ("Use col.fit(batches) on every rank, or DataParallelCollector (SparsityCollector(..., "
                    "parallel='data')), whose hooks learn during any forward that every rank runs.")
 

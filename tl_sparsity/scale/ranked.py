@@ -31,6 +31,7 @@ class RankedCollector(SparsityCollector):
     build it with the same arguments and make the same calls (``fit``, ``report`` are collective)."""
 
     parallel: str  # "data" or "hooks"
+    mode = ""  # its name in messages: "data-parallel" or "hook-parallel"
     alternative = ""  # what to use instead for the methods a mode cannot run (set by each mode)
 
     def __init__(self, model: Any, hooks: Any = "resid_post", *, group: Any = None, **options: Any) -> None:
@@ -49,7 +50,7 @@ class RankedCollector(SparsityCollector):
 
     def _cannot(self, what: str, why: str) -> Exception:
         """The error for a method this mode cannot run: names the mode, the reason and the alternative."""
-        return NotImplementedError(f"{what} in {self.parallel}-parallel mode ({type(self).__name__}): {why}. "
+        return NotImplementedError(f"{what} in {self.mode} mode ({type(self).__name__}): {why}. "
                                    f"{self.alternative}")
 
     # ------------------------------------------------------------------ fit
@@ -60,7 +61,7 @@ class RankedCollector(SparsityCollector):
         its own batches (the same number on every rank); collective. ``until="converged"`` is for one process: give a
         token budget (``n_tokens=``) and read each hook's ``converged`` column in the report."""
         if until is not None:
-            raise ValueError(f"fit(until='converged') runs in one process; in {self.parallel}-parallel mode give a "
+            raise ValueError(f"fit(until='converged') runs in one process; in {self.mode} mode give a "
                              "token budget (n_tokens=) and read each hook's `converged` column in the report.")
         return super().fit(token_batches, n_tokens, progress, checkpoint_dir, checkpoint_every, **kwargs)
 

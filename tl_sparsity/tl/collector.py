@@ -268,7 +268,7 @@ class SparsityCollector:
 
         ``path`` is a folder (created if needed); an existing file there raises :class:`NotADirectoryError` (one
         learner saves to a file: ``col.learners[hook].save(file)``)."""
-        return _ckpt.save_collector(self, path)
+        return _ckpt.save_collector(self, path, fit=self._fit_state() or None)  # a subclass's counts, if any
 
     @classmethod
     def load(cls, path: str | Path, model: Any, device: str | torch.device | None = None) -> "SparsityCollector":
