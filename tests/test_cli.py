@@ -240,3 +240,15 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_report(gpt2_fold
     assert cli.main([*run, "--out", str(tmp_path / "whole")]) == 0
     whole = SparsityReport.load(tmp_path / "whole" / "report.json")
     assert SparsityReport.load(out / "report.json").rows == whole.rows
+
+
+@pytest.mark.parametrize("flags, device, expected", [
+    ([], "cpu", (256, 1)), ([], "cuda", (1024, 7)), (["--replay", "7"], "cpu", (1024, 7)),
+    (["--learner-batch-size", "512"], "cpu", (512, 7))])
+def test_cpu_gets_smaller_learner_batches_unless_either_option_is_given(flags, device, expected, monkeypatch):
+    from tl_sparsity import cli_run
+
+    seen = {}
+    monkeypatch.setattr(cli_run, "run", lambda args, options: seen.update(options) or [])
+    assert cli.main(["run", "--device", device, *flags]) == 0
+    assert (seen["batch_size"], seen["replay"]) == expected

@@ -29,11 +29,13 @@ sys.path.insert(0, {tests!r})
 import torch
 from conftest import make_model
 from tl_sparsity import SparsityCollector
+from tl_sparsity.coding.cpu import cpu_options
 
 torch.set_num_threads(1)   # tiny tensors: threads only cost on a shared CPU
 model = make_model({kind!r}).eval()   # 2 layers, d_model 32, random weights, no tokenizer: random token ids
 gen = torch.Generator().manual_seed(0)
-batches = [torch.randint(1, 200, (8, 33), generator=gen) for _ in range(2 * N_FORWARDS)]"""
+batches = [torch.randint(1, 200, (8, 33), generator=gen) for _ in range(2 * N_FORWARDS)]
+options = cpu_options("cpu")"""
 
 
 def _kernel_dir(tmp_path: Path) -> Path:
@@ -78,7 +80,7 @@ def check_executed(nb, hooks: list[str]) -> None:
     assert not errors
     three = _outputs(nb, "col.report()")[-1]["data"]["text/html"]
     started = _outputs(nb, "report = mlp.report()")[-1]["data"]["text/html"]
-    for html, site in ((three, "hook_resid_post"), (started, "mlp.hook_post")):
+    for html, site in ((three, "hook_resid_post"), (started, "hook_mlp_out")):
         assert "<table" in html and "normalized_loss" in html
         assert all(f"blocks.{h}.{site}" in html for h in hooks)
     page = _outputs(nb, "HTML(report.to_html())")[-1]["data"]["text/html"]

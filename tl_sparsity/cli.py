@@ -20,6 +20,7 @@ from dataclasses import fields
 from typing import Any
 
 from .cli_run import hook_spec, write_outputs  # noqa: F401  (this module's names before cli_run.py existed)
+from .coding.cpu import cpu_options
 from .report import SparsityReport
 
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -111,7 +112,9 @@ def _parser() -> argparse.ArgumentParser:
 #: ``run``'s learner flags: ``--`` + each LearnerOptions field with dashes, but those named here (``--batch-size`` is
 #: windows per forward) or set by ``run`` itself (None: ``d_in``, each hook's width; ``device``, from ``--device``).
 _LEARNER_FLAGS = {"batch_size": "--learner-batch-size", "d_in": None, "device": None}
-_LEARNER_NOTES = {"batch_size": "Not --batch-size, which counts windows per forward.",
+_LEARNER_NOTES = {"batch_size": "Not --batch-size, which counts windows per forward. On --device cpu, when neither "
+                                "this nor --replay is given: 256, with --replay 1 (as many dictionary steps per "
+                                "token, a quarter of the work).",
                   "seed": "The command also shuffles a local text's windows with it."}
 _ASCII = str.maketrans({"λ": "lambda", "×": "x", "Φ": "Phi", "α": "alpha", "√": "sqrt ", "·": "*", "≥": ">=",
                         "≤": "<=", "—": "-", "−": "-", "→": "->", "‖": "||", "∞": "inf", "ᵀ": "^T", "%": "%%"})
@@ -191,7 +194,12 @@ def _run(args: argparse.Namespace) -> int:
     from .cli_resume import prepare
     from .cli_run import run
 
-    prepare(args, given_arguments(args.argv))  # --resume: the saved run's arguments; --checkpoint-every: its folder
+    given = given_arguments(args.argv)
+    chosen = {o: 0 for o, k in (("batch_size", "learner_batch_size"), ("replay", "replay")) if k in given}
+    cpu = cpu_options(args.device, chosen)  # on a CPU, unless given: smaller learner batches (coding/cpu.py)
+    args.learner_batch_size = cpu.get("batch_size", args.learner_batch_size)
+    args.replay = cpu.get("replay", args.replay)
+    prepare(args, given)  # --resume: the saved run's arguments (these included); --checkpoint-every: its folder
     for text in run(args, learner_options(args)):
         print(text)
     return 0
