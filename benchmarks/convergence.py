@@ -12,7 +12,13 @@ Learners (both seeded with ``--seed``):
   λ warm-up by steps and the convergence rule (λ adapts during the first 2^20 training rows);
 * ``new``: ``OnlineSparseCoder()`` — batch 1024, ``replay=7``, ``warmup_steps=100``.
 * ``new-lam0``: the same without the λ check at convergence (``lam_rounds=0``);
-* ``new-replay64``: the same with a replay buffer of 65 536 rows (8× the default).
+* ``new-replay64``: the same with a replay buffer of 65 536 rows (8× the default);
+* ``adam-decay``: ``new`` with ``phi_optimizer="adam-decay"`` (Adam's rate ∝ 1/√t after λ first froze);
+* ``bcd``: ``new`` with ``phi_optimizer="bcd"`` (Mairal's block-coordinate descent on the sufficient statistics).
+
+The Φ-step comparison (``--learners new,adam-decay,bcd``) also reads the late-trace jitter: the rule's ``spread``
+(largest / smallest probe value in the last half of the steps − 1) at the last budget, and the first budget the
+rule said converged.
 
 Sources: ``SparseLinear(d, a, sigma=0.1)`` for d ∈ {64, 256}, a ∈ {8, 16} (``sparse-d{d}-a{a}``), and
 ``CovarianceMatchedGaussian`` with mean 0 and the covariance of 65 536 rows of ``SparseLinear(d, 8)``
@@ -62,6 +68,8 @@ LEARNERS = {
     "new": dict(),
     "new-lam0": dict(lam_rounds=0),  # without the λ check at convergence
     "new-replay64": dict(replay_size=65_536),  # a replay buffer 8× the default
+    "adam-decay": dict(phi_optimizer="adam-decay"),  # Adam's rate ∝ 1/√t once λ froze
+    "bcd": dict(phi_optimizer="bcd"),  # Mairal's block-coordinate descent on A = Σαᵀα, B = Σαᵀx
 }
 
 
@@ -110,10 +118,12 @@ def run_one(src_factory, learner: str, budgets: Sequence[int], seed: int, device
             rec.update(heldout=_f(ev["normalized_loss"]), heldout_se=_f(ev["normalized_loss_se"]),
                        fresh=_f(evf["normalized_loss"]), fresh_se=_f(evf["normalized_loss_se"]),
                        lam=float(coder.lam_), converged=bool(conv["converged"]), drift=_f(conv["drift"]),
+                       spread=_f(conv["spread"]),
                        reason=str(conv["reason"]), lam_frozen_at=conv["lam_frozen_at"])
         else:
             nan = float("nan")
             rec.update(heldout=nan, heldout_se=nan, fresh=nan, fresh_se=nan, lam=nan, converged=False, drift=nan,
+                       spread=nan,
                        reason="no dictionary yet", lam_frozen_at=None)
         out.append(rec)
     if device.startswith("cuda"):
@@ -148,6 +158,7 @@ def summarize(name: str, recs: dict[str, list[dict]]) -> dict:
         row[f"{lr}_verdict_err"] = (float("nan") if first is None or not math.isfinite(vals[-1])
                                     else first["heldout"] / vals[-1] - 1)
         row[f"{lr}_converged_end"] = rs[-1]["converged"]
+        row[f"{lr}_spread"] = rs[-1]["spread"]
     o, n = row.get("old_tok5"), row.get("new_tok5")
     row["ratio"] = o / n if o and n else float("nan")
     return row
@@ -201,12 +212,23 @@ def print_summary(rows: list[dict], max_budget: int) -> None:
 
 
 def print_long_runs(rows: list[dict], learners: Sequence[str], max_budget: int) -> None:
-    """Every learner's long-run value and first converged budget, side by side (the summary above shows old/new)."""
+    """Every learner's long-run value and first converged budget, side by side (the summary above shows old/new),
+    then per learner: tokens to 5 %, the verdict's budget and error, and the late-trace spread at the end."""
     print(f"\n## every learner at {_tok(max_budget)} (held-out L_norm; first budget the rule said converged)")
     print(f"{'source':<16} | " + " | ".join(f"{lr:>20}" for lr in learners))
     for r in rows:
         print(f"{r['source']:<16} | " + " | ".join(
             f"{_num(r.get(f'{lr}_longrun')):>8} ({_tok(r.get(f'{lr}_tok_verdict')):>4}){'':>5}" for lr in learners))
+    print(f"\n## per learner (L∞ = held-out L_norm at {_tok(max_budget)}; tok5 as above; verdict, err as above; "
+          "spread = largest / smallest probe value in the last half of the steps − 1, at the end)")
+    print(f"{'source':<16} {'learner':<13} | {'L∞':>7} {'fresh':>7} | {'tok5':>5} | {'verdict':>7} {'err':>7} | "
+          f"{'spread':>7}")
+    for r in rows:
+        for lr in learners:
+            g = r.get
+            print(f"{r['source']:<16} {lr:<13} | {_num(g(f'{lr}_longrun')):>7} {_num(g(f'{lr}_longrun_fresh')):>7} | "
+                  f"{_tok(g(f'{lr}_tok5')):>5} | {_tok(g(f'{lr}_tok_verdict')):>7} "
+                  f"{_num(g(f'{lr}_verdict_err'), '+.3f'):>7} | {_num(g(f'{lr}_spread'), '.3f'):>7}")
 
 
 def _revision() -> str:

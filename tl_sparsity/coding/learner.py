@@ -99,13 +99,14 @@ class OnlineSparseCoder(RowRule, MassiveRows, Tracking, TrainingStep):
         min_steps: int = _O.min_steps,
         lam_rounds: int = _O.lam_rounds,
         massive_ratio: float | None = _O.massive_ratio,
+        phi_optimizer: str = _O.phi_optimizer,
     ) -> None:
         options = LearnerOptions(
             d_in=d_in, expansion=expansion, lam=lam, solver=solver, seed=seed, batch_size=batch_size, lr=lr,
             warmup_tokens=warmup_tokens, lam_ratio=lam_ratio, holdout_frac=holdout_frac, reservoir_size=reservoir_size,
             max_steps=max_steps, phi_steps=phi_steps, device=device, init=init, center=center, replay=replay,
             replay_size=replay_size, warmup_steps=warmup_steps, probe_size=probe_size, tol=tol, min_steps=min_steps,
-            lam_rounds=lam_rounds, massive_ratio=massive_ratio)
+            lam_rounds=lam_rounds, massive_ratio=massive_ratio, phi_optimizer=phi_optimizer)
         for name, value in options.as_dict().items():  # plain attributes: the learner's own from here on
             setattr(self, name, value)
         check_device(self.device)  # here, not as torch's bare AssertionError at the first batch

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .convergence import ConvergenceTrace
+from .phi_step import PHI_OPTIMIZERS
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LearnerOptions", "SOLVERS", "INITS", "SAVED_FIELDS", "option_docs"]
+__all__ = ["LearnerOptions", "SOLVERS", "INITS", "PHI_OPTIMIZERS", "SAVED_FIELDS", "option_docs"]
 
 SOLVERS = ("greedy", "lasso")
 INITS = ("data", "random")
@@ -97,6 +98,11 @@ class LearnerOptions:
     """Rows longer than ``massive_ratio`` × the 99th percentile of the first batch's training rows' norms are
     massive activations (attention sinks): kept out of learning and of every metric, counted in ``n_massive_``
     (:mod:`tl_sparsity.coding.massive`). ``None`` keeps every row."""
+    phi_optimizer: str = field(default="adam", metadata={"choices": PHI_OPTIMIZERS})
+    """The dictionary step (:mod:`tl_sparsity.coding.phi_step`): ``"adam"``, Adam on the unit sphere at the constant
+    rate ``lr``; ``"adam-decay"``, the same with the rate ``lr``·√(t₀/t) after λ first froze at step t₀;
+    ``"bcd"``, Mairal's block-coordinate descent on the sufficient statistics A = Σβ·αᵀα [m, m] and B = Σβ·αᵀx
+    [m, d] (4·m·(m + d) more bytes per learner: 96 MB at d = 576; not for data-parallel learners)."""
 
     def __post_init__(self) -> None:
         init, solver, d_in, lam, lr = self.init, self.solver, self.d_in, self.lam, self.lr
@@ -106,6 +112,8 @@ class LearnerOptions:
                 raise ValueError(f"{name} must be a finite number, got {value!r}.")
         if init not in INITS:
             raise ValueError(f"init must be 'data' (random normalised first-batch rows) or 'random', got {init!r}.")
+        if self.phi_optimizer not in PHI_OPTIMIZERS:
+            raise ValueError(f"phi_optimizer must be one of {PHI_OPTIMIZERS}, got {self.phi_optimizer!r}.")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}.")
         if d_in is not None and int(d_in) < 1:
@@ -147,7 +155,8 @@ class LearnerOptions:
 
 
 #: The fields stored as ``int``/``float``/``bool`` (``None`` stays ``None`` in those of :data:`_OPTIONAL`); the
-#: others (``expansion``, ``solver``, ``lr``, ``max_steps``, ``device``, ``init``) are kept as given.
+#: others (``expansion``, ``solver``, ``lr``, ``max_steps``, ``device``, ``init``, ``phi_optimizer``) are kept as
+#: given.
 _NORMALISE: dict[str, type] = {
     "d_in": int, "lam": float, "seed": int, "batch_size": int, "warmup_tokens": int, "lam_ratio": float,
     "holdout_frac": float, "reservoir_size": int, "phi_steps": int, "center": bool, "replay": int,

@@ -48,9 +48,13 @@ def learner_state(lr: Any, copy: bool = True, hook: str | None = None) -> tuple[
                      probe_fill=lr._probe_fill, replay_fill=lr._replay_fill, replay_pos=lr._replay_pos,
                      trace=lr.trace_.state(),
                      massive_norm=None if math.isinf(lr.massive_norm_) else lr.massive_norm_)
+        if lr._phi_t0 is not None:  # "adam-decay" once λ froze: the step its rate decays from
+            state["phi_t0"] = lr._phi_t0
         tensors.update(dictionary=lr.dictionary_, mean=lr.mean_, adam_m=lr._adam_m, adam_v=lr._adam_v,
                        reservoir=lr._reservoir[: lr._res_fill], rng_state=lr._gen.get_state(),
                        probe=lr._probe[: lr._probe_fill], replay=lr._replay_buf[: lr._replay_fill])
+        if lr.phi_optimizer == "bcd":  # Mairal's statistics (phi_step)
+            tensors.update(bcd_a=lr._bcd_a, bcd_b=lr._bcd_b)
     if hasattr(lr, "parallel_state"):  # a data-parallel learner: its place in the ranks' shared stream
         state["data_parallel"] = lr.parallel_state()
     tensors = {k: (v.detach().clone() if copy else v.detach()) for k, v in tensors.items()}
@@ -95,6 +99,10 @@ def restore_learner(lr: Any, tensors: dict[str, Tensor], meta: dict[str, Any],
         lr._replay_fill, lr._replay_pos = int(st.get("replay_fill", 0)), int(st.get("replay_pos", 0))
         lr._replay_buf = torch.zeros(lr._replay_cap if lr.replay else 0, lr.d_in, device=dev)
         lr._replay_buf[: lr._replay_fill] = on.get("replay", lr._replay_buf[:0])
+        lr._phi_t0 = None if st.get("phi_t0") is None else int(st["phi_t0"])  # files from before it: no decay yet
+        m = lr.dictionary_.shape[0] if lr.phi_optimizer == "bcd" else 0
+        lr._bcd_a = on.get("bcd_a", torch.zeros(m, m, device=dev))
+        lr._bcd_b = on.get("bcd_b", torch.zeros(m, lr.d_in, device=dev))
     lr.trace_ = type(lr.trace_)(lr.tol, lr.min_steps)
     if "trace" in st:
         lr.trace_.load_state(st["trace"])
@@ -189,9 +197,9 @@ def read_learner(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
 def saved_params(meta: dict[str, Any]) -> dict[str, Any]:
     """A learner file's constructor parameters, with the values that files written before an option existed
     imply: ``center`` True; no replay, the convergence rule's defaults and no λ check after convergence (the
-    one-pass learner) and no massive-row rule."""
+    one-pass learner), no massive-row rule and the constant-rate Adam Φ-step."""
     return {"center": True, "replay": 0, "replay_size": None, "warmup_steps": 100, "probe_size": 512, "tol": 0.02,
-            "min_steps": 400, "lam_rounds": 0, "massive_ratio": None, **meta["params"]}
+            "min_steps": 400, "lam_rounds": 0, "massive_ratio": None, "phi_optimizer": "adam", **meta["params"]}
 
 
 def _check_params(lr: Any, meta: dict[str, Any], where: str) -> None:
@@ -245,7 +253,7 @@ def check_learner(tensors: dict[str, Tensor], meta: dict[str, Any], where: str) 
     if st.get("massive_norm") is not None:
         num(st, "massive_norm", float)
     d = opts.d_in
-    widths = {k: t.shape[-1] for k, t in tensors.items() if k != "rng_state" and t.dim() == 2}
+    widths = {k: t.shape[-1] for k, t in tensors.items() if k not in ("rng_state", "bcd_a") and t.dim() == 2}
     if len(set(widths.values()) | ({d} if d is not None else set())) > 1 or "dictionary" in tensors and d is None:
         raise bad("d_in", f"({d!r}) does not match the tensors' widths {widths}")
     if "dictionary" not in tensors:
@@ -257,6 +265,11 @@ def check_learner(tensors: dict[str, Tensor], meta: dict[str, Any], where: str) 
     if dic.dim() != 2 or tensors["adam_m"].shape != dic.shape or tensors["adam_v"].shape != dic.shape or tuple(
             tensors["mean"].shape) != (d,):
         raise bad("dictionary", "has tensors of inconsistent shapes (dictionary, adam_m, adam_v, mean)")
+    m = dic.shape[0] if opts.phi_optimizer == "bcd" else 0
+    if any(k in tensors and tuple(tensors[k].shape) != s for k, s in (("bcd_a", (m, m)), ("bcd_b", (m, d)))):
+        raise bad("bcd_a", f"and 'bcd_b' must be [{m}, {m}] and [{m}, {d}] (phi_optimizer={opts.phi_optimizer!r})")
+    if st.get("phi_t0") is not None:
+        num(st, "phi_t0")
     for k in ("scale_", "lam_", "lr_"):
         num(st, k, float)
     num(st, "cap", low=1)

@@ -3,9 +3,10 @@
 Per fresh batch: split off the held-out rows (:mod:`.tracking`), normalise, then one dictionary step on the training
 rows — code them (greedy pursuit, or the exact lasso), set λ ← ``lam_ratio`` × mean max coefficient while λ adapts,
 take ``phi_steps`` Adam steps on Φ with the closed-form gradient −(2/n)·αᵀ(x − αΦ), tangent to the unit sphere, and
-renormalise the rows — then the replay steps and the convergence trace (:mod:`.tracking`). The first batch also
-allocates the state (:meth:`TrainingStep._init_state`). ``_mean_max`` and ``_phi_grad`` are the sums over the
-step's rows, which :class:`tl_sparsity.scale.data_parallel.DataParallelCoder` takes over all ranks.
+renormalise the rows (or another Φ-step, ``phi_optimizer``: :mod:`.phi_step`) — then the replay steps and the
+convergence trace (:mod:`.tracking`). The first batch also allocates the state (:meth:`TrainingStep._init_state`).
+``_mean_max`` and ``_phi_grad`` are the sums over the step's rows, which
+:class:`tl_sparsity.scale.data_parallel.DataParallelCoder` takes over all ranks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 from .backend import triton_applies
 from .counts import Counted
 from .bounds import normalise
+from .phi_step import DECAY_START, accumulate, bcd_sweep, decayed_lr, forgetting
 from .pursuit import default_max_steps, greedy_pursuit_torch, lasso_pursuit
 from .rows import split_rows
 
@@ -56,6 +58,10 @@ class TrainingStep:
         self._adam_m = torch.zeros_like(self.dictionary_)
         self._adam_v = torch.zeros_like(self.dictionary_)
         self._lr = self.lr if self.lr is not None else 0.05 / math.sqrt(d)
+        self._phi_t0: int | None = None  # the step λ first froze at (origin of "adam-decay" and "bcd" schedules)
+        bcd = self.phi_optimizer == "bcd"  # Mairal's statistics A [m, m] and B [m, d]; empty otherwise
+        self._bcd_a = torch.zeros((m, m) if bcd else (0, 0), device=dev)
+        self._bcd_b = torch.zeros((m, d) if bcd else (0, d), device=dev)
         self._reservoir = torch.zeros(self.reservoir_size, d, device=dev)
         self._res_fill = 0
         self._probe = torch.zeros(self.probe_size, d, device=dev)
@@ -146,15 +152,23 @@ class TrainingStep:
         return (-2.0 / x.shape[0]) * (alpha.T @ (x - alpha @ self.dictionary_))
 
     def _phi_step(self, x: Tensor, alpha: Tensor | None, n_total: int, grad: Tensor | None = None) -> None:
-        """One Adam step on Φ from the codes ``alpha`` of rows ``x`` (or from ``grad``, their gradient, when given:
-        :mod:`tl_sparsity.coding.grouped` forms it for several learners at once)."""
+        """One Φ-step of ``phi_optimizer`` (:mod:`.phi_step`) from the codes ``alpha`` of rows ``x`` (or, for Adam,
+        from ``grad``, their gradient, when given: :mod:`tl_sparsity.coding.grouped` forms it for several learners at
+        once; block-coordinate descent then codes ``x`` again, as it needs the codes)."""
+        if self.phi_optimizer == "bcd":
+            self._bcd_step(x, self._code(x) if alpha is None else alpha, n_total)
+            return
         phi = self.dictionary_
         grad = self._phi_grad(x, alpha, n_total) if grad is None else grad
         self.n_steps_ += 1
+        lr = self._lr
+        if self.phi_optimizer == "adam-decay":
+            self._note_freeze()
+            lr = decayed_lr(self._lr, self.n_steps_, None if self._phi_t0 is None else max(self._phi_t0, DECAY_START))
         if triton_applies(x, phi):  # one fused Adam-on-the-sphere kernel
             from .kernels import adam_sphere_step
 
-            adam_sphere_step(phi, grad, self._adam_m, self._adam_v, self._lr, self.n_steps_)
+            adam_sphere_step(phi, grad, self._adam_m, self._adam_v, lr, self.n_steps_)
             return
         grad -= (grad * phi).sum(1, keepdim=True) * phi  # tangent to the unit sphere
         b1, b2, eps = 0.9, 0.999, 1e-8
@@ -163,6 +177,22 @@ class TrainingStep:
         self._adam_v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         mhat = self._adam_m / (1 - b1**t)
         vhat = self._adam_v / (1 - b2**t)
-        phi -= self._lr * mhat / (vhat.sqrt() + eps)
+        phi -= lr * mhat / (vhat.sqrt() + eps)
         norms = phi.norm(dim=1, keepdim=True)
         phi /= torch.where(norms > 0, norms, torch.ones_like(norms))
+
+    def _bcd_step(self, x: Tensor, alpha: Tensor, n_total: int) -> None:
+        """Mairal's step: fold the step's rows into the statistics A, B (forgetting factor β), then one
+        block-coordinate pass over the atoms (:mod:`.phi_step`)."""
+        if getattr(self, "world", 1) > 1:
+            raise NotImplementedError("phi_optimizer='bcd' keeps its statistics per process; data-parallel learners "
+                                      "take phi_optimizer='adam' or 'adam-decay'.")
+        self.n_steps_ += 1
+        self._note_freeze()
+        accumulate(self._bcd_a, self._bcd_b, x, alpha, n_total, forgetting(self.n_steps_, self._phi_t0))
+        bcd_sweep(self.dictionary_, self._bcd_a, self._bcd_b)
+
+    def _note_freeze(self) -> None:
+        """Record, once, the step λ first froze at (``_phi_t0``: the decay's and the statistics' origin)."""
+        if self._phi_t0 is None and not self.lam_adapting:
+            self._phi_t0 = self.n_steps_
