@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tl_sparsity import OnlineSparseCoder, SparsityReport, sparsity_metrics
-from tl_sparsity.coding.active import active_counts, support_refit
+from tl_sparsity.coding.active import active_counts, refit_coefficients, support_refit
 from tl_sparsity.coding.metrics import MetricAccumulator
 from tl_sparsity.coding.synthetic import SparseLinear
 from tl_sparsity.tl.rows import learner_row
@@ -58,6 +58,45 @@ def test_noise_threshold_reads_the_refit_residual():
     assert 0.3 < cut < 1.0
     assert active_counts(x, phi, alpha, lam=0.2).tolist() == [1.0]
     assert active_counts(x, phi, alpha, lam=0.2, noise_k=0.0).tolist() == [2.0]
+
+
+def test_refit_coefficients_by_hand():
+    # split atoms (cos 0.8): x = f0 + 0.5·f1 exactly, so the refit is β = (1, 0.5), residual 0; the merge zeroes f1
+    phi = torch.tensor([[1.0, 0.0], [0.8, 0.6]], dtype=D)
+    x = (1.0 * phi[0] + 0.5 * phi[1]).unsqueeze(0)
+    beta, noise = refit_coefficients(x, phi, torch.tensor([[1.0, 0.5]], dtype=D), sweeps=200)
+    assert beta.tolist()[0] == pytest.approx([1.0, 0.0], abs=1e-9) and noise.tolist() == pytest.approx([0.0], abs=1e-9)
+    beta, _ = refit_coefficients(x, phi, torch.tensor([[1.0, 0.5]], dtype=D), merge_cos=1.0, sweeps=200)
+    assert beta.tolist()[0] == pytest.approx([1.0, 0.5], abs=1e-9)
+    # e0, e1 of R⁴ (m = 2): β = (1, 0.3), residual (0, 0, 0.4, 0) over d − s = 2 directions
+    phi = torch.eye(4, dtype=D)[:2]
+    beta, noise = refit_coefficients(torch.tensor([[1.0, 0.3, 0.4, 0.0]], dtype=D), phi,
+                                     torch.tensor([[0.9, 0.2]], dtype=D))
+    assert beta.tolist()[0] == pytest.approx([1.0, 0.3])
+    assert noise.item() == pytest.approx(0.4 * math.sqrt(2 * math.log(2) / 2))
+
+
+def _study():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "active_count.py"
+    spec = importlib.util.spec_from_file_location("active_count", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_study_candidates_by_hand():
+    mod = _study()
+    # non-zero α = {1, 0.5, 0.2}: 0.9 quantile 0.5 + 0.8·0.5 = 0.9; mean ‖α‖₁ = (1.5 + 0.2)/2 = 0.85
+    alpha = torch.tensor([[1.0, 0.5, 0.0], [0.2, 0.0, 0.0]], dtype=D)
+    assert mod.scale_count(alpha) == pytest.approx(0.85 / 0.9)
+    # two well-separated magnitude groups (≈1 and ≈0.01): the mixture counts the large ones per row
+    g = torch.Generator().manual_seed(0)
+    big = 1 + 0.1 * torch.rand(200, 3, generator=g, dtype=D)
+    small = 0.01 * (1 + 0.1 * torch.rand(200, 5, generator=g, dtype=D))
+    on = torch.arange(3) < torch.arange(200).remainder(4).unsqueeze(1)  # 0 to 3 large coefficients per row
+    beta = torch.cat([big * on, small, torch.zeros(200, 2, dtype=D)], 1)
+    want = (beta > 0.5).sum(1).to(D)
+    assert torch.equal(mod.mixture_counts(beta), want)
 
 
 def test_empty_codes_count_zero():
@@ -112,11 +151,7 @@ def test_learner_row_and_report_carry_n_active():
 
 
 def test_quick_study_is_calibrated_on_one_planted_law():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "active_count.py"
-    spec = importlib.util.spec_from_file_location("active_count", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    rows = mod.main(["--quick"])
+    rows = _study().main(["--quick"])
     assert [r["k"] for r in rows] == [2, 4]
     for r in rows:
         assert abs(r["n_active"] / r["k"] - 1) <= 0.15, r
