@@ -31,9 +31,10 @@ def describe(report: SparsityReport) -> list[str]:
     sites: dict[str, list[str]] = {}
     for r in rows:
         sites.setdefault(r.get("site") or r["hook"], []).append("emb" if r.get("layer") is None else str(r["layer"]))
-    lines.append(f"hooks: {len(rows)} — " + "; ".join(f"{s} at layers {', '.join(ls)}" if ls != ["emb"] else s
+    lines.append(f"hooks: {len(rows)} — " + "; ".join(f"{s} at layers {_ranges(ls)}" if ls != ["emb"] else s
                                                       for s, ls in sites.items()))
-    counts = sorted(int(r["n_rows"]) for r in rows if r.get("n_rows") is not None)
+    counts = sorted(int(r["n_rows"]) if r.get("n_rows") is not None else int(r["n_tokens"]) + int(r["n_heldout"])
+                    for r in rows if r.get("n_rows") is not None or None not in (r.get("n_tokens"), r.get("n_heldout")))
     have = f"{counts[0]}" if counts and counts[0] == counts[-1] else f"{counts[0]} to {counts[-1]}" if counts else "?"
     budget = (f"; budget --tokens {run['tokens_requested']}, until {run.get('until')}, text {run.get('text')}, "
               f"windows of {run.get('ctx_len')} tokens, {run.get('batch_size')} per forward"
@@ -50,6 +51,17 @@ def describe(report: SparsityReport) -> list[str]:
     lines.append(f"converged: {n_conv} of {len(rows)} hooks" + (
         f" ({len(rows) - len(known)} without a verdict)" if len(known) < len(rows) else ""))
     return lines
+
+
+def _ranges(layers: list[str]) -> str:
+    """``["emb", "0", "1", "2", "5"]`` → ``"emb, 0–2, 5"``."""
+    out: list[list[str]] = []
+    for x in layers:
+        if out and x.isdigit() and out[-1][-1].isdigit() and int(x) == int(out[-1][-1]) + 1:
+            out[-1] = [out[-1][0], x]
+        else:
+            out.append([x])
+    return ", ".join("–".join(r) if len(r) == 1 or int(r[1]) > int(r[0]) + 1 else ", ".join(r) for r in out)
 
 
 def differences(a: SparsityReport, b: SparsityReport, labels: tuple[str, str] = ("a", "b")) -> list[str]:
