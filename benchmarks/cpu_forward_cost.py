@@ -1,0 +1,51 @@
+"""What one forward's learning costs a CPU: CPU seconds (one thread, process time, so other jobs on the machine do not
+count) for ``OnlineSparseCoder`` to take 1 024 rows — one forward of 8 windows of 128 tokens gives each hook about
+that many — on synthetic rows (``SparseLinear``, no model), during λ's warm-up (the first 100 dictionary steps: all a
+notebook's first forwards see), for the default learner options and the CPU rule of ``tl_sparsity.coding.cpu``.
+
+    PYTHONPATH=$PWD nice python benchmarks/cpu_forward_cost.py --d 64 576
+
+Results and the rule: ``docs/cpu.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from tl_sparsity import OnlineSparseCoder
+from tl_sparsity.coding.synthetic import SparseLinear
+
+
+def cost(d: int, batch: int, replay: int, a: float, rows: int = 1024) -> tuple[float, int]:
+    """(CPU seconds, dictionary steps) for ``rows`` rows after a first learner batch (normaliser, dictionary seed)."""
+    src = SparseLinear(d, a, sigma=0.1, seed=0)
+    coder = OnlineSparseCoder(batch_size=batch, replay=replay, seed=0)
+    coder.partial_fit(src.sample(batch))
+    x, steps = src.sample(rows), coder.n_steps_
+    t = time.process_time()
+    coder.partial_fit(x)
+    return time.process_time() - t, coder.n_steps_ - steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--d", type=int, nargs="+", default=[64, 576])
+    p.add_argument("--a", type=float, default=16, help="active features per synthetic row")
+    p.add_argument("--settings", default="1024:7,256:1,1024:1", help="learner_batch:replay pairs")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread; CPU seconds to learn from 1 024 rows during warm-up")
+    print("| d | learner batch | replay | dictionary steps | CPU s |")
+    print("|---|---|---|---|---|")
+    for d in args.d:
+        for s in args.settings.split(","):
+            batch, replay = (int(v) for v in s.split(":"))
+            secs, steps = cost(d, batch, replay, args.a)
+            print(f"| {d} | {batch} | {replay} | {steps} | {secs:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
