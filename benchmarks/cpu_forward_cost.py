@@ -4,8 +4,10 @@ that many — on synthetic rows (``SparseLinear``, no model), during λ's warm-u
 notebook's first forwards see), for the default learner options and the CPU rule of ``tl_sparsity.coding.cpu``.
 
     PYTHONPATH=$PWD nice python benchmarks/cpu_forward_cost.py --d 64 576
+    PYTHONPATH=$PWD nice python benchmarks/cpu_forward_cost.py --converge --d 64 --a 4   # the same number?
 
-Results and the rule: ``docs/cpu.md``.
+``--converge`` instead trains each setting on 4 096-row chunks until its learner has converged (at most 120 k rows)
+and prints where, and the held-out normalized loss and FVU there. Results and the rule: ``docs/cpu.md``.
 """
 
 from __future__ import annotations
@@ -30,13 +32,34 @@ def cost(d: int, batch: int, replay: int, a: float, rows: int = 1024) -> tuple[f
     return time.process_time() - t, coder.n_steps_ - steps
 
 
+def converge(d: int, batch: int, replay: int, a: float, cap: int = 120_000) -> str:
+    """Train until converged (or ``cap`` rows) on centred synthetic rows; the verdict and the held-out metrics."""
+    src = SparseLinear(d, a, sigma=0.1, seed=0)
+    coder, n, t = OnlineSparseCoder(batch_size=batch, replay=replay, seed=0, center=False), 0, time.process_time()
+    while not coder.converged_ and n < cap:
+        coder.partial_fit(src.sample(4096))
+        n += 4096
+    e = coder.evaluate()
+    return (f"| {d} | {a:g} | {batch} | {replay} | {coder.converged_} | {n} | {coder.n_steps_} | "
+            f"{e['normalized_loss']:.3f} | {e['fvu']:.3f} | {time.process_time() - t:.0f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--d", type=int, nargs="+", default=[64, 576])
     p.add_argument("--a", type=float, default=16, help="active features per synthetic row")
     p.add_argument("--settings", default="1024:7,256:1,1024:1", help="learner_batch:replay pairs")
+    p.add_argument("--converge", action="store_true", help="train each setting until converged instead")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.converge:
+        print("| d | a | learner batch | replay | converged | rows | steps | normalized loss | fvu | CPU s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for d in args.d:
+            for s in args.settings.split(",")[:2]:
+                batch, replay = (int(v) for v in s.split(":"))
+                print(converge(d, batch, replay, args.a), flush=True)
+        return
     print(f"torch {torch.__version__}, 1 thread; CPU seconds to learn from 1 024 rows during warm-up")
     print("| d | learner batch | replay | dictionary steps | CPU s |")
     print("|---|---|---|---|---|")
