@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,8 @@ def _resume(args: argparse.Namespace, given: set[str]) -> None:
     if args.checkpoint_every is None:  # a resumed run goes on writing checkpoints
         args.checkpoint_every = saved.get("checkpoint_every") or 1
     args.out, args.checkpoint_dir, args.force = str(out), str(out / CHECKPOINT), True
+    logging.getLogger("tl_sparsity").info("--resume %s: the saved run's options, from its last checkpoint (the batches "
+                                          "it had taken are skipped)", root)
 
 
 def _saved(root: Path) -> dict[str, Any]:
