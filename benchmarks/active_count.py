@@ -123,11 +123,11 @@ class DeviceStream:
     """Rows of ``src``'s law drawn on ``device`` with a seeded generator there: x = (Σ c_i f_i + noise − shift) /
     scale, the active set and coefficients as in ``SparseLinear._draw``."""
 
-    def __init__(self, src: SparseLinear, device: str, seed: int) -> None:
+    def __init__(self, src: SparseLinear, device: str, seed: int, uncentred: bool = False) -> None:
         self.src, self.device = src, torch.device(device)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self.features = src.features.to(self.device)
-        self.shift = src.shift.to(self.device)
+        self.shift = src.shift.to(self.device) * (not uncentred)
 
     def sample(self, n: int) -> torch.Tensor:
         s, g, dev = self.src, self.gen, self.device
@@ -147,9 +147,10 @@ class DeviceStream:
         return ((c * active) @ self.features + noise - self.shift) / s.scale
 
 
-def learned_metrics(src: SparseLinear, n: int, tokens: int, device: str, chunk: int) -> dict[str, float]:
-    stream = DeviceStream(src, device, seed=src.seed)
-    coder = OnlineSparseCoder(src.d, seed=0, device=device)
+def learned_metrics(src: SparseLinear, n: int, tokens: int, device: str, chunk: int,
+                    uncentred: bool = False) -> dict[str, float]:
+    stream = DeviceStream(src, device, seed=src.seed, uncentred=uncentred)
+    coder = OnlineSparseCoder(src.d, seed=0, device=device, center=not uncentred)
     fed = 0
     while fed < tokens:
         rows = min(chunk, tokens - fed)
@@ -179,13 +180,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--tokens", type=int, default=200_000, help="most rows fed to each learned dictionary")
     p.add_argument("--chunk", type=int, default=16_384, help="rows per partial_fit (convergence checked after each)")
     p.add_argument("--device", default="cpu", help="where learners, codes and counts live (cpu, cuda)")
+    p.add_argument("--uncentred", action="store_true",
+                   help="learned: feed the uncentred rows (as the true dictionary codes them) to a learner with "
+                        "center=False")
     a = p.parse_args(argv)
     if a.quick:
         a.d, a.ks, a.sigmas, a.laws, a.n, a.dict = "64", "2,4", "0", "half-normal", 256, "true"
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
     print(f"# dictionary: {a.dict}; rows per cell {a.n}" + (
-        f"; at most {a.tokens} training rows; device {a.device}" if a.dict == "learned" else ""))
+        f"; at most {a.tokens} training rows; device {a.device}" + ("; uncentred rows" if a.uncentred else "")
+        if a.dict == "learned" else ""))
     cols = ["L_norm", "S₁", "N₀", "n_active ± se", "iter", "N0nf", "mix", "scale"]
     print("| d | law | σ | k | " + " | ".join(cols) + " | rows (conv) | s |")
     print("|" + "---|" * (len(cols) + 6))
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     t = time.perf_counter()
                     src = SparseLinear(d, k, sigma=sigma, law=law, seed=1, calibration=4096)
                     m = (true_dictionary_metrics(src, a.n) if a.dict == "true"
-                         else learned_metrics(src, a.n, a.tokens, a.device, a.chunk))
+                         else learned_metrics(src, a.n, a.tokens, a.device, a.chunk, a.uncentred))
                     row = {"d": d, "law": law, "sigma": sigma, "k": k, **m}
                     out.append(row)
                     print(_line(row, time.perf_counter() - t), flush=True)
