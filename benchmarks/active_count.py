@@ -13,7 +13,9 @@ the paper's adaptive rule; the greedy pursuit. Learned: ``OnlineSparseCoder(d, s
 atoms, its own centring, λ and pursuit) fed rows in chunks of ``--chunk`` until its convergence rule says
 converged or ``--tokens`` rows are spent, then codes ``--n`` fresh rows; every count below reads those codes. The
 learner's rows are drawn on ``--device`` by this script's own sampler (the law of ``SparseLinear``, its features,
-centring and scale, a seeded generator on that device), so that a GPU run does not wait on CPU sampling.
+centring and scale, a seeded generator on that device), so that a GPU run does not wait on CPU sampling. ``--uncentred``
+feeds the learner the uncentred rows (``center=False``), as the true dictionary codes them: centred planted rows
+carry a dense mean direction −μ that is no planted feature.
 
 Columns (relative errors against k): L_norm, S₁, N₀ (the paper's metrics, ``sparsity_metrics``); n_active (the
 default of ``coding/active.py``, on all ``--n`` rows) and the candidates
