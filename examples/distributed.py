@@ -10,7 +10,7 @@ split over them, gradients all-reduced); ``--mode hooks`` (hook-parallel): each 
         examples/distributed.py --device cuda --out report.json     # two nodes: run on each, R = 0 and 1
 
 Rank 0 prints the report, which equals that of one process fed the shards interleaved batch by batch
-(``tests/test_distributed.py`` and ``tests/test_data_parallel.py`` check it).
+(``tests/scale/test_distributed.py`` and ``tests/scale/test_data_parallel.py`` check it).
 """
 
 from __future__ import annotations

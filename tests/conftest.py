@@ -78,7 +78,7 @@ def n_hooks(model) -> int:
 @pytest.fixture(scope="session")
 def gpt2_folder(tmp_path_factory):
     """A local Hugging Face folder: a tiny random GPT-2 and a byte-level BPE tokenizer trained in-process."""
-    from test_text import train_tokenizer
+    from helpers import train_tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = train_tokenizer("gpt")

@@ -93,3 +93,13 @@ def test_the_check_catches_an_upward_import(monkeypatch):
     assert _package_imports(bad) == [(("tl",), 1)]
     with pytest.raises(AssertionError, match="a layer not below"):
         test_imports_run_only_downward(bad)
+
+
+def test_the_tests_follow_the_layers():
+    """Each folder of tests is named after a layer of the package; tests of top-level modules sit in tests/."""
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    layers = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders and folders <= layers, f"test folders without a layer of the package: {sorted(folders - layers)}"
+    for folder in folders:
+        assert list((tests / folder).glob("test_*.py")), folder

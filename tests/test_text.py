@@ -9,33 +9,9 @@ import types
 import pytest
 import torch
 
+from helpers import CORPUS, train_tokenizer
 from tl_sparsity.text import count_tokens, iter_texts, load_texts, start_token_id, token_windows
 
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Sparse coding writes each activation as a few dictionary atoms.",
-    "Hooks stream activations; the collector keeps none of them.",
-] * 4
-
-
-def train_tokenizer(style: str = "gpt", vocab_size: int = 300):
-    """A byte-level BPE tokenizer trained here. ``gpt``: BOS ``<s>``, EOS ``</s>``; ``bert``: ``[CLS]``/``[SEP]``;
-    ``bare``: no special tokens at all."""
-    from pydoc_data.topics import topics
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = {"gpt": ["<s>", "</s>"], "bert": ["[CLS]", "[SEP]", "[PAD]"], "bare": []}[style]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator([topics[k] for k in sorted(topics)[:10]] + CORPUS, trainer)
-    kw = {"gpt": dict(bos_token="<s>", eos_token="</s>"),
-          "bert": dict(cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]"), "bare": {}}[style]
-    return PreTrainedTokenizerFast(tokenizer_object=tk, **kw)
 
 
 @pytest.fixture(scope="module")

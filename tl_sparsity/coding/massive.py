@@ -11,7 +11,7 @@ The rule: on the first batch, ``massive_norm_`` = ``massive_ratio`` × the 99th 
 training rows (raw rows, before the normaliser, which is then computed without them). From then on, a row longer
 than ``massive_norm_`` — training or held-out — is *massive*: nothing learns from it, no metric includes it, and it
 is counted in ``n_massive_``. Ordinary data does not trip it: 30 000 rows of a Gaussian and of sparse sources
-(a = 4, 32) set none aside (``tests/test_massive.py``), and heavy but continuous tails — SmolLM2's layers 2–8, whose
+(a = 4, 32) set none aside (``tests/coding/test_massive.py``), and heavy but continuous tails — SmolLM2's layers 2–8, whose
 longest rows are 7–12 × the median — stay within 1.5 × that percentile (``benchmarks/massive_rows.py``). ``massive_ratio=None`` keeps every row (use it for the heavy-tailed controls,
 e.g. the isotropic-Cauchy source, whose tail *is* the point).
 

@@ -21,7 +21,7 @@ import pytest
 
 from tl_sparsity.report import SparsityReport
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "distributed.py"
 TIMEOUT_S = 240  # for all the agents of one launch together
 

@@ -8,8 +8,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from test_checkpoint import assert_same_learner  # noqa: E402
-from test_hostile import StubModel  # noqa: E402
+from helpers import StubModel, assert_same_learner  # noqa: E402
 from tl_sparsity import OnlineSparseCoder, SparsityCollector, greedy_pursuit, greedy_pursuit_reference  # noqa: E402
 from tl_sparsity.coding.pursuit import STOP_TOL  # noqa: E402
 

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from helpers import X, _set_planted_weights
 from tl_sparsity.stats.neurons import HeavyHitters, NeuronStats, _trigram_keys
 
 V, T = 50, 32
@@ -248,45 +249,6 @@ def test_bad_inputs_raise_errors_that_name_the_fix():
 
 
 # --------------------------------------------------------------------------- a tiny TransformerLens model
-X, P_STAR = 5, (3, 7)
-
-
-def _set_planted_weights(model):
-    """Layer-0 MLP: neuron 0 never fires, neuron 1 fires on token X only, neuron 2 at positions P_STAR only; attention
-    output zeroed, so the MLP reads LN(W_E[token] + W_pos[pos]); every residual has mean 0, so LN only rescales."""
-    d, v, n_ctx, d_mlp = model.cfg.d_model, model.cfg.d_vocab, model.cfg.n_ctx, model.cfg.d_mlp
-    g = torch.Generator().manual_seed(0)
-    emb = torch.zeros(v, d)
-    emb[:, 4:] = torch.randn(v, d - 4, generator=g)
-    emb[:, 4:] -= emb[:, 4:].mean(1, keepdim=True)
-    emb[X] = 0
-    emb[X, 0], emb[X, 3] = 10.0, -10.0
-    pos = torch.zeros(n_ctx, d)
-    pos[list(P_STAR), 1], pos[list(P_STAR), 2] = 10.0, -10.0
-    w_in, b_in = torch.zeros(d, d_mlp), torch.zeros(d_mlp)
-    b_in[0] = -1.0
-    w_in[0, 1], b_in[1] = 1.0, -1.0
-    w_in[1, 2], b_in[2] = 1.0, -1.0
-    w_in[4:, 3:] = torch.randn(d - 4, d_mlp - 3, generator=g)
-    plan = {"embed.W_E": emb, "tok_embed.weight": emb, "pos_embed.W_pos": pos, "pos.weight": pos,
-            "blocks.0.mlp.W_in": w_in, "layers.0.mlp.fc_in.weight": w_in.T, "blocks.0.mlp.b_in": b_in,
-            "layers.0.mlp.fc_in.bias": b_in}
-    done = set()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            short = name.replace("._original_component", "")
-            if short in plan:
-                p.copy_(plan[short].view_as(p))
-                done.add(short)
-            elif short.startswith(("blocks.0.attn.W_O", "blocks.0.attn.b_O", "layers.0.attn.o.")):
-                p.zero_()
-                done.add("attn_out")
-            elif short.startswith(("blocks.0.ln2.", "layers.0.ln2.")):
-                p.fill_(1.0 if short.endswith((".w", ".weight")) else 0.0)
-                done.add("ln2")
-    assert len(done) == 6, f"weights not found on this model: {sorted(done)}"
-
-
 @pytest.mark.parametrize("kind", ["hooked", "bridge"])
 def test_tiny_transformerlens_model_with_planted_mlp_neurons(kind):
     from conftest import make_model

@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 import torch
-from test_text import train_tokenizer
+from helpers import train_tokenizer
 
 from tl_sparsity.tl import model_wheels, models
 from tl_sparsity.tl.models import builtin_folder, cache_root, fetch_wheel, load_model, resolve_backend

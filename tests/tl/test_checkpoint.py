@@ -6,63 +6,10 @@ import pytest
 import torch
 
 from conftest import TINY, n_hooks
+from helpers import BATCHES, HOOKS, OPTS, _tokens, assert_same_collector, assert_same_learner
 from tl_sparsity import OnlineSparseCoder, SparsityCollector
 from tl_sparsity.tl import checkpoint as ckpt
 from tl_sparsity.tl.checkpoint import CheckpointError
-
-# one learner batch per forward (4 sequences × 16 positions after BOS), short pursuits: fast on 2 CPU cores
-OPTS = dict(batch_size=64, warmup_tokens=256, reservoir_size=48, expansion=2, max_steps=32)
-HOOKS = "blocks.0.hook_resid_post,blocks.1.mlp.hook_post"
-TRANSIENT = {"_last_capped"}  # written by every pursuit call before it is read; not state
-
-
-def assert_same_learner(a: OnlineSparseCoder, b: OnlineSparseCoder) -> None:
-    """Every attribute equal, bit for bit — read from the objects, not through the checkpoint code."""
-    va = {k: v for k, v in vars(a).items() if k not in TRANSIENT}
-    vb = {k: v for k, v in vars(b).items() if k not in TRANSIENT}
-    assert va.keys() == vb.keys()
-    for k in va:
-        x, y = va[k], vb[k]
-        if isinstance(x, torch.Tensor):
-            assert x.dtype == y.dtype and x.device == y.device and torch.equal(x, y), k
-        elif isinstance(x, torch.Generator):
-            assert torch.equal(x.get_state(), y.get_state()), k
-        elif k == "_pending":  # the same rows, however they are chunked
-            assert torch.equal(torch.cat(x) if x else torch.zeros(0), torch.cat(y) if y else torch.zeros(0))
-        else:
-            assert type(x) is type(y) and x == y, (k, x, y)
-
-
-def assert_same_extras(a: SparsityCollector, b: SparsityCollector) -> None:
-    """Covariances and neuron statistics equal bit for bit (heavy-hitter slots in the same order, too)."""
-    assert list(a.extras) == list(b.extras)
-    for name in a.extras:
-        x, y = a.extras[name], b.extras[name]
-        assert (x.cov is None) == (y.cov is None) and (x.neurons is None) == (y.neurons is None), name
-        if x.cov is not None:
-            assert x.cov.n == y.cov.n and torch.equal(x.cov.mean, y.cov.mean), name
-            assert torch.equal(x.cov.scatter, y.cov.scatter), name
-        if x.neurons is not None:
-            sa, sb = x.neurons.state_dict(), y.neurons.state_dict()
-            assert sa.keys() == sb.keys()
-            for k in sa:
-                assert torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k], (name, k)
-
-
-def assert_same_collector(a: SparsityCollector, b: SparsityCollector) -> None:
-    """Learners and side statistics equal bit for bit."""
-    assert list(a.learners) == list(b.learners)
-    for name in a.learners:
-        assert_same_learner(a.learners[name], b.learners[name])
-    assert_same_extras(a, b)
-
-
-def _tokens(seed, b=4, p=17):
-    return torch.randint(1, 200, (b, p), generator=torch.Generator().manual_seed(seed))
-
-
-BATCHES = [_tokens(s) for s in range(6)]
-
 
 def _interrupting(batches, at):
     """Yield ``batches`` and raise KeyboardInterrupt instead of batch ``at`` (Ctrl-C between batches)."""

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from conftest import make_model, n_hooks
-from test_checkpoint import assert_same_collector
-from test_neurons import P_STAR, X, _set_planted_weights
+from helpers import P_STAR, X, _set_planted_weights, assert_same_collector
 from tl_sparsity import SparsityCollector, SparsityReport
 from tl_sparsity.stats import side as extras_module
 from tl_sparsity.tl.checkpoint import CheckpointError

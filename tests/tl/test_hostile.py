@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY, make_model, n_hooks
-from test_checkpoint import BATCHES, HOOKS, OPTS, assert_same_collector, assert_same_learner
+from helpers import BATCHES, HOOKS, OPTS, StubModel, assert_same_collector, assert_same_learner
 from tl_sparsity import OnlineSparseCoder, SparsityCollector
 
 
@@ -104,16 +104,6 @@ def test_learner_device_option_receives_rows_of_any_float_dtype():
     c = OnlineSparseCoder(expansion=2, batch_size=64, device="cpu").partial_fit(x)
     assert c.dictionary_.device.type == "cpu" and c.dictionary_.dtype == torch.float32
     assert_same_learner(c, OnlineSparseCoder(expansion=2, batch_size=64, device="cpu").partial_fit(x.float()))
-
-
-class StubModel:
-    """The smallest object the collector accepts: one hook point, no forward (no TransformerLens needed)."""
-
-    cfg = type("Cfg", (), {"n_layers": 1})()
-    hook_dict = {"blocks.0.hook_resid_post": object()}
-
-    def run_with_hooks(self, *args, **kwargs):
-        raise AssertionError("not used")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
