@@ -77,7 +77,7 @@ def test_refit_coefficients_by_hand():
 
 
 def _study():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "active_count.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "active_count.py"
     spec = importlib.util.spec_from_file_location("active_count", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
