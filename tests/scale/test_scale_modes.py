@@ -68,8 +68,6 @@ def _worker(rank: int, out: str) -> dict:
             res[f"{name} flush"] = _errors(col.flush)
         else:
             res[f"{name} fwd_hooks"] = _errors(col.fwd_hooks)
-            res[f"{name} attach"] = _errors(col.attach)
-            res[f"{name} start"] = _errors(col.start)
             pending = sum(col.learners[n].n_pending_ for n in col.owned())
             col.flush()  # works: each rank trains the hooks it owns
             res["flushed"] = (pending, sum(col.learners[n].n_pending_ for n in col.owned()))
@@ -89,6 +87,19 @@ def _worker(rank: int, out: str) -> dict:
         model.run_with_hooks(tokens, fwd_hooks=hooked.fwd_hooks(), return_type=None)
     res["attached"] = [(col.n_tokens, {n: lr.dictionary_ for n, lr in col.learners.items()})
                        for col in (fitted, attached, hooked)]
+    # hook-parallel: attach() and start() gather each whole forward to the owners, as fit() does
+    fitted = HookParallelCollector(model, hooks=HOOKS, **OPTS).fit(_shard(rank), progress=False)
+    attached, started = HookParallelCollector(model, hooks=HOOKS, **OPTS), HookParallelCollector(model, hooks=HOOKS,
+                                                                                                **OPTS)
+    for tokens in _shard(rank):
+        with attached.attach():
+            model(tokens, return_type=None)
+    started.start()
+    for tokens in _shard(rank):
+        model(tokens, return_type=None)  # started: its hooks stay across forwards
+    started.stop()
+    res["hook attached"] = [(col.n_tokens, {n: col.learners[n].dictionary_ for n in col.owned()},
+                             repr(col.report().to_dict()["rows"])) for col in (fitted, attached, started)]
     return res
 
 
@@ -104,9 +115,8 @@ def test_both_modes_save_load_and_refuse_what_they_cannot_run_naming_mode_and_al
             assert "runs in one process" in res[key] and "n_tokens=" in res[key], res[key]
         assert "data-parallel mode (DataParallelCollector)" in res["DataParallelCollector flush"]
         assert "HookParallelCollector" in res["DataParallelCollector flush"]  # an alternative
-        for what in ("fwd_hooks", "attach", "start"):
-            msg = res[f"HookParallelCollector {what}"]
-            assert f"{what}() in hook-parallel mode (HookParallelCollector)" in msg and "col.fit" in msg, msg
+        msg = res["HookParallelCollector fwd_hooks"]
+        assert "fwd_hooks() in hook-parallel mode (HookParallelCollector)" in msg and "col.attach()" in msg, msg
         assert res["flushed"][1] == 0
         for name in ("DataParallelCollector", "HookParallelCollector"):
             assert res[f"{name} saved"] == f"rank{rank:03d}-of-002"
@@ -117,3 +127,9 @@ def test_both_modes_save_load_and_refuse_what_they_cannot_run_naming_mode_and_al
             assert got_n == n > 0 and got.keys() == want.keys()
             for name, d in want.items():
                 torch.testing.assert_close(got[name], d, atol=1e-5, rtol=0)
+        (n, want, report), *others = res["hook attached"]
+        assert want  # each rank owns one of the two hooks
+        for got_n, got, got_report in others:  # hook-parallel attach() and start(): what fit() learns, bit for bit
+            assert got_n == n > 0 and got.keys() == want.keys() and got_report == report
+            for name, d in want.items():
+                assert torch.equal(got[name], d), name

@@ -12,9 +12,10 @@ keep-mask and the token ids (shapes may differ between ranks); the owner rebuild
 learner and :class:`~tl_sparsity.stats.neurons.NeuronStats` chunk by chunk, as one process would. ``report()`` gathers
 the owners' rows and neuron tables, so it is the full report on every rank.
 
-Limits (each raises a clear error): only ``fit`` feeds a hook-parallel collector (not ``fwd_hooks`` / ``attach`` /
-``start``); every rank must pass the same number of batches, all with token ids or all without. ``flush()`` works:
-each rank trains the hooks it owns on their pending rows. Checkpoints (``fit(checkpoint_dir=...)``, ``save``,
+``fit``, ``attach()`` and ``start()`` feed a hook-parallel collector: each completed forward's rows are gathered, so
+every rank must run the same number of forwards (and pass the same number of batches to ``fit``), all with token
+ids or all without. ``fwd_hooks()`` raises a clear error: a hook list cannot tell when a forward has ended.
+``flush()`` works: each rank trains the hooks it owns on their pending rows. Checkpoints (``fit(checkpoint_dir=...)``, ``save``,
 ``load``) are per rank, as in data-parallel mode (:mod:`tl_sparsity.scale.ranked`). Data-parallel learning (every
 hook's learner shared by all ranks) is :mod:`tl_sparsity.scale.data_parallel`, ``SparsityCollector``'s default
 under ``torchrun``.
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..coding.safe_io import defer_interrupts
 from ..report import SparsityReport
 from ..tl import hooks as _hooks
 from ..tl import rows as _rows
@@ -46,14 +48,15 @@ class HookParallelCollector(RankedCollector):
 
     parallel = "hooks"
     mode = "hook-parallel"
-    alternative = ("Use col.fit(batches) on every rank, or DataParallelCollector (SparsityCollector(..., "
-                   "parallel='data')), whose hooks learn during any forward that every rank runs.")
+    alternative = ("Use col.fit(batches), col.attach() or col.start() on every rank, or DataParallelCollector "
+                   "(SparsityCollector(..., parallel='data')).")
 
     def __init__(self, model: Any, hooks: Any = "resid_post", *, group: Any = None, **options: Any) -> None:
         super().__init__(model, hooks, group=group, **options)
         self.owner = {name: i % self.world for i, name in enumerate(self.hook_points)}
         self._rows_seen = 0  # rows of the first hook over all ranks (the same number on every rank)
         self._with_tokens: dict[str, bool] = {}  # per neuron hook: started with token ids (known on every rank)
+        self._forwards.feed = self._feed_forward  # attach() / start(): each whole forward gathered like fit()'s
 
     @property
     def n_tokens(self) -> int:
@@ -64,21 +67,19 @@ class HookParallelCollector(RankedCollector):
         """The hooks whose learners live on this rank."""
         return [name for name, r in self.owner.items() if r == self.rank]
 
-    # ------------------------------------------------------------------ only fit() feeds this collector
+    # ------------------------------------------------------------------ whole forwards: fit(), attach(), start()
     def fwd_hooks(self, *args: Any, **kwargs: Any) -> Any:
-        """Not in this mode: rows are gathered to their owning ranks after each of fit()'s forwards."""
-        raise self._cannot("fwd_hooks()", "only fit() feeds it (each forward's rows are gathered to their owning "
-                           "ranks once the forward has completed)")
+        """Not in this mode: a hook list does not know when a forward ends, and each forward's rows are gathered to
+        their owning ranks once it has (use ``attach()`` or ``start()``, which do know)."""
+        raise self._cannot("fwd_hooks()", "each forward's rows are gathered to their owning ranks once the forward "
+                           "has completed, which a hook list cannot tell; use attach() or start()")
 
-    def attach(self, *args: Any, **kwargs: Any) -> Any:
-        """Not in this mode (see :meth:`fwd_hooks`)."""
-        raise self._cannot("attach()", "only fit() feeds it (each forward's rows are gathered to their owning ranks "
-                           "once the forward has completed)")
-
-    def start(self) -> Any:
-        """Not in this mode (see :meth:`fwd_hooks`)."""
-        raise self._cannot("start()", "only fit() feeds it (each forward's rows are gathered to their owning ranks "
-                           "once the forward has completed)")
+    def _feed_forward(self, sink: dict[str, list[tuple]]) -> None:
+        """One completed forward of ``attach()`` / ``start()``: every hook's rows (none for a hook that did not run)
+        gathered to their owners, as after each of ``fit()``'s forwards. Collective: every rank must run the same
+        number of forwards."""
+        with defer_interrupts(), torch.inference_mode(False), torch.no_grad():
+            self._feed({name: sink.get(name, []) for name in self.hook_points})
 
     # ------------------------------------------------------------------ fit() and its checkpoints (see the base)
     def _fit_state(self) -> dict[str, Any]:
