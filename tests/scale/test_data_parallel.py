@@ -108,9 +108,12 @@ def _worker(rank: int) -> dict:
     coder = DataParallelCoder(**CODER)
     for x in _chunks(rank):
         coder.partial_fit(x)
-    res = {"dict": coder.dictionary_, "lam": coder.lam_, "heldout": coder.heldout_.clone(),
+    res = {"dict": coder.dictionary_.clone(), "lam": coder.lam_, "heldout": coder.heldout_.clone(),
            "counts": (coder.n_tokens_, coder.n_heldout_, coder.n_pending_), "global": coder.global_counts(),
            "eval": coder.evaluate()}
+    coder.flush()  # collective: the ranks' pending rows as one last shared batch
+    res["flushed"] = {"dict": coder.dictionary_, "heldout": coder.heldout_.clone(), "lam": coder.lam_,
+                      "counts": (coder.n_tokens_, coder.n_heldout_, coder.n_pending_)}
     counted = DataParallelCoder(**CODER)
     res["count_errors"] = _fed_with_counts(rank, counted)
     res["counted"] = {"dict": counted.dictionary_, "heldout": counted.heldout_.clone(), "lam": counted.lam_,
@@ -158,6 +161,14 @@ def test_data_parallel_over_two_processes_equals_one_process_fed_the_ranks_rows_
         torch.testing.assert_close(res["dict"], single.dictionary_, atol=1e-4, rtol=0)
         assert res["eval"]["normalized_loss"] == pytest.approx(single.evaluate()["normalized_loss"], rel=1e-3)
     assert torch.equal(results[0]["dict"], results[1]["dict"])  # every rank holds the same dictionary
+    pending = single.n_pending_
+    single.flush()  # one last, shorter batch, in one process and over the ranks alike
+    assert pending > 0 and single.n_pending_ == 0
+    for res in results:
+        got = res["flushed"]
+        assert got["counts"] == (single.n_tokens_, single.n_heldout_, 0)
+        assert torch.equal(got["heldout"], single.heldout_)
+        torch.testing.assert_close(got["dict"], single.dictionary_, atol=1e-4, rtol=0)
 
     a, b = _shards()  # the collector: one process fed the shards interleaved batch by batch
     one = SparsityCollector(_model(), hooks=HOOKS, parallel=None, **{**OPTS, "replay": 0})  # as data-parallel

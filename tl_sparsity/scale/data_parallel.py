@@ -10,7 +10,8 @@ side statistics (covariances, neuron statistics) merged over the ranks.
 
 ``tl_sparsity.SparsityCollector(..., parallel="data")`` builds one (and ``parallel="auto"``, its default, under
 ``torchrun`` with more than one rank). ``fwd_hooks()``, ``attach()`` and ``start()`` work when every rank runs the
-same forwards (each hook's rows are then exchanged per call); ``flush()`` and ``fit(until="converged")`` raise.
+same forwards (each hook's rows are then exchanged per call); ``flush()`` (collective) trains the ranks' pending rows
+as one last shared batch; ``fit(until="converged")`` raises.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class DataParallelCollector(RankedCollector):
 
     parallel = "data"
     mode = "data-parallel"
-    alternative = ("Train on whole shared batches (give fit a budget that ends on one), or collect in one process "
+    alternative = ("Give fit a token budget (n_tokens=...), or collect in one process "
                    "(tl_sparsity.SparsityCollector(..., parallel=None)) or hook-parallel (HookParallelCollector).")
 
     def __init__(self, model: Any, hooks: Any = "resid_post", *, group: Any = None, **options: Any) -> None:
@@ -46,10 +47,6 @@ class DataParallelCollector(RankedCollector):
 
     def _new_learner(self) -> DataParallelCoder:
         return DataParallelCoder(group=self.group, **self.learner_options)
-
-    def flush(self) -> "DataParallelCollector":
-        """Not in this mode: the ranks' pending rows form one shared stream, trained in whole batches."""
-        raise self._cannot("flush()", "the ranks' pending rows form one shared stream, trained in whole batches")
 
     def _feed(self, sink: dict[str, list[tuple]]) -> None:
         """One completed forward's rows: every hook's finite-row count on every rank in one collective (the one host

@@ -142,9 +142,16 @@ class DataParallelCoder(OnlineSparseCoder):
             raise ValueError(f"this rank sent rows of width {x.shape[1]}, but the ranks' rows have width {known}.")
         return {known}
 
+    @torch.no_grad()
     def flush(self) -> "DataParallelCoder":
-        """Not here: the ranks' pending rows form one shared stream; train on whole batches (or one process)."""
-        raise ValueError("flush() is for one process; a data-parallel learner trains on whole shared batches.")
+        """Collective: the ranks' pending rows (fewer than ``batch_size``), in stream order, as one last, shorter
+        shared batch — what :meth:`OnlineSparseCoder.flush` does in one process fed the interleaved stream."""
+        size = self._n_global_pending  # the same on every rank, so every rank takes the same collectives
+        if size:
+            with defer_interrupts():
+                rows, owner = self._take(size)
+                self._process_shared(rows, owner, size, self._width)
+        return self
 
     def global_counts(self) -> dict[str, int]:
         """Collective: ``capped``, ``n_dropped`` and ``n_massive`` summed over the ranks."""
