@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -26,6 +28,11 @@ __all__ = ["Tracking"]
 class Tracking:
     """Held-out reservoir and probe, convergence trace, λ check and replay buffer of an online sparse coder; mixed
     into :class:`~tl_sparsity.coding.learner.OnlineSparseCoder`, whose attributes and training step it uses."""
+
+    #: Called with no arguments after each learner batch is trained (its replay steps included), however the batch
+    #: was trained (alone or grouped); e.g. a progress bar. Set it on an instance; ``del`` it to go back to None.
+    #: Not learner state: never saved.
+    on_batch: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ held-out rows
     def _heldout_mask(self, n: int) -> Tensor:
@@ -190,7 +197,12 @@ class Tracking:
         and the convergence trace."""
         if not (self.replay and x.shape[0]):
             self._settle(x, n_total)
-            return
+        else:
+            self._replay(x, n_total)
+        if self.on_batch is not None:
+            self.on_batch()
+
+    def _replay(self, x: Tensor, n_total: int) -> None:
         self._remember(x)
         self._settle(x, n_total)
         n = x.shape[0]

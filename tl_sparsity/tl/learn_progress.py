@@ -40,22 +40,14 @@ def learning_bar(col: Any, sink: dict[str, list[tuple]]) -> Iterator[None]:
 
     hooks = f"{len(sink)} hook{'' if len(sink) == 1 else 's'}"
     bar = tqdm(total=n, desc=f"tl_sparsity: learning ({hooks})", unit="batch", leave=False, delay=DELAY)
-    patched = []
-    for learner in (col.learners[name] for name in sink):
-        after = learner._after_batch  # called once per learner batch, whichever way the batch is trained
-
-        def counted(*args: Any, _after: Any = after, **kwargs: Any) -> Any:
-            out = _after(*args, **kwargs)
-            bar.update(1)
-            return out
-
-        learner._after_batch = counted  # an instance attribute over the method, removed below
-        patched.append(learner)
+    learners = [col.learners[name] for name in sink]
+    for learner in learners:
+        learner.on_batch = lambda: bar.update(1)  # once per learner batch, whichever way the batch is trained
     try:
         yield
     finally:
-        for learner in patched:
-            vars(learner).pop("_after_batch", None)
+        for learner in learners:
+            del learner.on_batch  # back to the class's None
         bar.close()
 
 
