@@ -119,7 +119,7 @@ def test_center_false_keeps_the_rows_origin_and_equals_feeding_centred_rows_to_a
 
 
 def test_check_finite_false_skips_only_the_check():
-    from tl_sparsity.tl.collector import _all_finite
+    from tl_sparsity.tl.feeding import all_finite as _all_finite
 
     x = torch.randn(500, 8, generator=torch.Generator().manual_seed(2))
     a = OnlineSparseCoder(expansion=2, batch_size=100, seed=0).partial_fit(x[:230]).partial_fit(x[230:])

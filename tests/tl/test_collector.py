@@ -249,3 +249,16 @@ def test_fit_passes_the_padding_mask_to_the_model_so_left_padding_does_not_chang
     want = torch.cat(alone.learners["blocks.1.hook_resid_post"]._pending)
     assert got.shape == want.shape == (9 + 5, 32)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_collector_on_a_cpu_takes_short_learner_batches_unless_told(model):
+    """On a CPU, one forward's learning stays short (tl_sparsity.coding.cpu): learner batches of 256 rows and 1 replay
+    step, the same 8 dictionary steps per 1 024 rows as the defaults; either option given keeps the given options."""
+    from tl_sparsity.coding.options import LearnerOptions
+
+    name = "blocks.0.hook_resid_post"
+    got = {k: SparsityCollector(model, hooks=name, **kw).learners[name] for k, kw in
+           {"cpu": {}, "batch": {"batch_size": 512}, "replay": {"replay": 3}}.items()}
+    assert (got["cpu"].batch_size, got["cpu"].replay) == (256, 1)
+    assert (got["batch"].batch_size, got["batch"].replay) == (512, LearnerOptions().replay)
+    assert (got["replay"].batch_size, got["replay"].replay) == (LearnerOptions().batch_size, 3)

@@ -6,7 +6,7 @@ quarter of the coding work (2 coding passes over each row instead of 8), so conv
 comes after about as many tokens. Measured, with the command: ``docs/cpu.md``.
 
 The rule applies only where neither option is given; GPU defaults are unchanged. ``tl-sparsity run --device cpu``
-applies it; a collector built in Python takes ``**cpu_options(...)`` where wanted.
+and every collector whose learners live on a CPU (its ``device=``, else its model's) apply it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``SparsityCollector``: hook functions that stream a model's activations into one learner per hook point.
 
-Hook functions never change the activation (they return ``None``), copy what they keep, flatten
-``[batch, pos, ...]`` to rows ``[kept positions, features]``, cast to float32, and drop the BOS position and padding.
+Hook functions never change the activation (they return ``None``), copy what they keep, flatten ``[batch, pos, ...]``
+to rows ``[kept positions, features]``, cast to float32, and drop the BOS position and padding.
 Per-head activations ``[batch, pos, head, d_head]`` are measured flattened to ``[batch, pos, head·d_head]``; others
 not ``[batch, pos, d]`` (attention maps) raise at the first forward (:func:`tl_sparsity.tl.extract.check_shape`).
 TransformerLens is reached only through :mod:`tl_sparsity.tl.hooks`.
@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from ..coding.cpu import cpu_options
 from ..coding.learner import OnlineSparseCoder
 from ..report import SparsityReport
 from ..stats import side as _side
@@ -32,9 +33,9 @@ from . import hooks as _hooks
 from . import learn_progress as _progress
 from . import resume as _resume
 from . import rows as _rows
+from .text_input import model_device
 
 __all__ = ["SparsityCollector"]
-_all_finite = _feeding.all_finite  # its former home; still imported from here
 
 
 class SparsityCollector:
@@ -73,7 +74,8 @@ class SparsityCollector:
         self.model = model
         self.hook_points = _select.select_hooks(model, hooks, layers)
         self.skip_bos = bool(skip_bos)
-        self.learner_options = dict(learner_options)
+        where = learner_options.get("device") or model_device(model)  # CPU: short learner batches, see coding/cpu.py
+        self.learner_options = {**cpu_options(where, learner_options), **learner_options}
         OnlineSparseCoder(**self.learner_options)  # validate options once, with a clear error
         self.learners: dict[str, OnlineSparseCoder] = {name: self._new_learner() for name in self.hook_points}
         if not isinstance(controls, bool):

@@ -28,7 +28,7 @@ def as_batches(col: Any, token_batches: Any) -> Any:
                          "(tl_sparsity.load_model, or set model.tokenizer), or pass token ids [batch, pos] instead.")
     n_ctx = getattr(getattr(col.model, "cfg", None), "n_ctx", None) or CTX_LEN
     return _on_device(_text.text_batches(tokenizer, texts, ctx_len=min(CTX_LEN, int(n_ctx)), batch_size=BATCH_SIZE,
-                                         bos=col.skip_bos), _device(col.model))
+                                         bos=col.skip_bos), model_device(col.model))
 
 
 def _texts(batches: Any) -> list[str] | None:
@@ -58,7 +58,8 @@ def _is_path(s: str) -> bool:
         return False
 
 
-def _device(model: Any) -> Any:
+def model_device(model: Any) -> Any:
+    """The device of ``model``'s first parameter; None for a model without parameters."""
     try:
         return next(model.parameters()).device
     except (StopIteration, AttributeError, TypeError):
