@@ -4,9 +4,24 @@ options and batches the checkpoint tests use, a tiny model's planted MLP neurons
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import torch
 
 from tl_sparsity import OnlineSparseCoder, SparsityCollector
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+
+
+def load_script(relpath: str, name: str) -> ModuleType:
+    """A script of the repository (e.g. ``benchmarks/convergence.py``) imported as module ``name``, without running
+    its ``__main__`` block."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import torch
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "convergence.py"
-
+from helpers import load_script
 
 def _load():
-    spec = importlib.util.spec_from_file_location("convergence_bench", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/convergence.py", "convergence_bench")
 
 
 def test_fresh_rows_come_from_the_same_distribution_by_another_generator():

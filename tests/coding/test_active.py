@@ -1,12 +1,11 @@
 """n_active (tl_sparsity/coding/active.py, docs/active.md): hand-computed counts on small fixed codes, the metric
 key and report column, and calibration on one planted law (the study's --quick mode)."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 
 from tl_sparsity import OnlineSparseCoder, SparsityReport, sparsity_metrics
 from tl_sparsity.coding.active import active_counts, refit_coefficients, support_refit
@@ -77,11 +76,7 @@ def test_refit_coefficients_by_hand():
 
 
 def _study():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "active_count.py"
-    spec = importlib.util.spec_from_file_location("active_count", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/active_count.py", "active_count")
 
 
 def test_study_candidates_by_hand():
