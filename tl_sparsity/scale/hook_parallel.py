@@ -56,7 +56,6 @@ class HookParallelCollector(RankedCollector):
         self.owner = {name: i % self.world for i, name in enumerate(self.hook_points)}
         self._rows_seen = 0  # rows of the first hook over all ranks (the same number on every rank)
         self._with_tokens: dict[str, bool] = {}  # per neuron hook: started with token ids (known on every rank)
-        self._forwards.feed = self._feed_forward  # attach() / start(): each whole forward gathered like fit()'s
 
     @property
     def n_tokens(self) -> int:

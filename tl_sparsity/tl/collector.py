@@ -67,6 +67,7 @@ class SparsityCollector:
 
     parallel: str | None = None  #: the mode: None (one process); "data" or "hooks" in tl_sparsity.scale's subclasses
     progress = True  #: a tqdm.auto bar while a forward's rows train learners (start/attach/fwd_hooks); False: none
+    _feed_forward = _progress.feed_each  #: feeds a whole forward of start() / attach() (fit()'s: _feed); overridable
 
     def __init__(self, model: Any, hooks: _hooks.HookSpec = "resid_post", *, layers: Any = None,
                  skip_bos: bool = True, controls: bool = False, neurons: Any = None,
@@ -91,8 +92,7 @@ class SparsityCollector:
         # tl_sparsity.tl.attach's state: started?, attach() depth and hooks, own hooks per HookPoint, measured, ...
         self._started, self._attached_depth, self._on, self._measured, self._last_seen = False, 0, {}, {}, {}
         self._temporary, self._temporary_fns = {}, {}  # attach()'s and fit()'s hooks: as _persistent; their fns
-        self._forwards = _forwards.WholeForwards(model, lambda sink: _progress.feed_each(self, sink),
-                                                 before=lambda: _attach.refresh(self))  # start()'s
+        self._forwards = _forwards.WholeForwards(model, self._feed_forward, before=lambda: _attach.refresh(self))
 
     def _new_learner(self) -> OnlineSparseCoder:
         """One hook's learner (a parallel mode's shares its learning with the other ranks)."""
