@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from helpers import load_script
 
@@ -52,3 +53,18 @@ def test_quick_mode_structure(capsys):
             assert math.isfinite(s[f"{lr}_longrun"]) and math.isfinite(s[f"{lr}_longrun_fresh"])
             assert s[f"{lr}_tok5"] is not None
             assert f"{lr}_tok_verdict" in s  # the verdict column (None: never converged within the budgets)
+
+
+def test_run_agreement_by_hand():
+    """benchmarks/run_agreement.py on two small reports: ratios and rank correlation computed by hand."""
+    from tl_sparsity import SparsityReport
+
+    mod = load_script("benchmarks/run_agreement.py", "run_agreement")
+    rows = lambda vals: [{"hook": f"h{i}", "normalized_loss": v} for i, v in enumerate(vals)]  # noqa: E731
+    a, b = SparsityReport(rows([1.0, 2.0, 4.0]), {}, {}), SparsityReport(rows([0.9, 2.2, 3.0]), {}, {})
+    got = mod.agreement(a, b, "normalized_loss")
+    assert got["hooks"] == 3
+    assert (got["min"], got["median"], got["max"]) == pytest.approx((-0.25, -0.1, 0.1))
+    assert got["median_abs"] == pytest.approx(0.1) and got["spearman"] == pytest.approx(1.0)
+    swapped = mod.agreement(a, SparsityReport(rows([3.0, 2.0, 1.0]), {}, {}), "normalized_loss")
+    assert swapped["spearman"] == pytest.approx(-1.0)
