@@ -10,8 +10,9 @@ Learners (both seeded with ``--seed``):
 
 * ``old``: ``OnlineSparseCoder(batch_size=4096, replay=0, warmup_tokens=1_048_576)`` — the learner before replay,
   λ warm-up by steps and the convergence rule (λ adapts during the first 2^20 training rows);
-* ``new``: ``OnlineSparseCoder()`` — batch 1024, ``replay=7``, ``warmup_steps=100``.
+* ``new``: ``OnlineSparseCoder()`` — batch 1024, ``replay=7``, ``warmup_steps=100``, up to three rate checks.
 * ``new-lam0``: the same without the λ check at convergence (``lam_rounds=0``);
+* ``new-rate0``: the same without the rate check (``rate_checks=0``: a flat trace at the first rate is converged);
 * ``new-replay64``: the same with a replay buffer of 65 536 rows (8× the default);
 * ``adam-decay``: ``new`` with ``phi_optimizer="adam-decay"`` (Adam's rate ∝ 1/√t after λ first froze);
 * ``bcd``: ``new`` with ``phi_optimizer="bcd"`` (Mairal's block-coordinate descent on the sufficient statistics).
@@ -67,6 +68,7 @@ LEARNERS = {
     "old": dict(batch_size=4096, replay=0, warmup_tokens=1_048_576),
     "new": dict(),
     "new-lam0": dict(lam_rounds=0),  # without the λ check at convergence
+    "new-rate0": dict(rate_checks=0),  # without the rate check: a flat trace at the first rate is converged
     "new-replay64": dict(replay_size=65_536),  # a replay buffer 8× the default
     "adam-decay": dict(phi_optimizer="adam-decay"),  # Adam's rate ∝ 1/√t once λ froze
     "bcd": dict(phi_optimizer="bcd"),  # Mairal's block-coordinate descent on A = Σαᵀα, B = Σαᵀx

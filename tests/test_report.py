@@ -143,7 +143,8 @@ def test_convergence_fields_are_columns_and_survive_the_json_round_trip(tmp_path
     rep = _convergence_report()
     rep.rows[1]["drift"] = float("nan")
     cols = list(rep.df.columns)
-    assert cols[cols.index("fvu") + 1:cols.index("fvu") + 5] == ["converged", "n_steps", "drift", "convergence"]
+    assert cols[cols.index("fvu") + 1:cols.index("fvu") + 6] == ["converged", "n_steps", "drift", "rate_change",
+                                                                 "convergence"]
     assert cols[-1] == "status"
     back = SparsityReport.load(rep.save(tmp_path / "r.json"))
     assert back == rep

@@ -20,7 +20,7 @@ __all__ = ["SparsityReport"]
 
 COLUMNS = ("hook", "layer", "site", "d_in", "n_atoms", "n_rows", "n_tokens", "n_heldout", "n_eval", "lam",
            "normalized_loss", "normalized_loss_se", "n_active", "n_active_se", "coef_norm", "nnz", "fvu", "converged",
-           "n_steps", "drift", "convergence", "capped", "n_dropped", "n_massive", "status")
+           "n_steps", "drift", "rate_change", "convergence", "capped", "n_dropped", "n_massive", "status")
 _FORMAT_VERSION = 1
 
 

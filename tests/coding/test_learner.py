@@ -174,7 +174,8 @@ def test_options_object_holds_the_constructor_s_arguments_defaults_and_checks():
     # get_params: every argument but device, in this order (saved files and reports rely on it)
     keys = ["d_in", "expansion", "lam", "solver", "seed", "batch_size", "lr", "warmup_tokens", "lam_ratio",
             "holdout_frac", "reservoir_size", "max_steps", "phi_steps", "init", "center", "replay", "replay_size",
-            "warmup_steps", "probe_size", "tol", "min_steps", "lam_rounds", "massive_ratio", "phi_optimizer"]
+            "warmup_steps", "probe_size", "tol", "min_steps", "lam_rounds", "rate_checks", "massive_ratio",
+                "phi_optimizer"]
     c = OnlineSparseCoder(expansion=3, seed=4.0, lam=1, center=0, replay_size=9.0, device="cpu")
     assert list(c.get_params()) == keys and c.device == "cpu"
     assert [type(v) for v in (c.seed, c.lam, c.center, c.replay_size)] == [int, float, bool, int]  # as before

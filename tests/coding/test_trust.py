@@ -161,3 +161,81 @@ def test_lambda_is_re_estimated_at_convergence_to_its_fixed_point_on_training_ro
     for x in SparseLinear(24, 4, seed=1).batches(60_000, 4096):  # the same rows again
         still.partial_fit(x)
     assert still.convergence_["lam_checks"] == [] and still.lam_ == changed[0][1]
+
+
+def test_rate_check_on_known_curves():
+    """A flat trace is not yet converged: the rate is cut, and the verdict waits for a flat trace at the same level."""
+    t = ConvergenceTrace(tol=0.02, min_steps=100, rate_checks=2)
+    t.lam_frozen_at = 10
+
+    def run(lo, hi, value):
+        for s in range(lo, hi):
+            if ConvergenceTrace.due(s, t.origin):  # the schedule restarts at each cut
+                t.add(s, value)
+
+    run(1, 401, 3.0)
+    v = t.verdict(400)
+    assert v["flat"] and not v["converged"] and "checking that a 10× smaller rate" in v["reason"]
+    assert v["level"] == pytest.approx(3.0) and v["rate_change"] is None
+    t.cut(400, v["level"])
+    assert t.rate_scale == pytest.approx(0.1)
+    run(401, 600, 2.7)  # the smaller rate went 10 % lower
+    assert t.verdict(599)["reason"] == "the dictionary's rate was cut at step 400; judged again from step 600"
+    run(600, 801, 2.7)
+    v = t.verdict(800)
+    assert v["flat"] and not v["converged"] and v["rate_change"] == pytest.approx(-0.1)
+    assert "moved held-out normalized loss -10.0%" in v["reason"]
+    t.cut(800, v["level"])
+    run(801, 1201, 2.69)  # 0.4 % lower: the level is where a smaller rate goes too
+    v = t.verdict(1200)
+    assert v["converged"] and v["rate_change"] == pytest.approx(2.69 / 2.7 - 1)
+    run(1201, 2001, 2.69)
+    t.lam_frozen_at = 1000  # λ moved after the last cut: that comparison no longer holds, and no check is left
+    v = t.verdict(2000)
+    assert not v["converged"] and "λ was re-estimated after the last rate check" in v["reason"]
+    assert "all 2 rate checks spent" in v["reason"]
+    back = ConvergenceTrace(tol=0.02, min_steps=100, rate_checks=2)
+    back.load_state(t.state())
+    assert back == t and back.rate_scale == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="at most rate_checks"):
+        ConvergenceTrace(rate_checks=1).load_state(t.state())
+    off = ConvergenceTrace(tol=0.02, min_steps=100)  # rate_checks=0: a flat trace is converged
+    off.lam_frozen_at = 10
+    for s in range(1, 401):
+        off.add(s, 3.0)
+    assert off.verdict()["converged"]
+
+
+def test_converged_means_the_long_run_value_not_a_constant_rate_s_plateau(tmp_path):
+    """At a constant rate the dictionary settles at a level a smaller rate goes below (here 5× the default rate: about
+    10 % above): a flat trace alone called that converged. With the rate check the verdict comes at the long-run
+    value, measured by a learner at a 30× smaller rate trained 4× longer, on fresh rows."""
+    src = SparseLinear(24, 4, seed=0)
+    test = src.sample(4000)
+    lr = 5 * 0.05 / 24**0.5
+    opts = dict(seed=0, batch_size=256, warmup_steps=50, min_steps=100)
+
+    def until_converged(**kw):
+        c = OnlineSparseCoder(**opts, **kw)
+        for x in src.batches(200_000, 2048):
+            c.partial_fit(x)
+            if c.converged_:
+                break
+        return c
+
+    plateau, checked = until_converged(lr=lr, rate_checks=0), until_converged(lr=lr)
+    assert plateau.converged_ and checked.converged_ and len(checked.trace_.rate_cuts) >= 1
+    ref = OnlineSparseCoder(**opts, lr=lr / 30, rate_checks=0)
+    for x in src.batches(4 * checked.n_tokens_, 2048):
+        ref.partial_fit(x)
+    value = {k: c.evaluate(test)["normalized_loss"] for k, c in
+             (("plateau", plateau), ("checked", checked), ("ref", ref))}
+    assert value["plateau"] > 1.06 * value["ref"], value  # the old verdict: converged, 10 % off
+    assert abs(value["checked"] / value["ref"] - 1) < 0.02, value
+    assert checked.n_steps_ < 4 * plateau.n_steps_  # at the cost of more steps, not of a budget without end
+    assert checked.convergence_["rate_change"] is not None and abs(checked.convergence_["rate_change"]) <= 0.02
+    back = OnlineSparseCoder.load(checked.save(tmp_path / "c.safetensors"))  # the cuts, and so the rate, are saved
+    assert back.trace_ == checked.trace_ and back.trace_.rate_scale < 1 and back.converged_
+    x = src.sample(2048)
+    back.partial_fit(x), checked.partial_fit(x)
+    assert torch.equal(back.dictionary_, checked.dictionary_)

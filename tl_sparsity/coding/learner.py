@@ -35,7 +35,6 @@ from torch import Tensor
 from . import state_io as _state
 from .bounds import RowRule, normalise
 from .massive import MassiveRows
-from .convergence import ConvergenceTrace
 from .devices import check_device
 from .metrics import MetricAccumulator
 from .options import SAVED_FIELDS, LearnerOptions
@@ -98,6 +97,7 @@ class OnlineSparseCoder(RowRule, MassiveRows, Tracking, TrainingStep):
         tol: float = _O.tol,
         min_steps: int = _O.min_steps,
         lam_rounds: int = _O.lam_rounds,
+        rate_checks: int = _O.rate_checks,
         massive_ratio: float | None = _O.massive_ratio,
         phi_optimizer: str = _O.phi_optimizer,
     ) -> None:
@@ -106,7 +106,7 @@ class OnlineSparseCoder(RowRule, MassiveRows, Tracking, TrainingStep):
             warmup_tokens=warmup_tokens, lam_ratio=lam_ratio, holdout_frac=holdout_frac, reservoir_size=reservoir_size,
             max_steps=max_steps, phi_steps=phi_steps, device=device, init=init, center=center, replay=replay,
             replay_size=replay_size, warmup_steps=warmup_steps, probe_size=probe_size, tol=tol, min_steps=min_steps,
-            lam_rounds=lam_rounds, massive_ratio=massive_ratio, phi_optimizer=phi_optimizer)
+            lam_rounds=lam_rounds, rate_checks=rate_checks, massive_ratio=massive_ratio, phi_optimizer=phi_optimizer)
         for name, value in options.as_dict().items():  # plain attributes: the learner's own from here on
             setattr(self, name, value)
         check_device(self.device)  # here, not as torch's bare AssertionError at the first batch
@@ -116,7 +116,7 @@ class OnlineSparseCoder(RowRule, MassiveRows, Tracking, TrainingStep):
         self.massive_norm_ = math.inf
         self.dictionary_: Tensor | None = None
         self._gen: torch.Generator | None = None
-        self.trace_ = ConvergenceTrace(self.tol, self.min_steps)
+        self.trace_ = self._new_trace()
 
     @classmethod
     def from_options(cls, options: LearnerOptions) -> "OnlineSparseCoder":

@@ -94,6 +94,13 @@ class LearnerOptions:
     more than ``tol``, the new λ is set and convergence is judged afresh from there. A hook is converged only once a
     check in the last half of its steps found λ where it is (or the re-estimates are spent). 0 keeps λ frozen after
     warm-up."""
+    rate_checks: int = 3
+    """How many times the dictionary's rate may be cut to check a verdict (:mod:`tl_sparsity.coding.convergence`):
+    when the held-out trace is flat, the rate is divided by 10 and training goes on; the hook is converged once the
+    trace is flat again and the cut moved its level by at most ``tol``, else the rate is cut again. A constant rate
+    settles above the level a smaller one reaches (2–22 % on SmolLM2-135M), so without the check "converged" means
+    "settled at this rate". 0 skips it (a flat trace is converged). Not used by ``phi_optimizer="bcd"``, which has no
+    rate."""
     massive_ratio: float | None = 3.0
     """Rows longer than ``massive_ratio`` × the 99th percentile of the first batch's training rows' norms are
     massive activations (attention sinks): kept out of learning and of every metric, counted in ``n_massive_``
@@ -143,7 +150,7 @@ class LearnerOptions:
             raise ValueError(f"massive_ratio must be > 1 (or None to keep every row), got {self.massive_ratio!r}.")
         if int(self.probe_size) < 8:
             raise ValueError(f"probe_size must be ≥ 8 held-out rows, got {self.probe_size!r}.")
-        ConvergenceTrace(self.tol, self.min_steps)  # validates tol and min_steps
+        ConvergenceTrace(self.tol, self.min_steps, rate_checks=self.rate_checks)  # validates the rule's options
         for name, kind in _NORMALISE.items():
             value = getattr(self, name)
             if not (value is None and name in _OPTIONAL):
@@ -161,13 +168,13 @@ _NORMALISE: dict[str, type] = {
     "d_in": int, "lam": float, "seed": int, "batch_size": int, "warmup_tokens": int, "lam_ratio": float,
     "holdout_frac": float, "reservoir_size": int, "phi_steps": int, "center": bool, "replay": int,
     "replay_size": int, "warmup_steps": int, "probe_size": int, "tol": float, "min_steps": int, "lam_rounds": int,
-    "massive_ratio": float,
+    "rate_checks": int, "massive_ratio": float,
 }
 _OPTIONAL = ("d_in", "lam", "warmup_tokens", "replay_size", "massive_ratio")
 #: The numeric fields, checked for finiteness before anything else.
 _NUMERIC = ("d_in", "expansion", "lam", "seed", "batch_size", "lr", "warmup_tokens", "lam_ratio", "holdout_frac",
             "reservoir_size", "max_steps", "phi_steps", "replay", "replay_size", "warmup_steps", "probe_size", "tol",
-            "min_steps", "lam_rounds", "massive_ratio")
+            "min_steps", "lam_rounds", "rate_checks", "massive_ratio")
 
 
 #: The fields ``get_params()`` returns and learner files record, in order: all but ``device``.

@@ -6,7 +6,8 @@
   :meth:`~tl_sparsity.coding.training.TrainingStep._phi_step`.
 * ``"adam-decay"``: the same Adam step with the rate :func:`decayed_lr`: constant until λ first froze (step t₀, at
   least :data:`DECAY_START`), then ``lr·√(t₀/t)`` at dictionary step t. A re-estimate of λ after that does not
-  restart it.
+  restart it. Both Adam rates are divided by 10 at each rate check of the convergence verdict
+  (:mod:`~tl_sparsity.coding.convergence`).
 * ``"bcd"``: Mairal et al.'s online dictionary learning (JMLR 2010): the sufficient statistics
   A ← β·A + αᵀα/n ``[m, m]`` and B ← β·B + αᵀx/n ``[m, d]`` of each step's rows (:func:`accumulate`; β =
   :func:`forgetting`: a short memory while λ adapts, then restarted at λ's freeze and growing with the steps since),

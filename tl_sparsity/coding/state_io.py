@@ -103,7 +103,7 @@ def restore_learner(lr: Any, tensors: dict[str, Tensor], meta: dict[str, Any],
         m = lr.dictionary_.shape[0] if lr.phi_optimizer == "bcd" else 0
         lr._bcd_a = on.get("bcd_a", torch.zeros(m, m, device=dev))
         lr._bcd_b = on.get("bcd_b", torch.zeros(m, lr.d_in, device=dev))
-    lr.trace_ = type(lr.trace_)(lr.tol, lr.min_steps)
+    lr.trace_ = lr._new_trace()
     if "trace" in st:
         lr.trace_.load_state(st["trace"])
     return lr
@@ -196,10 +196,11 @@ def read_learner(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 def saved_params(meta: dict[str, Any]) -> dict[str, Any]:
     """A learner file's constructor parameters, with the values that files written before an option existed
-    imply: ``center`` True; no replay, the convergence rule's defaults and no λ check after convergence (the
+    imply: ``center`` True; no replay, the convergence rule's defaults and no λ or rate check after convergence (the
     one-pass learner), no massive-row rule and the constant-rate Adam Φ-step."""
     return {"center": True, "replay": 0, "replay_size": None, "warmup_steps": 100, "probe_size": 512, "tol": 0.02,
-            "min_steps": 400, "lam_rounds": 0, "massive_ratio": None, "phi_optimizer": "adam", **meta["params"]}
+            "min_steps": 400, "lam_rounds": 0, "rate_checks": 0, "massive_ratio": None, "phi_optimizer": "adam",
+            **meta["params"]}
 
 
 def _check_params(lr: Any, meta: dict[str, Any], where: str) -> None:
@@ -283,6 +284,6 @@ def check_learner(tensors: dict[str, Tensor], meta: dict[str, Any], where: str) 
         raise bad("replay_pos", f"({st['replay_pos']}) is beyond the replay buffer of {size} rows")
     try:
         if "trace" in st:
-            ConvergenceTrace(opts.tol, opts.min_steps).load_state(st["trace"])
+            ConvergenceTrace(opts.tol, opts.min_steps, rate_checks=opts.rate_checks).load_state(st["trace"])
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise bad("trace", f"is invalid: {type(e).__name__}: {e}") from e

@@ -6,6 +6,8 @@
   (:mod:`tl_sparsity.coding.convergence`), and the verdict ``convergence_`` / ``converged_``.
 - The check of λ at convergence: at the first trace point where the rule says converged (and again after each
   re-estimate, up to ``lam_rounds`` times), λ's fixed point is recomputed with the learned dictionary.
+- The rate check: when the trace is flat (and λ checked), the dictionary's rate is cut by 10 and the verdict waits
+  for the trace to be flat again at the level it had (up to ``rate_checks`` cuts).
 - The replay buffer: a ring of the most recent training rows (``replay_size``), from which ``replay`` extra
   dictionary steps per batch draw their rows.
 """
@@ -86,14 +88,21 @@ class Tracking:
             return self.n_tokens_ < self.warmup_tokens
         return self.n_steps_ < self.warmup_steps
 
+    def _new_trace(self) -> ConvergenceTrace:
+        """An empty trace with this learner's rule (no rate checks for block-coordinate descent: it has no rate)."""
+        checks = 0 if self.phi_optimizer == "bcd" else self.rate_checks
+        return ConvergenceTrace(self.tol, self.min_steps, rate_checks=checks)
+
     @property
     def convergence_(self) -> dict:
         """The convergence rule's verdict now: ``converged`` (bool), ``drift`` (relative change of the held-out
-        probe's normalized loss over the last half of training), ``reason``, ``n_steps``, ``lam_frozen_at``."""
+        probe's normalized loss over the last half of training), ``rate_change`` (how much the last cut of the rate
+        moved it), ``reason``, ``n_steps``, ``lam_frozen_at``, ``lam_checks``, ``rate_cuts``."""
         out = self.trace_.verdict(self.n_steps_)
         checks = self.trace_.lam_checks
-        if out["converged"] and self._lam_check_due() and not (checks and checks[-1][1] == checks[-1][2]):
-            out["converged"], out["reason"] = False, "λ not yet checked at its fixed point"
+        if out["flat"] and self._lam_check_due() and not (checks and checks[-1][1] == checks[-1][2]):
+            out["converged"] = out["flat"] = False
+            out["reason"] = "λ not yet checked at its fixed point"
         elif checks and checks[-1][1] != checks[-1][2] and not out["converged"]:
             step, before, after = checks[-1]
             out["reason"] += f" (λ re-estimated at step {int(step)}: {before:.4g} → {after:.4g})"
@@ -103,7 +112,7 @@ class Tracking:
             out["reason"] = (f"the held-out probe has {self._probe_fill} of its {self.probe_size} rows; feed more "
                              "tokens (or raise holdout_frac)")
         return {**out, "n_steps": self.n_steps_, "lam_frozen_at": self.trace_.lam_frozen_at,
-                "lam_checks": [list(c) for c in checks]}
+                "lam_checks": [list(c) for c in checks], "rate_cuts": [list(c) for c in self.trace_.rate_cuts]}
 
     @property
     def converged_(self) -> bool:
@@ -128,8 +137,8 @@ class Tracking:
 
     def _next_point(self) -> int:
         """The first step after the last trace point at which the schedule takes a point."""
-        s = self.trace_.steps[-1] + 1
-        while not ConvergenceTrace.due(s):
+        s, origin = self.trace_.steps[-1] + 1, self.trace_.origin
+        while not ConvergenceTrace.due(s, origin):
             s += 1
         return s
 
@@ -138,6 +147,7 @@ class Tracking:
         same steps on every process that shares the learner)."""
         if self._track():
             self._check_lam(x, n_total)
+            self._check_rate()
 
     # ------------------------------------------------------------------ λ at its fixed point
     def _lam_check_due(self) -> bool:
@@ -170,6 +180,14 @@ class Tracking:
         else:
             self.trace_.lam_frozen_at = self.n_steps_
         checks.append([self.n_steps_, before, self.lam_])
+
+    def _check_rate(self) -> None:
+        """At each trace point: if the trace is flat (λ checked) but the verdict still needs a rate check, and one is
+        left, cut the dictionary's rate (:meth:`ConvergenceTrace.cut`, recording the window's level)."""
+        v = self.convergence_
+        due = v["flat"] and not v["converged"] and len(self.trace_.rate_cuts) < self.trace_.rate_checks
+        if self._agree(due):
+            self.trace_.cut(self.n_steps_, v["level"])
 
     def _agree(self, flag: bool) -> bool:
         """``flag`` as all processes that share this learner see it (one process here)."""

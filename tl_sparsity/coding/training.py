@@ -161,10 +161,10 @@ class TrainingStep:
         phi = self.dictionary_
         grad = self._phi_grad(x, alpha, n_total) if grad is None else grad
         self.n_steps_ += 1
-        lr = self._lr
+        lr = self._lr * self.trace_.rate_scale  # 1/10 per rate check so far (convergence)
         if self.phi_optimizer == "adam-decay":
             self._note_freeze()
-            lr = decayed_lr(self._lr, self.n_steps_, None if self._phi_t0 is None else max(self._phi_t0, DECAY_START))
+            lr = decayed_lr(lr, self.n_steps_, None if self._phi_t0 is None else max(self._phi_t0, DECAY_START))
         if triton_applies(x, phi):  # one fused Adam-on-the-sphere kernel
             from .kernels import adam_sphere_step
 

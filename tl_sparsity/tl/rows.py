@@ -75,7 +75,8 @@ def learner_row(learner: OnlineSparseCoder) -> dict[str, Any]:
         "n_eval": 0, "lam": None, "normalized_loss": float("nan"), "normalized_loss_se": float("nan"),
         "n_active": float("nan"), "n_active_se": float("nan"), "coef_norm": float("nan"), "nnz": float("nan"), "fvu": float("nan"), "capped": learner.capped_,
         "n_dropped": learner.n_dropped_, "n_massive": learner.n_massive_, "converged": None,
-        "n_steps": learner.n_steps_, "drift": float("nan"), "convergence": "no dictionary yet",
+        "n_steps": learner.n_steps_, "drift": float("nan"), "rate_change": float("nan"),
+        "convergence": "no dictionary yet",
     }
     row["n_rows"] = row_count(row, learner)
     seen = learner.n_tokens_ + learner.n_heldout_ + learner.n_pending_
@@ -101,7 +102,9 @@ def learner_row(learner: OnlineSparseCoder) -> dict[str, Any]:
     for k in ("normalized_loss", "normalized_loss_se", "n_active", "n_active_se", "coef_norm", "nnz", "fvu"):
         row[k] = ev[k]
     verdict = learner.convergence_
-    row.update(converged=bool(verdict["converged"]), drift=float(verdict["drift"]), convergence=verdict["reason"])
+    change = verdict["rate_change"]
+    row.update(converged=bool(verdict["converged"]), drift=float(verdict["drift"]),
+               rate_change=float("nan") if change is None else float(change), convergence=verdict["reason"])
     problem = _degenerate(learner.heldout_) or _metric_problem(row)
     if problem:
         row["status"] = problem
