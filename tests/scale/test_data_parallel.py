@@ -15,6 +15,13 @@ from tl_sparsity import OnlineSparseCoder, SparsityCollector
 HOOKS = "blocks.0.hook_resid_post,blocks.1.hook_resid_post,blocks.1.mlp.hook_post"
 OPTS = dict(batch_size=128, warmup_tokens=256, controls=True, neurons="blocks.1.mlp.hook_post")
 CODER = dict(expansion=4, batch_size=96, warmup_tokens=300, seed=3, reservoir_size=50)
+#: A rule loose enough that the verdict's rate check cuts the rate within a few dozen steps.
+LOOSE = dict(expansion=2, batch_size=32, seed=3, reservoir_size=50, probe_size=8, warmup_steps=4, min_steps=8,
+             tol=0.3, lam_rounds=0)
+
+
+def _finite_chunks(rank: int, passes: int = 3) -> list[torch.Tensor]:
+    return [x[torch.isfinite(x).all(1)] for _ in range(passes) for x in _chunks(rank)]
 
 
 def _chunks(rank: int) -> list[torch.Tensor]:
@@ -118,6 +125,11 @@ def _worker(rank: int) -> dict:
     res["count_errors"] = _fed_with_counts(rank, counted)
     res["counted"] = {"dict": counted.dictionary_, "heldout": counted.heldout_.clone(), "lam": counted.lam_,
                       "counts": (counted.n_tokens_, counted.n_heldout_, counted.n_pending_, counted.n_dropped_)}
+    loose = DataParallelCoder(**LOOSE)
+    for x in _finite_chunks(rank):
+        loose.partial_fit(x)
+    res["loose"] = {"dict": loose.dictionary_.clone(), "cuts": loose.trace_.rate_cuts, "steps": loose.n_steps_,
+                    "converged": loose.converged_}
     col = SparsityCollector(_model(), hooks=HOOKS, **OPTS)
     assert col.parallel == "data"
     calls: list[str] = []
@@ -187,6 +199,22 @@ def test_data_parallel_over_two_processes_equals_one_process_fed_the_ranks_rows_
         for name, d in res["col_dicts"].items():
             torch.testing.assert_close(d, one.learners[name].dictionary_, atol=1e-3, rtol=0)
     assert repr(results[0]["report"]["rows"]) == repr(results[1]["report"]["rows"])  # every rank: the same report
+
+
+def test_data_parallel_ranks_cut_the_rate_at_the_steps_one_process_does(two_ranks):
+    """The verdict's rate check (a collective decision, like λ's) cuts the dictionary's rate on every rank at once,
+    at the steps one process fed the ranks' rows interleaved cuts it."""
+    single = OnlineSparseCoder(**LOOSE, replay=0)
+    for a, b in zip(_finite_chunks(0), _finite_chunks(1)):
+        single.partial_fit(a).partial_fit(b)
+    assert single.trace_.rate_cuts and single.converged_
+    for res in two_ranks:
+        got = res["loose"]
+        assert got["steps"] == single.n_steps_ and got["converged"]
+        assert [c[0] for c in got["cuts"]] == [c[0] for c in single.trace_.rate_cuts]
+        assert [c[1] for c in got["cuts"]] == pytest.approx([c[1] for c in single.trace_.rate_cuts], rel=1e-3)
+        torch.testing.assert_close(got["dict"], single.dictionary_, atol=1e-4, rtol=0)
+    assert torch.equal(two_ranks[0]["loose"]["dict"], two_ranks[1]["loose"]["dict"])
 
 
 def test_partial_fit_with_every_ranks_counts_equals_the_exchange_and_rejects_wrong_counts(two_ranks):
