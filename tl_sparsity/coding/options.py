@@ -98,7 +98,7 @@ class LearnerOptions:
     """How many times the dictionary's rate may be cut to check a verdict (:mod:`tl_sparsity.coding.convergence`):
     when the held-out trace is flat, the rate is divided by 10 and training goes on; the hook is converged once the
     trace is flat again and the cut moved its level by at most ``tol``, else the rate is cut again. A constant rate
-    settles above the level a smaller one reaches (2–22 % on SmolLM2-135M), so without the check "converged" means
+    settles above the level a smaller one reaches (6–20 % on SmolLM2-135M), so without the check "converged" means
     "settled at this rate". 0 skips it (a flat trace is converged). Not used by ``phi_optimizer="bcd"``, which has no
     rate."""
     massive_ratio: float | None = 3.0
