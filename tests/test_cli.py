@@ -148,6 +148,25 @@ def test_compare_warns_naming_the_budget_and_options_that_differ(tmp_path, capsy
     assert "warning" not in out + err
 
 
+def test_an_option_a_report_predates_counts_as_the_value_runs_had_before_it_existed(tmp_path, capsys):
+    """A report written before ``rate_checks`` existed was measured without rate checks: show and compare say so,
+    instead of taking it for today's default."""
+    import json
+
+    old = _saved(tmp_path, "old")
+    data = json.loads(old.read_text())
+    del data["meta"]["options"]["rate_checks"]
+    old.write_text(json.dumps(data))
+    assert cli.main(["show", str(old)]) == 0
+    assert ("options differing from the defaults: rate_checks=0 (not recorded: made before the option existed)"
+            in capsys.readouterr().out)
+    assert cli.main(["compare", str(old), str(_saved(tmp_path, "new"))]) == 0
+    out, err = capsys.readouterr()
+    assert "rate_checks: 0 (a), 3 (b)" in out.splitlines()[0] and "rate_checks" in err
+    assert cli.main(["compare", str(old), str(_saved(tmp_path, "same", rate_checks=0))]) == 0
+    assert "warning" not in "".join(capsys.readouterr())
+
+
 # ------------------------------------------------------------------------------------------------- resume
 RUN = ["--hooks", "resid_post", "--tokens", "3000", "--ctx-len", "32", "--learner-batch-size", "256",
        "--no-progress"]

@@ -21,6 +21,14 @@ def _default_options() -> dict[str, Any]:
     return {k: v for k, v in LearnerOptions().as_dict().items() if k not in _NOT_OPTIONS}
 
 
+def _recorded(opts: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
+    """A report's options with those it does not record filled in: the value a run made before the option existed
+    had (e.g. ``rate_checks`` 0), else today's default. Empty when the report records no options at all."""
+    from .coding.state_io import IMPLIED_PARAMS
+
+    return {k: opts[k] if k in opts else IMPLIED_PARAMS.get(k, v) for k, v in default.items()} if opts else {}
+
+
 def describe(report: SparsityReport) -> list[str]:
     """The metadata lines ``show`` prints before the table."""
     meta, rows = report.meta, report.rows
@@ -43,7 +51,9 @@ def describe(report: SparsityReport) -> list[str]:
     opts = meta.get("options", {})
     lines.append(f"device: {run.get('device') or opts.get('device') or 'not recorded'}")
     default = _default_options()
-    changed = [f"{k}={opts[k]!r}" for k in default if k in opts and opts[k] != default[k]]
+    full = _recorded(opts, default)
+    changed = [f"{k}={full[k]!r}" + ("" if k in opts else " (not recorded: made before the option existed)")
+               for k in full if full[k] != default[k]]
     lines.append("options differing from the defaults: " + (", ".join(changed) if changed else "none") + (
         "" if opts else " (not recorded)"))
     known = [r for r in rows if r.get("converged") is not None]
@@ -66,16 +76,15 @@ def _ranges(layers: list[str]) -> str:
 
 def differences(a: SparsityReport, b: SparsityReport, labels: tuple[str, str] = ("a", "b")) -> list[str]:
     """``"<what>: <value> (a), <value> (b)"`` for each budget setting and learner option in which the runs differ
-    (a setting one report does not record counts as differing only when the other's is not its default)."""
+    (an option a report does not record counts as the value runs made before it existed had, else the default)."""
     out = []
     ra, rb = a.meta.get("run", {}), b.meta.get("run", {})
     for k in _BUDGET:
         if (k in ra or k in rb) and ra.get(k) != rb.get(k):
             out.append(f"{k}: {ra.get(k, 'not recorded')} ({labels[0]}), {rb.get(k, 'not recorded')} ({labels[1]})")
-    oa, ob, default = a.meta.get("options", {}), b.meta.get("options", {}), _default_options()
+    default = _default_options()
+    oa, ob = _recorded(a.meta.get("options", {}), default), _recorded(b.meta.get("options", {}), default)
     for k in dict.fromkeys([*oa, *ob]):
-        if k in _NOT_OPTIONS:
-            continue
         va, vb = oa.get(k, default.get(k)), ob.get(k, default.get(k))
         if va != vb:
             out.append(f"{k}: {va!r} ({labels[0]}), {vb!r} ({labels[1]})")

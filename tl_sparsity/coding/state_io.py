@@ -194,13 +194,17 @@ def read_learner(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return learner_from_bytes(data, str(path))
 
 
+#: The options that learner files (and reports) written before each option existed imply by not recording it:
+#: ``center`` True; no replay, the convergence rule's defaults and no λ or rate check after convergence (the one-pass
+#: learner), no massive-row rule and the constant-rate Adam Φ-step.
+IMPLIED_PARAMS: dict[str, Any] = {
+    "center": True, "replay": 0, "replay_size": None, "warmup_steps": 100, "probe_size": 512, "tol": 0.02,
+    "min_steps": 400, "lam_rounds": 0, "rate_checks": 0, "massive_ratio": None, "phi_optimizer": "adam"}
+
+
 def saved_params(meta: dict[str, Any]) -> dict[str, Any]:
-    """A learner file's constructor parameters, with the values that files written before an option existed
-    imply: ``center`` True; no replay, the convergence rule's defaults and no λ or rate check after convergence (the
-    one-pass learner), no massive-row rule and the constant-rate Adam Φ-step."""
-    return {"center": True, "replay": 0, "replay_size": None, "warmup_steps": 100, "probe_size": 512, "tol": 0.02,
-            "min_steps": 400, "lam_rounds": 0, "rate_checks": 0, "massive_ratio": None, "phi_optimizer": "adam",
-            **meta["params"]}
+    """A learner file's constructor parameters, with :data:`IMPLIED_PARAMS` for those it does not record."""
+    return {**IMPLIED_PARAMS, **meta["params"]}
 
 
 def _check_params(lr: Any, meta: dict[str, Any], where: str) -> None:
