@@ -279,7 +279,10 @@ def test_fit_until_converged_freezes_each_hook_when_it_converges_stops_when_all_
         assert lr.converged_, (name, lr.convergence_)
         # frozen at once: one learner batch (1 + replay steps) earlier it had not converged
         assert not lr.trace_.verdict(lr.n_steps_ - (1 + lr.replay))["converged"], name
-    assert all(r["converged"] for r in whole.report().rows)
+    rows = whole.report().rows
+    assert all(r["converged"] for r in rows)
+    # each verdict came after at least one cut of the rate that moved the level by at most tol (the row's evidence)
+    assert all(whole.learners[r["hook"]].trace_.rate_cuts and abs(r["rate_change"]) <= UNTIL["tol"] for r in rows)
     # interrupted mid-run and resumed from its checkpoint: the same learners, bit for bit
     col = SparsityCollector(model, hooks=HOOKS, **UNTIL)
     with pytest.raises(KeyboardInterrupt):
