@@ -29,8 +29,9 @@ with values 13–30 % away from where 3 900 steps ended (``docs/convergence.md``
 The rate check was added by measurement too: a dictionary trained at a constant rate settles at a level that a
 smaller rate goes below — on SmolLM2-135M's residual stream the check lowered the values 6–20 % (median 15 %) — so
 a flat trace alone says "settled at this rate", not "at the method's value". If the excess over the long-run value
-grows about in proportion to the rate, a cut by 10 that lowers the level by at most ``tol`` leaves an excess of at
-most ``tol``/9 (``docs/convergence.md``).
+grew in proportion to the rate and a cut's effect were read in full, a cut by 10 that lowers the level by at most
+``tol`` would leave an excess of at most ``tol``/9; on real activations the effect is still growing when it is read,
+and the verdict rests on the drops shrinking from cut to cut, as measured in ``docs/convergence.md``.
 
 A learning curve that still falls by more than ``tol`` over the last half of its steps is not at its long-run
 value; one that moves less has, on the synthetic sources of ``benchmarks/convergence.py``, come within a few per
