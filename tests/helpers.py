@@ -23,6 +23,7 @@ def load_script(relpath: str, name: str) -> ModuleType:
     spec.loader.exec_module(mod)
     return mod
 
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Sparse coding writes each activation as a few dictionary atoms.",

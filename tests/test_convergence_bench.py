@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import load_script
 
+
 def _load():
     return load_script("benchmarks/convergence.py", "convergence_bench")
 
@@ -68,3 +69,28 @@ def test_run_agreement_by_hand():
     assert got["median_abs"] == pytest.approx(0.1) and got["spearman"] == pytest.approx(1.0)
     swapped = mod.agreement(a, SparsityReport(rows([3.0, 2.0, 1.0]), {}, {}), "normalized_loss")
     assert swapped["spearman"] == pytest.approx(-1.0)
+    a.rows[2]["converged"], b.rows[0]["converged"] = False, False  # --converged: hooks both runs call converged
+    for r in a.rows[:2] + b.rows[1:]:
+        r.setdefault("converged", True)
+    only = mod.agreement(a, b, "normalized_loss", converged=True)
+    assert only["hooks"] == 1 and only["median"] == pytest.approx(0.1) and math.isnan(only["spearman"])
+
+
+def test_rate_cut_drops_by_hand():
+    """benchmarks/rate_cut_drops.py finds the cuts where a learner's trace schedule restarts, and each cut's drop."""
+    from tl_sparsity import SparsityReport
+    from tl_sparsity.coding.convergence import ConvergenceTrace
+
+    mod = load_script("benchmarks/rate_cut_drops.py", "rate_cut_drops")
+    t = ConvergenceTrace(rate_checks=2)
+    level = {0: 4.0, 400: 3.0, 600: 2.9}  # the value from each cut on: the first cut drops 25 %, the second 3.3 %
+    for s in range(1, 1000):  # as a learner does: the point at step s, then (at 400 and 600) the cut
+        if ConvergenceTrace.due(s, t.origin):
+            t.add(s, level[max(o for o in level if o < s)])
+        if s in (400, 600):
+            t.cut(s, level[0 if s == 400 else 400])
+    assert [c[0] for c in t.rate_cuts] == mod.cut_steps(t.steps) == [400, 600]
+    assert mod.drops(t.steps, t.values) == pytest.approx([3.0 / 4.0 - 1, 2.9 / 3.0 - 1])
+    table = [{"step": s, "normalized_loss": v} for s, v in zip(t.steps, t.values)]
+    report = SparsityReport([{"hook": "h"}], {}, {"trace/h": table, "trace/g": table[:5]})
+    assert mod.by_cut(report) == {0: pytest.approx([-0.25]), 1: pytest.approx([2.9 / 3.0 - 1])}
