@@ -175,7 +175,7 @@ def test_rate_check_on_known_curves():
 
     run(1, 401, 3.0)
     v = t.verdict(400)
-    assert v["flat"] and not v["converged"] and "checking that a 10× smaller rate" in v["reason"]
+    assert v["flat"] and v["cut"] and not v["converged"] and "checking that a 10× smaller rate" in v["reason"]
     assert v["level"] == pytest.approx(3.0) and v["rate_change"] is None
     t.cut(400, v["level"])
     assert t.rate_scale == pytest.approx(0.1)
@@ -183,17 +183,17 @@ def test_rate_check_on_known_curves():
     assert t.verdict(599)["reason"] == "the dictionary's rate was cut at step 400; judged again from step 600"
     run(600, 801, 2.7)
     v = t.verdict(800)
-    assert v["flat"] and not v["converged"] and v["rate_change"] == pytest.approx(-0.1)
+    assert v["flat"] and v["cut"] and not v["converged"] and v["rate_change"] == pytest.approx(-0.1)
     assert "moved held-out normalized loss -10.0%" in v["reason"]
     t.cut(800, v["level"])
     run(801, 1201, 2.69)  # 0.4 % lower: the level is where a smaller rate goes too
     v = t.verdict(1200)
-    assert v["converged"] and v["rate_change"] == pytest.approx(2.69 / 2.7 - 1)
+    assert v["converged"] and not v["cut"] and v["rate_change"] == pytest.approx(2.69 / 2.7 - 1)
     run(1201, 2001, 2.69)
     t.lam_frozen_at = 1000  # λ moved after the last cut: that comparison no longer holds, and no check is left
     v = t.verdict(2000)
     assert not v["converged"] and "λ was re-estimated after the last rate check" in v["reason"]
-    assert "all 2 rate checks spent" in v["reason"]
+    assert "all 2 rate checks spent" in v["reason"] and not v["cut"]
     back = ConvergenceTrace(tol=0.02, min_steps=100, rate_checks=2)
     back.load_state(t.state())
     assert back == t and back.rate_scale == pytest.approx(0.01)

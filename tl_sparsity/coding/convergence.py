@@ -102,13 +102,14 @@ class ConvergenceTrace:
         self.rate_cuts.append([int(step), float(level)])
 
     def verdict(self, step: int | None = None) -> dict[str, Any]:
-        """``{"converged", "flat", "drift", "spread", "level", "rate_change", "reason"}`` at ``step`` (default: the
-        last point); ``flat`` says the trace alone passes (module docstring), ``level`` is the window's mean and
+        """``{"converged", "flat", "cut", "drift", "spread", "level", "rate_change", "reason"}`` at ``step``
+        (default: the last point); ``flat`` says the trace alone passes (module docstring), ``cut`` that a rate check
+        is pending and one is left (the learner cuts its rate here), ``level`` is the window's mean and
         ``rate_change`` the last rate check's result (``None`` where not measured)."""
         t = step if step is not None else (self.steps[-1] if self.steps else 0)
         nan = float("nan")
-        out: dict[str, Any] = {"converged": False, "flat": False, "drift": nan, "spread": nan, "level": None,
-                               "rate_change": None}
+        out: dict[str, Any] = {"converged": False, "flat": False, "cut": False, "drift": nan, "spread": nan,
+                               "level": None, "rate_change": None}
         o = self.origin
         early = [v for s, v in zip(self.steps, self.values) if o + (t - o) / 2 < s <= o + 3 * (t - o) / 4]
         late = [v for s, v in zip(self.steps, self.values) if o + 3 * (t - o) / 4 < s <= t]
@@ -145,6 +146,7 @@ class ConvergenceTrace:
         if self.rate_checks == 0:
             out["converged"], out["reason"] = True, "converged"
             return
+        out["cut"] = left > 0  # pending below unless the last cut's change is within tol
         if not cuts:
             out["reason"] = f"flat at this rate; checking that a {RATE_CUT:.0f}× smaller rate does not lower it"
             return
@@ -153,7 +155,7 @@ class ConvergenceTrace:
         else:
             out["rate_change"] = change = out["level"] / cuts[-1][1] - 1.0
             if abs(change) <= self.tol:
-                out["converged"], out["reason"] = True, "converged"
+                out["converged"], out["cut"], out["reason"] = True, False, "converged"
                 return
             out["reason"] = (f"a {RATE_CUT:.0f}× smaller rate (step {int(cuts[-1][0])}) moved held-out normalized "
                              f"loss {100 * change:+.1f}% (tolerance {100 * self.tol:.0f}%)")

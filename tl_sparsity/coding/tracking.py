@@ -101,7 +101,7 @@ class Tracking:
         out = self.trace_.verdict(self.n_steps_)
         checks = self.trace_.lam_checks
         if out["flat"] and self._lam_check_due() and not (checks and checks[-1][1] == checks[-1][2]):
-            out["converged"] = out["flat"] = False
+            out["converged"] = out["flat"] = out["cut"] = False
             out["reason"] = "λ not yet checked at its fixed point"
         elif checks and checks[-1][1] != checks[-1][2] and not out["converged"]:
             step, before, after = checks[-1]
@@ -182,11 +182,10 @@ class Tracking:
         checks.append([self.n_steps_, before, self.lam_])
 
     def _check_rate(self) -> None:
-        """At each trace point: if the trace is flat (λ checked) but the verdict still needs a rate check, and one is
-        left, cut the dictionary's rate (:meth:`ConvergenceTrace.cut`, recording the window's level)."""
+        """At each trace point: if the verdict says a rate check is due (a flat trace, λ checked, a check pending and
+        one left), cut the dictionary's rate (:meth:`ConvergenceTrace.cut`, recording the window's level)."""
         v = self.convergence_
-        due = v["flat"] and not v["converged"] and len(self.trace_.rate_cuts) < self.trace_.rate_checks
-        if self._agree(due):
+        if self._agree(v["cut"]):
             self.trace_.cut(self.n_steps_, v["level"])
 
     def _agree(self, flag: bool) -> bool:
