@@ -206,6 +206,46 @@ def test_rate_check_on_known_curves():
     assert off.verdict()["converged"]
 
 
+def test_a_trendless_jittery_trace_is_settled_by_a_rate_cut():
+    """A trace that swings by more than the rule allows but has no trend (SmolLM2-135M's layer 0 at the first rate:
+    ±3 % around 1.65 for thousands of steps) never becomes flat at that rate; the rule cuts the rate on it, and the
+    verdict waits for a flat trace at the level the jitter hovered around (its window's mean). A jittery trace that
+    still falls is not cut; with no check left, a jittery trace stays unconverged."""
+    t = ConvergenceTrace(tol=0.02, min_steps=100, rate_checks=2)
+    t.lam_frozen_at = 10
+
+    def run(lo, hi, value, jitter=0.0):
+        for s in range(lo, hi):
+            if ConvergenceTrace.due(s, t.origin):
+                t.add(s, value * (1 + jitter * (-1) ** (len(t.steps) // 2)))
+
+    run(1, 401, 3.0, jitter=0.04)  # ±4 %: spread 8 %, drift ≈ 0
+    v = t.verdict(400)
+    assert not v["flat"] and v["cut"] and not v["converged"] and abs(v["drift"]) <= 0.02 and v["spread"] > 0.05
+    assert "swings by" in v["reason"] and "cutting the rate 10× to settle it" in v["reason"]
+    assert v["level"] == pytest.approx(3.0, rel=0.01)
+    t.cut(400, v["level"])
+    run(401, 801, 2.99)  # the smaller rate: no jitter, the same level
+    v = t.verdict(800)
+    assert v["converged"] and v["rate_change"] == pytest.approx(2.99 / t.rate_cuts[0][1] - 1)
+
+    falling = ConvergenceTrace(tol=0.02, min_steps=100, rate_checks=2)
+    falling.lam_frozen_at = 10
+    for s in range(1, 401):
+        if ConvergenceTrace.due(s):
+            falling.add(s, (3.0 - s / 200) * (1 + 0.04 * (-1) ** (len(falling.steps) // 2)))
+    v = falling.verdict(400)
+    assert abs(v["drift"]) > 0.02 and not v["cut"] and "moved" in v["reason"]
+
+    spent = ConvergenceTrace(tol=0.02, min_steps=100, rate_checks=0)
+    spent.lam_frozen_at = 10
+    for s in range(1, 401):
+        if ConvergenceTrace.due(s):
+            spent.add(s, 3.0 * (1 + 0.04 * (-1) ** (len(spent.steps) // 2)))
+    v = spent.verdict(400)
+    assert not v["cut"] and not v["converged"] and "cutting" not in v["reason"]
+
+
 def test_converged_means_the_long_run_value_not_a_constant_rate_s_plateau(tmp_path):
     """At a constant rate the dictionary settles at a level a smaller rate goes below (here 5× the default rate: about
     10 % above): a flat trace alone called that converged. With the rate check the verdict comes at the long-run

@@ -135,6 +135,9 @@ class ConvergenceTrace:
         elif out["spread"] > 2.5 * self.tol:
             out["reason"] = (f"held-out normalized loss swings by {100 * out['spread']:.0f}% within the last half of "
                              f"{t} steps (tolerance {250 * self.tol:.0f}%)")
+            out["cut"] = len(self.rate_cuts) < self.rate_checks  # trendless but jittery: a smaller rate settles it
+            if out["cut"]:
+                out["reason"] += f"; cutting the rate {RATE_CUT:.0f}× to settle it"
         else:
             out["flat"] = True
             self._rate_verdict(out, frozen)

@@ -100,7 +100,7 @@ class Tracking:
         moved it), ``reason``, ``n_steps``, ``lam_frozen_at``, ``lam_checks``, ``rate_cuts``."""
         out = self.trace_.verdict(self.n_steps_)
         checks = self.trace_.lam_checks
-        if out["flat"] and self._lam_check_due() and not (checks and checks[-1][1] == checks[-1][2]):
+        if (out["flat"] or out["cut"]) and self._lam_check_due() and not (checks and checks[-1][1] == checks[-1][2]):
             out["converged"] = out["flat"] = out["cut"] = False
             out["reason"] = "λ not yet checked at its fixed point"
         elif checks and checks[-1][1] != checks[-1][2] and not out["converged"]:
