@@ -16,6 +16,9 @@ Learners (both seeded with ``--seed``):
 * ``new-replay64``: the same with a replay buffer of 65 536 rows (8× the default);
 * ``adam-decay``: ``new`` with ``phi_optimizer="adam-decay"`` (Adam's rate ∝ 1/√t after λ first froze);
 * ``bcd``: ``new`` with ``phi_optimizer="bcd"`` (Mairal's block-coordinate descent on the sufficient statistics).
+* ``new-replay15``, ``new-bs512``, ``new-lr2x``, ``new-warm50``: ``new`` with more progress per model token (15
+  replay steps; learner batches of 512 rows; twice the rate; λ frozen after 50 steps), screened against the d = 64
+  target (``--sources sparse-d64-a16 --max-tokens 100000``).
 
 The Φ-step comparison (``--learners new,adam-decay,bcd``) also reads the late-trace jitter: the rule's ``spread``
 (largest / smallest probe value in the last half of the steps − 1) at the last budget, and the first budget the
@@ -72,6 +75,11 @@ LEARNERS = {
     "new-replay64": dict(replay_size=65_536),  # a replay buffer 8× the default
     "adam-decay": dict(phi_optimizer="adam-decay"),  # Adam's rate ∝ 1/√t once λ froze
     "bcd": dict(phi_optimizer="bcd"),  # Mairal's block-coordinate descent on A = Σαᵀα, B = Σαᵀx
+    # more progress per model token, screened against the d = 64 target (docs/convergence.md)
+    "new-replay15": dict(replay=15),  # twice the dictionary steps per token
+    "new-bs512": dict(batch_size=512),  # learner batches of 512 rows: twice the steps per token
+    "new-lr2x": dict(lr_scale=2.0),  # twice the default rate 0.05/√d
+    "new-warm50": dict(warmup_steps=50),  # λ freezes after 50 steps instead of 100
 }
 
 
@@ -106,7 +114,10 @@ def run_one(src_factory, learner: str, budgets: Sequence[int], seed: int, device
     """Stream one source through one learner, evaluating at each budget; returns the per-budget records and the
     wall time."""
     src = src_factory()
-    coder = OnlineSparseCoder(seed=seed, **LEARNERS[learner])
+    opts = dict(LEARNERS[learner])
+    if "lr_scale" in opts:  # a multiple of the default rate 0.05/√d
+        opts["lr"] = opts.pop("lr_scale") * 0.05 / src.d**0.5
+    coder = OnlineSparseCoder(seed=seed, **opts)
     fresh = fresh.to(device)
     out, done, t0 = [], 0, time.perf_counter()
     for budget in budgets:
@@ -281,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"torch: {torch.__version__}",
         f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"revision: {_revision()}",
-        f"learners: " + "; ".join(f"{k} = OnlineSparseCoder({', '.join(f'{a}={v}' for a, v in LEARNERS[k].items())})"
+        "learners: " + "; ".join(f"{k} = OnlineSparseCoder({', '.join(f'{a}={v}' for a, v in LEARNERS[k].items())})"
                                   for k in learners),
         "rule (defaults): " + ", ".join(f"{k}={v}" for k, v in OnlineSparseCoder().get_params().items()
                                         if k in ("tol", "min_steps", "warmup_steps", "probe_size", "replay")),

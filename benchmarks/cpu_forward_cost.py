@@ -4,6 +4,7 @@ that many — on synthetic rows (``SparseLinear``, no model), during λ's warm-u
 notebook's first forwards see), for the default learner options and the CPU rule of ``tl_sparsity.coding.cpu``.
 
     PYTHONPATH=$PWD nice python benchmarks/cpu_forward_cost.py --d 64 576
+    PYTHONPATH=$PWD nice python benchmarks/cpu_forward_cost.py --d 576 --settings 256:1 --after 30   # past warm-up
     PYTHONPATH=$PWD nice python benchmarks/cpu_forward_cost.py --converge --d 64 --a 4   # the same number?
 
 ``--converge`` instead trains each setting on 4 096-row chunks until its learner has converged (at most 120 k rows)
@@ -21,11 +22,15 @@ from tl_sparsity import OnlineSparseCoder
 from tl_sparsity.coding.synthetic import SparseLinear
 
 
-def cost(d: int, batch: int, replay: int, a: float, rows: int = 1024) -> tuple[float, int]:
-    """(CPU seconds, dictionary steps) for ``rows`` rows after a first learner batch (normaliser, dictionary seed)."""
+def cost(d: int, batch: int, replay: int, a: float, rows: int = 1024, after: int = 0) -> tuple[float, int]:
+    """(CPU seconds, dictionary steps) for ``rows`` rows after a first learner batch (normaliser, dictionary seed)
+    and ``after`` more forwards' worth of ``rows`` rows (``after`` ≥ 13 with 8 steps per 1 024 rows: past λ's
+    warm-up)."""
     src = SparseLinear(d, a, sigma=0.1, seed=0)
     coder = OnlineSparseCoder(batch_size=batch, replay=replay, seed=0)
     coder.partial_fit(src.sample(batch))
+    for _ in range(after):
+        coder.partial_fit(src.sample(rows))
     x, steps = src.sample(rows), coder.n_steps_
     t = time.process_time()
     coder.partial_fit(x)
@@ -50,6 +55,8 @@ def main() -> None:
     p.add_argument("--a", type=float, default=16, help="active features per synthetic row")
     p.add_argument("--settings", default="1024:7,256:1,1024:1", help="learner_batch:replay pairs")
     p.add_argument("--converge", action="store_true", help="train each setting until converged instead")
+    p.add_argument("--after", type=int, default=0,
+                   help="forwards of 1 024 rows fed before the measured one (30: well past λ's warm-up)")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.converge:
@@ -60,13 +67,14 @@ def main() -> None:
                 batch, replay = (int(v) for v in s.split(":"))
                 print(converge(d, batch, replay, args.a), flush=True)
         return
-    print(f"torch {torch.__version__}, 1 thread; CPU seconds to learn from 1 024 rows during warm-up")
+    when = "during warm-up" if args.after == 0 else f"after {args.after} forwards of 1 024 rows"
+    print(f"torch {torch.__version__}, 1 thread; CPU seconds to learn from 1 024 rows {when}")
     print("| d | learner batch | replay | dictionary steps | CPU s |")
     print("|---|---|---|---|---|")
     for d in args.d:
         for s in args.settings.split(","):
             batch, replay = (int(v) for v in s.split(":"))
-            secs, steps = cost(d, batch, replay, args.a)
+            secs, steps = cost(d, batch, replay, args.a, after=args.after)
             print(f"| {d} | {batch} | {replay} | {steps} | {secs:.2f} |", flush=True)
 
 

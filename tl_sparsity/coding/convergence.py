@@ -20,7 +20,10 @@ cut at step o (0 before any cut):
 * converged ⇔ flat, and (``rate_checks`` > 0) the last *rate check* found the level unchanged: when the trace is
   first flat, the learner cuts its dictionary rate by :data:`RATE_CUT` and goes on (:meth:`cut`, recording the
   window's mean, the ``level``); once flat again, ``rate_change`` = level now / level at the cut − 1, and the verdict
-  is converged if |rate_change| ≤ ``tol``, else the rate is cut again (at most ``rate_checks`` cuts).
+  is converged if |rate_change| ≤ ``tol``, else the rate is cut again (at most ``rate_checks`` cuts);
+* a trace with no trend (|drift| ≤ ``tol``, the other conditions of flatness met) whose spread exceeds 2.5·``tol``
+  is cut as well: at a constant rate it may never become flat, and a smaller rate settles it; the verdict then
+  waits for a flat trace within ``tol`` of the window's mean at the cut.
 
 The spread condition was added by measurement: on SmolLM2-135M's middle residual layers (heavy-tailed activations)
 the probe's trace swings by 10–50 % from point to point, and the drift test alone passed on a lucky pair of windows
