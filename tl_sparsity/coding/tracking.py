@@ -6,8 +6,8 @@
   (:mod:`tl_sparsity.coding.convergence`), and the verdict ``convergence_`` / ``converged_``.
 - The check of λ at convergence: at the first trace point where the rule says converged (and again after each
   re-estimate, up to ``lam_rounds`` times), λ's fixed point is recomputed with the learned dictionary.
-- The rate check: when the trace is flat (and λ checked), the dictionary's rate is cut by 10 and the verdict waits
-  for the trace to be flat again at the level it had (up to ``rate_checks`` cuts).
+- The rate check: when the trace is flat, or trendless but swinging (and λ checked), the dictionary's rate is cut by
+  10 and the verdict waits for the trace to be flat again at the level it had (up to ``rate_checks`` cuts).
 - The replay buffer: a ring of the most recent training rows (``replay_size``), from which ``replay`` extra
   dictionary steps per batch draw their rows.
 """
@@ -182,8 +182,9 @@ class Tracking:
         checks.append([self.n_steps_, before, self.lam_])
 
     def _check_rate(self) -> None:
-        """At each trace point: if the verdict says a rate check is due (a flat trace, λ checked, a check pending and
-        one left), cut the dictionary's rate (:meth:`ConvergenceTrace.cut`, recording the window's level)."""
+        """At each trace point: if the verdict says a rate check is due (a flat or a trendless but swinging trace, λ
+        checked, a check pending and one left), cut the dictionary's rate (:meth:`ConvergenceTrace.cut`, recording
+        the window's level)."""
         v = self.convergence_
         if self._agree(v["cut"]):
             self.trace_.cut(self.n_steps_, v["level"])
