@@ -7,6 +7,12 @@ notebook's first forwards see), for the default learner options and the CPU rule
     PYTHONPATH=$PWD nice python benchmarks/cpu_forward_cost.py --d 576 --settings 256:1 --after 30   # past warm-up
     PYTHONPATH=$PWD nice python benchmarks/cpu_forward_cost.py --converge --d 64 --a 4   # the same number?
 
+``--model smollm2-135m`` measures the real thing instead: a collector on ``resid_post`` of ``--layers`` with the CPU
+rule, one forward of 8 × 128 tokens of the standard library's documentation at a time, the CPU seconds of each forward
+with the collector attached minus those of the same forward without it (printed every ``--every`` forwards):
+
+    PYTHONPATH=$PWD nice python benchmarks/cpu_forward_cost.py --model smollm2-135m --layers 0,15,29 --forwards 60
+
 ``--converge`` instead trains each setting on 4 096-row chunks until its learner has converged (at most 120 k rows)
 and prints where, and the held-out normalized loss and FVU there. Results and the rule: ``docs/cpu.md``.
 """
@@ -49,16 +55,56 @@ def converge(d: int, batch: int, replay: int, a: float, cap: int = 120_000) -> s
             f"{e['normalized_loss']:.3f} | {e['fvu']:.3f} | {time.process_time() - t:.0f} |")
 
 
+def model_cost(name: str, layers: list[int], forwards: int, every: int) -> None:
+    """Per forward: CPU seconds of learning (with the collector minus without it), dictionary steps, λ frozen?"""
+    from tl_sparsity import SparsityCollector
+    from tl_sparsity.coding.cpu import cpu_options
+    from tl_sparsity.text import load_texts, token_windows
+    from tl_sparsity.tl.models import load_model
+
+    model, tok = load_model(name, device="cpu")
+    batches = list(token_windows(tok, load_texts("pydoc"), ctx_len=128, batch_size=8, seed=0,
+                                 max_tokens=forwards * 8 * 127))[:forwards]
+    col = SparsityCollector(model, hooks="resid_post", layers=layers, **cpu_options("cpu"))
+    col.progress = False
+    print(f"{name}, resid_post of layers {layers}, CPU rule {cpu_options('cpu')}, torch {torch.__version__}, "
+          "1 thread; CPU s per forward of 8 × 128 tokens")
+    print("| forward | learning CPU s (all hooks) | per hook | dictionary steps | λ adapting |")
+    print("|---|---|---|---|---|")
+    total = 0.0
+    for i, tokens in enumerate(batches, 1):
+        with torch.no_grad():
+            t = time.process_time()
+            model(tokens)
+            plain = time.process_time() - t
+            t = time.process_time()
+            model.run_with_hooks(tokens, fwd_hooks=col.fwd_hooks())
+            learn = time.process_time() - t - plain
+        total += learn
+        if i % every == 0 or i == len(batches):
+            lr = next(iter(col.learners.values()))
+            print(f"| {i} | {learn:.2f} | {learn / len(layers):.2f} | {lr.n_steps_} | {lr.lam_adapting} |", flush=True)
+    print(f"mean over {len(batches)} forwards: {total / len(batches):.2f} CPU s ({total / len(batches) / len(layers):.2f} "
+          "per hook)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--d", type=int, nargs="+", default=[64, 576])
     p.add_argument("--a", type=float, default=16, help="active features per synthetic row")
     p.add_argument("--settings", default="1024:7,256:1,1024:1", help="learner_batch:replay pairs")
     p.add_argument("--converge", action="store_true", help="train each setting until converged instead")
+    p.add_argument("--model", default=None, help="measure a real model's resid_post instead (smollm2-135m, minilm)")
+    p.add_argument("--layers", default="0,15,29", help="with --model: comma-separated layers")
+    p.add_argument("--forwards", type=int, default=60, help="with --model: forwards of 8 × 128 tokens")
+    p.add_argument("--every", type=int, default=5, help="with --model: print every N forwards")
     p.add_argument("--after", type=int, default=0,
                    help="forwards of 1 024 rows fed before the measured one (30: well past λ's warm-up)")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.model:
+        model_cost(args.model, [int(v) for v in args.layers.split(",")], args.forwards, args.every)
+        return
     if args.converge:
         print("| d | a | learner batch | replay | converged | rows | steps | normalized loss | fvu | CPU s |")
         print("|---|---|---|---|---|---|---|---|---|---|")

@@ -210,7 +210,8 @@ def test_a_trendless_jittery_trace_is_settled_by_a_rate_cut():
     """A trace that swings by more than the rule allows but has no trend (SmolLM2-135M's layer 0 at the first rate:
     ±3 % around 1.65 for thousands of steps) never becomes flat at that rate; the rule cuts the rate on it, and the
     verdict waits for a flat trace at the level the jitter hovered around (its window's mean). A jittery trace that
-    still falls is not cut; with no check left, a jittery trace stays unconverged."""
+    still falls is not cut, nor one whose window before the last still fell; with no check left, a jittery trace
+    stays unconverged."""
     t = ConvergenceTrace(tol=0.02, min_steps=100, rate_checks=2)
     t.lam_frozen_at = 10
 
@@ -236,6 +237,17 @@ def test_a_trendless_jittery_trace_is_settled_by_a_rate_cut():
             falling.add(s, (3.0 - s / 200) * (1 + 0.04 * (-1) ** (len(falling.steps) // 2)))
     v = falling.verdict(400)
     assert abs(v["drift"]) > 0.02 and not v["cut"] and "moved" in v["reason"]
+
+    settling = ConvergenceTrace(tol=0.02, min_steps=100, rate_checks=2)  # fell until step 200, then swings
+    settling.lam_frozen_at = 10
+    for s in range(1, 801):
+        if ConvergenceTrace.due(s):
+            base = 3.0 + 0.6 * max(0, 200 - s) / 200
+            settling.add(s, base * (1 + 0.04 * (-1) ** (len(settling.steps) // 2)))
+    v = settling.verdict(400)  # this window is trendless, the one before it still fell: one lucky window, no cut
+    assert abs(v["drift"]) <= 0.02 and v["spread"] > 0.05 and not v["cut"] and "cutting" not in v["reason"]
+    v = settling.verdict(800)  # two trendless windows at one level: cut
+    assert v["cut"] and v["level"] == pytest.approx(3.0, rel=0.01)
 
     spent = ConvergenceTrace(tol=0.02, min_steps=100, rate_checks=0)
     spent.lam_frozen_at = 10

@@ -22,8 +22,10 @@ cut at step o (0 before any cut):
   window's mean, the ``level``); once flat again, ``rate_change`` = level now / level at the cut − 1, and the verdict
   is converged if |rate_change| ≤ ``tol``, else the rate is cut again (at most ``rate_checks`` cuts);
 * a trace with no trend (|drift| ≤ ``tol``, the other conditions of flatness met) whose spread exceeds 2.5·``tol``
-  is cut as well: at a constant rate it may never become flat, and a smaller rate settles it; the verdict then
-  waits for a flat trace within ``tol`` of the window's mean at the cut.
+  is cut as well, if the window before it, (o + (t − o)/4, o + (t − o)/2] with λ frozen, had no trend either and a
+  mean within ``tol`` of this window's: at a constant rate such a trace may never become flat, and a smaller rate
+  settles it; the verdict then waits for a flat trace within ``tol`` of the window's mean at the cut. (The second
+  window keeps a trace that still falls, but swings, from being cut on one lucky window.)
 
 The spread condition was added by measurement: on SmolLM2-135M's middle residual layers (heavy-tailed activations)
 the probe's trace swings by 10–50 % from point to point, and the drift test alone passed on a lucky pair of windows
@@ -114,14 +116,9 @@ class ConvergenceTrace:
         out: dict[str, Any] = {"converged": False, "flat": False, "cut": False, "drift": nan, "spread": nan,
                                "level": None, "rate_change": None}
         o = self.origin
-        early = [v for s, v in zip(self.steps, self.values) if o + (t - o) / 2 < s <= o + 3 * (t - o) / 4]
-        late = [v for s, v in zip(self.steps, self.values) if o + 3 * (t - o) / 4 < s <= t]
-        if len(early) >= 2 and len(late) >= 2:
-            b = sum(late) / len(late)
-            if b > 0 and math.isfinite(b) and min(early + late) > 0:
-                out["drift"] = (sum(early) / len(early)) / b - 1.0
-                out["spread"] = max(early + late) / min(early + late) - 1.0
-                out["level"] = sum(early + late) / len(early + late)
+        window = self._window(o + (t - o) / 2, t)
+        if window is not None:
+            out["drift"], out["spread"], out["level"] = window
         frozen = self.lam_frozen_at
         if t < self.min_steps:
             out["reason"] = f"{t} dictionary steps, fewer than the {self.min_steps} the rule needs"
@@ -138,13 +135,31 @@ class ConvergenceTrace:
         elif out["spread"] > 2.5 * self.tol:
             out["reason"] = (f"held-out normalized loss swings by {100 * out['spread']:.0f}% within the last half of "
                              f"{t} steps (tolerance {250 * self.tol:.0f}%)")
-            out["cut"] = len(self.rate_cuts) < self.rate_checks  # trendless but jittery: a smaller rate settles it
+            # trendless but jittery: a smaller rate settles it, if the window before was trendless at the same level
+            prev = self._window(o + (t - o) / 4, o + (t - o) / 2) if o + (t - o) / 4 >= frozen else None
+            steady = (prev is not None and abs(prev[0]) <= self.tol
+                      and abs(out["level"] / prev[2] - 1.0) <= self.tol)
+            out["cut"] = steady and len(self.rate_cuts) < self.rate_checks
             if out["cut"]:
                 out["reason"] += f"; cutting the rate {RATE_CUT:.0f}× to settle it"
         else:
             out["flat"] = True
             self._rate_verdict(out, frozen)
         return out
+
+    def _window(self, lo: float, hi: float) -> tuple[float, float, float] | None:
+        """``(drift, spread, level)`` of the points in (lo, hi], split into two halves (module docstring); ``None``
+        with fewer than two points in a half or a non-positive value."""
+        mid = (lo + hi) / 2
+        early = [v for s, v in zip(self.steps, self.values) if lo < s <= mid]
+        late = [v for s, v in zip(self.steps, self.values) if mid < s <= hi]
+        if len(early) < 2 or len(late) < 2:
+            return None
+        b = sum(late) / len(late)
+        if not (b > 0 and math.isfinite(b) and min(early + late) > 0):
+            return None
+        both = early + late
+        return (sum(early) / len(early)) / b - 1.0, max(both) / min(both) - 1.0, sum(both) / len(both)
 
     def _rate_verdict(self, out: dict[str, Any], frozen: int) -> None:
         """The rate check's part of the verdict on a flat trace (module docstring)."""

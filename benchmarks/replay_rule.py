@@ -1,0 +1,61 @@
+"""Replay the convergence rule on a saved report's traces: where the rule as it is now would cut a hook's rate.
+
+    python benchmarks/replay_rule.py docs/smollm2_report.json
+
+For each hook, the trace points (``tables["trace/<hook>"]``) are fed one by one to a fresh
+:class:`~tl_sparsity.coding.convergence.ConvergenceTrace` with the report's ``tol``, ``min_steps`` and
+``rate_checks``; the verdict is read at each point. A cut of a *flat* trace is applied (the points after it are what
+the run recorded after its own cut, if it made one there); a cut of a trendless but *swinging* trace is only noted, as
+the run may not have made it. Prints, per hook, the steps of the flat cuts and the first step at which a swinging
+trace would have been cut.
+
+An approximation: reports keep neither the steps at which λ was re-estimated nor those of the run's own cuts, so λ is
+taken as frozen from the first trace point on — in the run, each re-estimate that moved λ delayed every verdict
+(and so every cut) to twice its step. Read the output as "where the rule would look", not as what a run would do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tl_sparsity.coding.convergence import ConvergenceTrace
+
+
+def replay(points: list[dict], tol: float, min_steps: int, rate_checks: int) -> tuple[list[int], list[int]]:
+    """(steps of flat cuts, steps at which a swinging trace would be cut)."""
+    trace = ConvergenceTrace(tol=tol, min_steps=min_steps, rate_checks=rate_checks)
+    trace.lam_frozen_at = int(points[0]["step"]) if points else 0
+    flat, swinging = [], []
+    for p in points:
+        step = int(p["step"])
+        trace.add(step, float(p["normalized_loss"]))
+        v = trace.verdict(step)
+        if v["cut"] and v["flat"]:
+            flat.append(step)
+            trace.cut(step, v["level"])
+        elif v["cut"]:
+            swinging.append(step)
+    return flat, swinging
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("reports", nargs="+", help="report.json files with trace tables")
+    args = p.parse_args()
+    for path in args.reports:
+        report = json.load(open(path))
+        opts = report.get("meta", {}).get("options", {})
+        tol, min_steps = float(opts.get("tol", 0.02)), int(opts.get("min_steps", 400))
+        checks = int(opts.get("rate_checks", 3)) or 3
+        print(f"{path}: tol {tol}, min_steps {min_steps}, rate_checks {checks}")
+        print("| hook | flat cuts at | a swinging trace cut first at |")
+        print("|---|---|---|")
+        for row in report["rows"]:
+            points = report.get("tables", {}).get(f"trace/{row['hook']}", [])
+            flat, swinging = replay(points, tol, min_steps, checks)
+            print(f"| {row['hook']} | {', '.join(map(str, flat)) or '—'} | {swinging[0] if swinging else '—'} |")
+
+
+if __name__ == "__main__":
+    main()
