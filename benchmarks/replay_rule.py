@@ -4,7 +4,7 @@
 
 For each hook, the trace points (``tables["trace/<hook>"]``) are fed one by one to a fresh
 :class:`~tl_sparsity.coding.convergence.ConvergenceTrace` with the report's ``tol``, ``min_steps`` and
-``rate_checks``; the verdict is read at each point. A cut of a *flat* trace is applied (the points after it are what
+``rate_checks`` (the default where the run had none or none is recorded: the rule as it is now); the verdict is read at each point. A cut of a *flat* trace is applied (the points after it are what
 the run recorded after its own cut, if it made one there); a cut of a trendless but *swinging* trace is only noted, as
 the run may not have made it. Prints, per hook, the steps of the flat cuts and the first step at which a swinging
 trace would have been cut.
@@ -17,8 +17,8 @@ taken as frozen from the first trace point on — in the run, each re-estimate t
 from __future__ import annotations
 
 import argparse
-import json
 
+from tl_sparsity import LearnerOptions, SparsityReport
 from tl_sparsity.coding.convergence import ConvergenceTrace
 
 
@@ -43,19 +43,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("reports", nargs="+", help="report.json files with trace tables")
     args = p.parse_args()
+    defaults = LearnerOptions()
     for path in args.reports:
-        report = json.load(open(path))
-        opts = report.get("meta", {}).get("options", {})
-        tol, min_steps = float(opts.get("tol", 0.02)), int(opts.get("min_steps", 400))
-        checks = int(opts.get("rate_checks", 3)) or 3
+        report = SparsityReport.load(path)
+        opts = report.meta.get("options", {})
+        tol, min_steps = float(opts.get("tol", defaults.tol)), int(opts.get("min_steps", defaults.min_steps))
+        checks = int(opts.get("rate_checks") or defaults.rate_checks)  # a run without checks: the rule as it is now
         print(f"{path}: tol {tol}, min_steps {min_steps}, rate_checks {checks}")
         print("| hook | flat cuts at | a swinging trace cut first at |")
         print("|---|---|---|")
-        for row in report["rows"]:
-            points = report.get("tables", {}).get(f"trace/{row['hook']}", [])
-            flat, swinging = replay(points, tol, min_steps, checks)
+        for row in report.rows:
+            flat, swinging = replay(report.tables.get(f"trace/{row['hook']}", []), tol, min_steps, checks)
             print(f"| {row['hook']} | {', '.join(map(str, flat)) or '—'} | {swinging[0] if swinging else '—'} |")
-
 
 if __name__ == "__main__":
     main()

@@ -230,31 +230,25 @@ def test_a_trendless_jittery_trace_is_settled_by_a_rate_cut():
     v = t.verdict(800)
     assert v["converged"] and v["rate_change"] == pytest.approx(2.99 / t.rate_cuts[0][1] - 1)
 
-    falling = ConvergenceTrace(tol=0.02, min_steps=100, rate_checks=2)
-    falling.lam_frozen_at = 10
-    for s in range(1, 401):
-        if ConvergenceTrace.due(s):
-            falling.add(s, (3.0 - s / 200) * (1 + 0.04 * (-1) ** (len(falling.steps) // 2)))
-    v = falling.verdict(400)
+    def swinging(base, steps, rate_checks=2):
+        """A fresh trace of ``base(step)`` ± 4 % (alternating every two points), λ frozen at step 10."""
+        trace = ConvergenceTrace(tol=0.02, min_steps=100, rate_checks=rate_checks)
+        trace.lam_frozen_at = 10
+        for s in range(1, steps + 1):
+            if ConvergenceTrace.due(s):
+                trace.add(s, base(s) * (1 + 0.04 * (-1) ** (len(trace.steps) // 2)))
+        return trace
+
+    v = swinging(lambda s: 3.0 - s / 200, 400).verdict(400)  # still falling
     assert abs(v["drift"]) > 0.02 and not v["cut"] and "moved" in v["reason"]
 
-    settling = ConvergenceTrace(tol=0.02, min_steps=100, rate_checks=2)  # fell until step 200, then swings
-    settling.lam_frozen_at = 10
-    for s in range(1, 801):
-        if ConvergenceTrace.due(s):
-            base = 3.0 + 0.6 * max(0, 200 - s) / 200
-            settling.add(s, base * (1 + 0.04 * (-1) ** (len(settling.steps) // 2)))
+    settling = swinging(lambda s: 3.0 + 0.6 * max(0, 200 - s) / 200, 800)  # fell until step 200, then swings
     v = settling.verdict(400)  # this window is trendless, the one before it still fell: one lucky window, no cut
     assert abs(v["drift"]) <= 0.02 and v["spread"] > 0.05 and not v["cut"] and "cutting" not in v["reason"]
     v = settling.verdict(800)  # two trendless windows at one level: cut
     assert v["cut"] and v["level"] == pytest.approx(3.0, rel=0.01)
 
-    spent = ConvergenceTrace(tol=0.02, min_steps=100, rate_checks=0)
-    spent.lam_frozen_at = 10
-    for s in range(1, 401):
-        if ConvergenceTrace.due(s):
-            spent.add(s, 3.0 * (1 + 0.04 * (-1) ** (len(spent.steps) // 2)))
-    v = spent.verdict(400)
+    v = swinging(lambda s: 3.0, 400, rate_checks=0).verdict(400)  # no check to spend
     assert not v["cut"] and not v["converged"] and "cutting" not in v["reason"]
 
 
