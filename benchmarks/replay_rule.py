@@ -6,8 +6,9 @@ For each hook, the trace points (``tables["trace/<hook>"]``) are fed one by one 
 :class:`~tl_sparsity.coding.convergence.ConvergenceTrace` with the report's ``tol``, ``min_steps`` and
 ``rate_checks`` (the default where the run had none or none is recorded: the rule as it is now); the verdict is read at each point. A cut of a *flat* trace is applied (the points after it are what
 the run recorded after its own cut, if it made one there); a cut of a trendless but *swinging* trace is only noted, as
-the run may not have made it. Prints, per hook, the steps of the flat cuts and the first step at which a swinging
-trace would have been cut.
+the run may not have made it. Prints, per hook, the steps of the flat cuts, the first step at which a swinging
+trace would have been cut, and the first at which it would have been cut on its last window alone (the rule without
+its condition on the window before).
 
 An approximation: reports keep neither the steps at which λ was re-estimated nor those of the run's own cuts, so λ is
 taken as frozen from the first trace point on — in the run, each re-estimate that moved λ delayed every verdict
@@ -22,11 +23,13 @@ from tl_sparsity import LearnerOptions, SparsityReport
 from tl_sparsity.coding.convergence import ConvergenceTrace
 
 
-def replay(points: list[dict], tol: float, min_steps: int, rate_checks: int) -> tuple[list[int], list[int]]:
-    """(steps of flat cuts, steps at which a swinging trace would be cut)."""
+def replay(points: list[dict], tol: float, min_steps: int,
+           rate_checks: int) -> tuple[list[int], list[int], list[int]]:
+    """(steps of flat cuts, steps at which a swinging trace would be cut, steps at which it would be cut on its last
+    window alone — without the rule's condition on the window before it)."""
     trace = ConvergenceTrace(tol=tol, min_steps=min_steps, rate_checks=rate_checks)
     trace.lam_frozen_at = int(points[0]["step"]) if points else 0
-    flat, swinging = [], []
+    flat, swinging, one_window = [], [], []
     for p in points:
         step = int(p["step"])
         trace.add(step, float(p["normalized_loss"]))
@@ -36,7 +39,9 @@ def replay(points: list[dict], tol: float, min_steps: int, rate_checks: int) -> 
             trace.cut(step, v["level"])
         elif v["cut"]:
             swinging.append(step)
-    return flat, swinging
+        if not v["flat"] and "swings by" in v["reason"] and len(trace.rate_cuts) < rate_checks:
+            one_window.append(step)  # the swinging branch is reached only with |drift| ≤ tol
+    return flat, swinging, one_window
 
 
 def main() -> None:
@@ -50,11 +55,12 @@ def main() -> None:
         tol, min_steps = float(opts.get("tol", defaults.tol)), int(opts.get("min_steps", defaults.min_steps))
         checks = int(opts.get("rate_checks") or defaults.rate_checks)  # a run without checks: the rule as it is now
         print(f"{path}: tol {tol}, min_steps {min_steps}, rate_checks {checks}")
-        print("| hook | flat cuts at | a swinging trace cut first at |")
-        print("|---|---|---|")
+        print("| hook | flat cuts at | a swinging trace cut first at | on its last window alone, first at |")
+        print("|---|---|---|---|")
         for row in report.rows:
-            flat, swinging = replay(report.tables.get(f"trace/{row['hook']}", []), tol, min_steps, checks)
-            print(f"| {row['hook']} | {', '.join(map(str, flat)) or '—'} | {swinging[0] if swinging else '—'} |")
+            flat, swinging, one = replay(report.tables.get(f"trace/{row['hook']}", []), tol, min_steps, checks)
+            first = [str(x[0]) if x else "—" for x in (swinging, one)]
+            print(f"| {row['hook']} | {', '.join(map(str, flat)) or '—'} | {first[0]} | {first[1]} |")
 
 if __name__ == "__main__":
     main()
