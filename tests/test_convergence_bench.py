@@ -94,3 +94,18 @@ def test_rate_cut_drops_by_hand():
     table = [{"step": s, "normalized_loss": v} for s, v in zip(t.steps, t.values)]
     report = SparsityReport([{"hook": "h"}], {}, {"trace/h": table, "trace/g": table[:5]})
     assert mod.by_cut(report) == {0: pytest.approx([-0.25]), 1: pytest.approx([2.9 / 3.0 - 1])}
+
+
+def test_replay_rule_by_hand():
+    """benchmarks/replay_rule.py: a flat trace is cut where the rule cuts it; a trace that fell, then swings with no
+    trend, is cut once two windows are trendless at one level, and on its last window alone one doubling earlier."""
+    from tl_sparsity.coding.convergence import ConvergenceTrace
+
+    mod = load_script("benchmarks/replay_rule.py", "replay_rule")
+    steps = [s for s in range(100, 1601) if ConvergenceTrace.due(s)]
+    flat = [{"step": s, "normalized_loss": 3.0} for s in steps]
+    assert mod.replay(flat, 0.02, 400, 3)[0][0] == 400
+    swing = [{"step": s, "normalized_loss": (3.0 + 0.6 * max(0, 400 - s) / 400) * (1 + 0.04 * (-1) ** (i // 2))}
+             for i, s in enumerate(steps)]
+    _, two, one = mod.replay(swing, 0.02, 400, 3)
+    assert one and two and one[0] < two[0] and two[0] >= 2 * 400
