@@ -86,6 +86,30 @@ def model_cost(name: str, layers: list[int], forwards: int, every: int) -> None:
             print(f"| {i} | {learn:.2f} | {learn / len(layers):.2f} | {lr.n_steps_} | {lr.lam_adapting} |", flush=True)
     print(f"mean over {len(batches)} forwards: {total / len(batches):.2f} CPU s ({total / len(batches) / len(layers):.2f} "
           "per hook)")
+    print("\nOne dictionary step's parts, each hook's learner as it is now, on one learner batch of its replay buffer "
+          "(its most recent training rows; second of two timings):")
+    print("| hook | Gram ΦΦᵀ CPU s | pursuit CPU s | mean / max pursuit steps per row | atoms used by the batch |")
+    print("|---|---|---|---|---|")
+    for hook, lr in col.learners.items():
+        print(step_parts(hook, lr), flush=True)
+
+
+def step_parts(hook: str, lr: OnlineSparseCoder) -> str:
+    """The two parts of one dictionary step that grow with the dictionary: its Gram matrix (m² d) and the greedy
+    pursuit of a learner batch in correlation space; and how many distinct atoms the batch's codes use (a Gram
+    computed only for those rows would save the rest)."""
+    from tl_sparsity.coding.pursuit import greedy_pursuit_torch
+
+    x, dic = lr._replay_buf[: min(lr.batch_size, lr._replay_fill)], lr.dictionary_
+    for _ in range(2):
+        t = time.process_time()
+        gram = dic @ dic.T
+        t_gram, t = time.process_time() - t, time.process_time()
+        alpha, info = greedy_pursuit_torch(x, dic, lr.lam_, max_steps=lr._cap, gram=gram, return_info=True)
+        t_pursuit = time.process_time() - t
+    steps = info.steps.float()
+    return (f"| {hook} | {t_gram:.3f} | {t_pursuit:.3f} | {steps.mean():.0f} / {steps.max():.0f} | "
+            f"{int((alpha > 0).any(0).sum())} of {dic.shape[0]} |")
 
 
 def main() -> None:

@@ -213,10 +213,10 @@ class OnlineSparseCoder(RowRule, MassiveRows, Tracking, TrainingStep):
         dictionary and λ. See :func:`tl_sparsity.sparsity_metrics` for the keys; adds ``n_eval``."""
         self._require_init()
         xn = self.heldout_ if x is None else self.normalize(x)
-        acc = MetricAccumulator(self.lam_)
+        acc, gram = MetricAccumulator(self.lam_), self._gram() if xn.shape[0] > self.batch_size else None
         for start in range(0, xn.shape[0], self.batch_size):
             chunk = xn[start : start + self.batch_size]
-            acc.update(chunk, self.dictionary_, self._code(chunk))
+            acc.update(chunk, self.dictionary_, self._code(chunk, gram=gram))
         out = acc.result()
         out["n_eval"] = acc.n
         return out

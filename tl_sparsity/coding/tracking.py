@@ -169,9 +169,9 @@ class Tracking:
         if not self._agree(due):
             return
         rows, n = (self._replay_buf[: self._replay_fill], self._replay_fill) if self._replay_fill else (x, n_total)
-        before = self.lam_
+        before, gram = self.lam_, self._gram()
         for _ in range(3):  # the adaptive rule's rounds, with the dictionary fixed
-            mean_max = self._mean_max(self._code(rows), n)
+            mean_max = self._mean_max(self._code(rows, gram=gram), n)
             if not mean_max > 0:
                 break
             self.lam_ = self.lam_ratio * mean_max

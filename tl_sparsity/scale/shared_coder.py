@@ -213,11 +213,11 @@ class DataParallelCoder(OnlineSparseCoder):
             self._train(train, n_train)
 
     # ------------------------------------------------------------------ sums over ranks
-    def _code(self, xn: Tensor, warm: bool = False) -> Tensor:
+    def _code(self, xn: Tensor, warm: bool = False, gram: Tensor | None = None) -> Tensor:
         if xn.shape[0] == 0:  # this rank holds none of the batch's training rows
             self._last_capped = 0
             return torch.zeros(0, self.dictionary_.shape[0], device=xn.device)
-        return super()._code(xn, warm)
+        return super()._code(xn, warm, gram)
 
     def _mean_max(self, alpha: Tensor, n_total: int) -> float:
         local = alpha.max(dim=1).values.double().sum() if alpha.shape[0] else torch.zeros((), dtype=torch.float64)
