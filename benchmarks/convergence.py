@@ -10,15 +10,18 @@ Learners (both seeded with ``--seed``):
 
 * ``old``: ``OnlineSparseCoder(batch_size=4096, replay=0, warmup_tokens=1_048_576)`` — the learner before replay,
   λ warm-up by steps and the convergence rule (λ adapts during the first 2^20 training rows);
-* ``new``: ``OnlineSparseCoder()`` — batch 1024, ``replay=7``, ``warmup_steps=100``, up to three rate checks.
+* ``new``: ``OnlineSparseCoder()`` — batch 1024, ``replay=15`` from a buffer of max(8 192 rows, 16 MiB),
+  ``warmup_steps=100``, up to three rate checks.
+* ``prev``: the defaults before 2026-12-07 — ``replay=7`` from a buffer of 8 192 rows (``replay_size=8192``);
 * ``new-lam0``: the same without the λ check at convergence (``lam_rounds=0``);
 * ``new-rate0``: the same without the rate check (``rate_checks=0``: a flat trace at the first rate is converged);
-* ``new-replay64``: the same with a replay buffer of 65 536 rows (8× the default);
+* ``new-replay64``: the same with a replay buffer of 65 536 rows (the default at d = 64; 4× it at d = 256);
 * ``adam-decay``: ``new`` with ``phi_optimizer="adam-decay"`` (Adam's rate ∝ 1/√t after λ first froze);
 * ``bcd``: ``new`` with ``phi_optimizer="bcd"`` (Mairal's block-coordinate descent on the sufficient statistics).
-* ``new-replay15``, ``new-bs512``, ``new-lr2x``, ``new-warm50``: ``new`` with more progress per model token (15
-  replay steps; learner batches of 512 rows; twice the rate; λ frozen after 50 steps), screened against the d = 64
-  target (``--sources sparse-d64-a16 --max-tokens 100000``).
+* ``new-replay15``, ``new-bs512``, ``new-lr2x``, ``new-warm50``, ``new-r15-buf64``: ``new`` with 15 replay steps
+  (now the default); learner batches of 512 rows; twice the rate; λ frozen after 50 steps; 15 replay steps from a
+  buffer of 65 536 rows — the settings screened against the d = 64 target (``--sources sparse-d64-a16 --max-tokens
+  100000``) when the default was ``prev``.
 
 The Φ-step comparison (``--learners new,adam-decay,bcd``) also reads the late-trace jitter: the rule's ``spread``
 (largest / smallest probe value in the last half of the steps − 1) at the last budget, and the first budget the
@@ -70,9 +73,10 @@ TOL = 0.05
 LEARNERS = {
     "old": dict(batch_size=4096, replay=0, warmup_tokens=1_048_576),
     "new": dict(),
+    "prev": dict(replay=7, replay_size=8192),  # the defaults before 2026-12-07
     "new-lam0": dict(lam_rounds=0),  # without the λ check at convergence
     "new-rate0": dict(rate_checks=0),  # without the rate check: a flat trace at the first rate is converged
-    "new-replay64": dict(replay_size=65_536),  # a replay buffer 8× the default
+    "new-replay64": dict(replay_size=65_536),  # a replay buffer of 65 536 rows
     "adam-decay": dict(phi_optimizer="adam-decay"),  # Adam's rate ∝ 1/√t once λ froze
     "bcd": dict(phi_optimizer="bcd"),  # Mairal's block-coordinate descent on A = Σαᵀα, B = Σαᵀx
     # more progress per model token, screened against the d = 64 target (docs/convergence.md)
@@ -81,6 +85,7 @@ LEARNERS = {
     "new-lr2x": dict(lr_scale=2.0),  # twice the default rate 0.05/√d
     "new-warm50": dict(warmup_steps=50),  # λ freezes after 50 steps instead of 100
     "new-r15-buf64": dict(replay=15, replay_size=65_536),  # twice the steps per token, from an 8× buffer
+    "new-r15-buf8": dict(replay=15, replay_size=8192),  # twice the steps per token, from the earlier buffer
 }
 
 

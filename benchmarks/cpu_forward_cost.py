@@ -116,7 +116,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--d", type=int, nargs="+", default=[64, 576])
     p.add_argument("--a", type=float, default=16, help="active features per synthetic row")
-    p.add_argument("--settings", default="1024:7,256:1,1024:1", help="learner_batch:replay pairs")
+    p.add_argument("--settings", default="1024:15,1024:7,256:1,1024:1", help="learner_batch:replay pairs")
     p.add_argument("--converge", action="store_true", help="train each setting until converged instead")
     p.add_argument("--model", default=None, help="measure a real model's resid_post instead (smollm2-135m, minilm)")
     p.add_argument("--layers", default="0,15,29", help="with --model: comma-separated layers")

@@ -80,17 +80,20 @@ def test_bad_options_and_inputs_raise_clear_errors():
 
 def test_state_memory_equals_the_formula_whatever_the_tokens_seen():
     from tl_sparsity.coding.learner import state_bytes
+    from tl_sparsity.coding.options import REPLAY_FLOATS, replay_rows
 
     d, m, reservoir, batch = 12, 36, 40, 64
+    replay = replay_rows(None, batch, d)  # the default buffer: 16 MiB of rows, as 2²² // d > 8 × batch here
+    assert replay == REPLAY_FLOATS // d == 349_525 and replay_rows(None, 1024, 576) == 8 * 1024
     c = OnlineSparseCoder(expansion=3, batch_size=batch, reservoir_size=reservoir, max_steps=8)
     x = torch.randn(6000, d, generator=torch.Generator().manual_seed(0))
     # small chunks, a chunk of many batches (its tail must not keep the whole chunk alive), single rows
     for a, b in [(0, 100), (100, 170), (170, 2170), (2170, 2171), (2171, 6000)]:
         c.partial_fit(x[a:b])
-        assert c.memory_bytes() == state_bytes(d, m, reservoir, c.n_pending_, c.probe_size, 8 * batch) == 4 * d * (
-            3 * m + 1 + reservoir + c.probe_size + 8 * batch + c.n_pending_)
+        assert c.memory_bytes() == state_bytes(d, m, reservoir, c.n_pending_, c.probe_size, replay) == 4 * d * (
+            3 * m + 1 + reservoir + c.probe_size + replay + c.n_pending_)
     assert c.n_tokens_ + c.n_heldout_ > 90 * batch
-    assert c.memory_bytes() <= state_bytes(d, m, reservoir, batch - 1, c.probe_size, 8 * batch)
+    assert c.memory_bytes() <= state_bytes(d, m, reservoir, batch - 1, c.probe_size, replay)
 
 
 def test_rows_kept_for_the_next_batch_are_copies_not_the_caller_s_tensor():
@@ -251,3 +254,24 @@ def test_one_gram_matrix_per_dictionary_where_several_batches_are_coded_and_the_
     warm.partial_fit(x[:2048])
     assert warm.lam_adapting and warm.n_steps_ > 1
     assert all(calls) and len(calls) == 2 * warm.n_steps_ and len(grams) == warm.n_steps_
+
+
+def test_a_full_replay_ring_saved_with_a_smaller_buffer_loads_oldest_first_and_is_not_overwritten():
+    """A state whose options say ``replay_size=None`` but whose ring is smaller than that now means (files written
+    when None meant 8 × ``batch_size``): its rows come back oldest first, and new rows go after them."""
+    x = torch.randn(3000, 16, generator=torch.Generator().manual_seed(0))
+    old = OnlineSparseCoder(expansion=2, seed=0, batch_size=32, replay=1, replay_size=256)
+    old.partial_fit(x[:1000])
+    assert old._replay_fill == 256 and old._replay_pos != 0  # a full ring that has wrapped
+    state = old.state_dict()
+    state["meta"]["params"]["replay_size"] = None  # as such a file records it
+    new = OnlineSparseCoder(**{**state["meta"]["params"]}).load_state_dict(state)
+    ring = old._replay_buf
+    oldest_first = torch.cat([ring[old._replay_pos :], ring[: old._replay_pos]])
+    assert new._replay_buf.shape[0] > 256 and new._replay_fill == new._replay_pos == 256
+    assert torch.equal(new._replay_buf[:256], oldest_first)
+    new._remember(x[1000:1010])
+    assert torch.equal(new._replay_buf[:256], oldest_first) and new._replay_fill == 266
+    same = OnlineSparseCoder(expansion=2, seed=0, batch_size=32, replay=1, replay_size=256).load_state_dict(
+        old.state_dict())  # the same buffer size: the ring as it was
+    assert torch.equal(same._replay_buf, ring) and same._replay_pos == old._replay_pos

@@ -45,7 +45,7 @@ def test_nothing_learns_from_the_first_batch_s_heldout_rows():
 def test_rule_says_not_converged_for_a_short_run_and_converged_for_a_long_one():
     src = SparseLinear(24, 4, seed=0)
     opts = dict(seed=0, batch_size=256, warmup_steps=50, min_steps=100)
-    short = OnlineSparseCoder(**opts).partial_fit(src.sample(3000))
+    short = OnlineSparseCoder(**opts).partial_fit(src.sample(1500))
     assert not short.converged_ and short.n_steps_ < 100
     assert "fewer than the 100" in short.convergence_["reason"] or "probe" in short.convergence_["reason"]
     long = OnlineSparseCoder(**opts)

@@ -1,9 +1,10 @@
 """Learner options for a CPU, where one forward's learning must stay a few seconds (a notebook cell, a command).
 
-With the defaults (learner batches of 1 024 rows, 7 replay steps per batch) a learner batch at d = 576 costs tens of
-seconds on a 2-core CPU; the rule below gives the same number of dictionary steps per token — 8 per 1 024 rows — at a
-quarter of the coding work (2 coding passes over each row instead of 8), so convergence, judged in dictionary steps,
-comes after about as many tokens. Measured, with the command: ``docs/cpu.md``.
+With the defaults (learner batches of 1 024 rows, 15 replay steps per batch: 16 dictionary steps per 1 024 rows, so
+that a GPU run converges in few model tokens) a learner batch at d = 576 costs tens of seconds on a 2-core CPU. There
+a forward is cheap next to the learning it completes, so the rule below takes half the dictionary steps per token —
+8 per 1 024 rows — at an eighth of the coding work (2 coding passes over each row instead of 16): convergence, judged
+in dictionary steps, comes after about twice the tokens. Measured, with the command: ``docs/cpu.md``.
 
 The rule applies only where neither option is given; GPU defaults are unchanged. ``tl-sparsity run --device cpu``
 and every collector whose learners live on a CPU (its ``device=``, else its model's) apply it.
@@ -15,7 +16,7 @@ from typing import Any
 
 __all__ = ["CPU_OPTIONS", "cpu_options"]
 
-#: Learner batch and replay steps on a CPU: 4 batches × (1 + 1) steps per 1 024 rows, as 1 × (1 + 7) by default.
+#: Learner batch and replay steps on a CPU: 4 batches × (1 + 1) steps per 1 024 rows (by default 1 × (1 + 15)).
 CPU_OPTIONS = {"batch_size": 256, "replay": 1}
 
 

@@ -24,7 +24,8 @@ from .phi_step import PHI_OPTIMIZERS
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LearnerOptions", "SOLVERS", "INITS", "PHI_OPTIMIZERS", "SAVED_FIELDS", "option_docs"]
+__all__ = ["LearnerOptions", "SOLVERS", "INITS", "PHI_OPTIMIZERS", "SAVED_FIELDS", "REPLAY_FLOATS", "option_docs",
+           "replay_rows"]
 
 SOLVERS = ("greedy", "lasso")
 INITS = ("data", "random")
@@ -72,11 +73,12 @@ class LearnerOptions:
     exact mean (the synthetic sources): the sample mean of heavy-tailed rows does not converge, and for the
     isotropic-Cauchy control it shifts every row by a vector as long as the median row
     (``benchmarks/cauchy_study.py``)."""
-    replay: int = 7
+    replay: int = 15
     """Extra dictionary steps per batch, each on ``batch_size`` rows drawn (with replacement) from the replay
     buffer; 0 is the plain one-pass online learner. Held-out rows never enter the buffer."""
     replay_size: int | None = None
-    """Rows the replay buffer keeps (the most recent training rows); ``None``: 8 × ``batch_size``."""
+    """Rows the replay buffer keeps (the most recent training rows); ``None``: 8 × ``batch_size`` or a 16 MiB
+    buffer (2²² floats: 65 536 rows at d = 64, 16 384 at d = 256), whichever holds more rows."""
     warmup_steps: int = 100
     """Dictionary steps during which λ adapts (then it is frozen)."""
     probe_size: int = 512
@@ -179,6 +181,17 @@ _NUMERIC = ("d_in", "expansion", "lam", "seed", "batch_size", "lr", "warmup_toke
 
 #: The fields ``get_params()`` returns and learner files record, in order: all but ``device``.
 SAVED_FIELDS = tuple(f.name for f in dataclasses.fields(LearnerOptions) if f.metadata.get("saved", True))
+
+
+#: The replay buffer's size when ``replay_size`` is None: at least this many float32 entries (16 MiB).
+REPLAY_FLOATS = 2**22
+
+
+def replay_rows(replay_size: int | None, batch_size: int, d: int) -> int:
+    """Rows of the replay buffer for these options and row width ``d`` (see ``LearnerOptions.replay_size``)."""
+    if replay_size is not None:
+        return int(replay_size)
+    return max(8 * int(batch_size), REPLAY_FLOATS // max(int(d), 1))
 
 
 @functools.lru_cache(maxsize=1)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .safe_io import write_atomic
 from .convergence import ConvergenceTrace
-from .options import _NORMALISE, _OPTIONAL, LearnerOptions
+from .options import _NORMALISE, _OPTIONAL, LearnerOptions, replay_rows
 
 __all__ = ["CheckpointError", "saved_params", "learner_state", "restore_learner", "learner_bytes", "learner_from_bytes",
            "save_learner", "read_learner"]
@@ -98,7 +98,12 @@ def restore_learner(lr: Any, tensors: dict[str, Tensor], meta: dict[str, Any],
         lr._probe[: lr._probe_fill] = on.get("probe", lr._probe[:0])
         lr._replay_fill, lr._replay_pos = int(st.get("replay_fill", 0)), int(st.get("replay_pos", 0))
         lr._replay_buf = torch.zeros(lr._replay_cap if lr.replay else 0, lr.d_in, device=dev)
-        lr._replay_buf[: lr._replay_fill] = on.get("replay", lr._replay_buf[:0])
+        saved = on.get("replay", lr._replay_buf[:0])
+        if lr._replay_fill < lr._replay_buf.shape[0] and lr._replay_pos != lr._replay_fill:
+            # a full ring saved with a smaller buffer (replay_size=None meant 8 × batch_size before the 16 MiB
+            # floor): oldest row first, so that new rows fill the rest before any saved row is overwritten
+            saved, lr._replay_pos = saved.roll(-lr._replay_pos, 0), lr._replay_fill
+        lr._replay_buf[: lr._replay_fill] = saved
         lr._phi_t0 = None if st.get("phi_t0") is None else int(st["phi_t0"])  # files from before it: no decay yet
         m = lr.dictionary_.shape[0] if lr.phi_optimizer == "bcd" else 0
         lr._bcd_a = on.get("bcd_a", torch.zeros(m, m, device=dev))
@@ -279,7 +284,7 @@ def check_learner(tensors: dict[str, Tensor], meta: dict[str, Any], where: str) 
         num(st, k, float)
     num(st, "cap", low=1)
     for fill, name, size in (("res_fill", "reservoir", opts.reservoir_size), ("probe_fill", "probe", opts.probe_size),
-                             ("replay_fill", "replay", (opts.replay_size or 8 * opts.batch_size) * (opts.replay > 0))):
+                             ("replay_fill", "replay", replay_rows(opts.replay_size, opts.batch_size, d or 1) * (opts.replay > 0))):
         n = num(st, fill, default=0)
         if n > size or (name in tensors or n) and tensors.get(name, dic[:0]).shape[0] != n:
             raise bad(fill, f"({n}) does not fit its buffer of {size} rows holding "

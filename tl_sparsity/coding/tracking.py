@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .convergence import ConvergenceTrace
 from .metrics import MetricAccumulator
+from .options import replay_rows
 from .rows import to_device
 
 __all__ = ["Tracking"]
@@ -196,7 +197,7 @@ class Tracking:
     # ------------------------------------------------------------------ replay
     @property
     def _replay_cap(self) -> int:
-        return 8 * self.batch_size if self.replay_size is None else self.replay_size
+        return replay_rows(self.replay_size, self.batch_size, self.d_in)
 
     def _remember(self, x: Tensor) -> None:
         """Write training rows ``x`` into the replay ring buffer (the oldest are overwritten)."""
