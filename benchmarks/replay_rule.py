@@ -4,9 +4,10 @@
 
 For each hook, the trace points (``tables["trace/<hook>"]``) are fed one by one to a fresh
 :class:`~tl_sparsity.coding.convergence.ConvergenceTrace` with the report's ``tol``, ``min_steps`` and
-``rate_checks`` (the default where the run had none or none is recorded: the rule as it is now); the verdict is read at each point. A cut of a *flat* trace is applied (the points after it are what
-the run recorded after its own cut, if it made one there); a cut of a trendless but *swinging* trace is only noted, as
-the run may not have made it. Prints, per hook, the steps of the flat cuts, the first step at which a swinging
+``rate_checks`` (the default where the run had none or none is recorded: the rule as it is now); the verdict is
+read at each point. A cut of a *flat* trace is applied (the points after it are what the run recorded after its own
+cut, if it made one there); a cut of a trendless but *swinging* trace is only noted, as the run may not have made
+it. Prints, per hook, the steps of the flat cuts, the first step at which a swinging
 trace would have been cut, and the first at which it would have been cut on its last window alone (the rule without
 its condition on the window before).
 
@@ -61,6 +62,7 @@ def main() -> None:
             flat, swinging, one = replay(report.tables.get(f"trace/{row['hook']}", []), tol, min_steps, checks)
             first = [str(x[0]) if x else "—" for x in (swinging, one)]
             print(f"| {row['hook']} | {', '.join(map(str, flat)) or '—'} | {first[0]} | {first[1]} |")
+
 
 if __name__ == "__main__":
     main()

@@ -220,8 +220,9 @@ def test_command_line_learner_flags_take_the_options_defaults_and_docs():
 
 
 def test_one_gram_matrix_per_dictionary_where_several_batches_are_coded_and_the_same_codes(monkeypatch):
-    """λ's warm-up (two codings of a batch), the λ check (three rounds) and ``evaluate`` (a chunk per learner batch)
-    code with one dictionary: they form its Gram matrix once, and the codes are those of a fresh Gram matrix."""
+    """``evaluate`` (a chunk per learner batch) and λ's warm-up (two codings of each batch) code with one dictionary:
+    they form its Gram matrix once, and the codes are those of a fresh Gram matrix. (λ's check, three rounds on the
+    replay buffer, passes its Gram matrix the same way; it is not counted here.)"""
     from tl_sparsity.coding import training
 
     g = torch.Generator().manual_seed(0)
@@ -231,26 +232,31 @@ def test_one_gram_matrix_per_dictionary_where_several_batches_are_coded_and_the_
     rows = lr.heldout_[:300]
     assert torch.equal(lr._code(rows, gram=lr._gram()), lr._code(rows))
 
-    calls = []
+    calls, grams = [], []  # per pursuit call: was it given a Gram matrix; one entry per Gram matrix formed
     real = training.greedy_pursuit_torch
 
     def counting(xn, dic, lam, max_steps=None, gram=None, return_info=False, **kw):
         calls.append(gram is not None)
         return real(xn, dic, lam, max_steps, gram, return_info, **kw)
 
-    monkeypatch.setattr(training, "greedy_pursuit_torch", counting)
-    grams = []
-    monkeypatch.setattr(OnlineSparseCoder, "_gram", lambda self: grams.append(1) or self.dictionary_ @ self.dictionary_.T)
+    def counted_gram(self):
+        grams.append(1)
+        return self.dictionary_ @ self.dictionary_.T
+
+    def count():
+        calls.clear()
+        grams.clear()
+        monkeypatch.setattr(training, "greedy_pursuit_torch", counting)
+        monkeypatch.setattr(OnlineSparseCoder, "_gram", counted_gram)
+
+    count()
     before = lr.evaluate()
     assert len(calls) == -(-lr.heldout_.shape[0] // 256) > 1 and all(calls) and len(grams) == 1
     monkeypatch.undo()
     assert before == lr.evaluate()  # the same metrics from a Gram matrix per chunk
 
     warm = OnlineSparseCoder(expansion=4, seed=0, batch_size=256, replay=1, warmup_steps=100)
-    calls.clear()
-    monkeypatch.setattr(training, "greedy_pursuit_torch", counting)
-    monkeypatch.setattr(OnlineSparseCoder, "_gram", lambda self: grams.append(1) or self.dictionary_ @ self.dictionary_.T)
-    grams.clear()
+    count()
     warm.partial_fit(x[:2048])
     assert warm.lam_adapting and warm.n_steps_ > 1
     assert all(calls) and len(calls) == 2 * warm.n_steps_ and len(grams) == warm.n_steps_

@@ -283,8 +283,9 @@ def check_learner(tensors: dict[str, Tensor], meta: dict[str, Any], where: str) 
     for k in ("scale_", "lam_", "lr_"):
         num(st, k, float)
     num(st, "cap", low=1)
+    replay = replay_rows(opts.replay_size, opts.batch_size, d or 1) * (opts.replay > 0)
     for fill, name, size in (("res_fill", "reservoir", opts.reservoir_size), ("probe_fill", "probe", opts.probe_size),
-                             ("replay_fill", "replay", replay_rows(opts.replay_size, opts.batch_size, d or 1) * (opts.replay > 0))):
+                             ("replay_fill", "replay", replay)):
         n = num(st, fill, default=0)
         if n > size or (name in tensors or n) and tensors.get(name, dic[:0]).shape[0] != n:
             raise bad(fill, f"({n}) does not fit its buffer of {size} rows holding "
