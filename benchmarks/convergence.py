@@ -10,9 +10,13 @@ Learners (both seeded with ``--seed``):
 
 * ``old``: ``OnlineSparseCoder(batch_size=4096, replay=0, warmup_tokens=1_048_576)`` — the learner before replay,
   λ warm-up by steps and the convergence rule (λ adapts during the first 2^20 training rows);
-* ``new``: ``OnlineSparseCoder()`` — batch 1024, ``replay=15`` from a buffer of max(8 192 rows, 16 MiB),
-  ``warmup_steps=100``, up to three rate checks.
-* ``prev``: the defaults before 2026-12-07 — ``replay=7`` from a buffer of 8 192 rows (``replay_size=8192``);
+* ``new``: ``OnlineSparseCoder()`` — batch 1024, a buffer of max(8 192 rows, 16 MiB), 15 replay steps where it
+  holds ≥ 32 batches (d = 64) else 7 (d = 256), ``warmup_steps=100``, up to three rate checks, none before 768 rows
+  per atom (400 steps at d = 64, 1 536 at d = 256).
+* ``r15-min400``: the defaults of 2026-12-07 before that — 15 replay steps at every width, the rule from step 400
+  (at d = 64 the same as ``new``);
+* ``prev``: the defaults before 2026-12-07 — ``replay=7`` from a buffer of 8 192 rows (``replay_size=8192``), the
+  rule from step 400;
 * ``new-lam0``: the same without the λ check at convergence (``lam_rounds=0``);
 * ``new-rate0``: the same without the rate check (``rate_checks=0``: a flat trace at the first rate is converged);
 * ``new-replay64``: the same with a replay buffer of 65 536 rows (the default at d = 64; 4× it at d = 256);
@@ -73,7 +77,8 @@ TOL = 0.05
 LEARNERS = {
     "old": dict(batch_size=4096, replay=0, warmup_tokens=1_048_576),
     "new": dict(),
-    "prev": dict(replay=7, replay_size=8192),  # the defaults before 2026-12-07
+    "prev": dict(replay=7, replay_size=8192, min_steps=400),  # the defaults before 2026-12-07
+    "r15-min400": dict(replay=15, min_steps=400),  # the defaults of 2026-12-07, before the rule's 768 rows per atom
     "new-lam0": dict(lam_rounds=0),  # without the λ check at convergence
     "new-rate0": dict(rate_checks=0),  # without the rate check: a flat trace at the first rate is converged
     "new-replay64": dict(replay_size=65_536),  # a replay buffer of 65 536 rows

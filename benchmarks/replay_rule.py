@@ -22,6 +22,7 @@ import argparse
 
 from tl_sparsity import LearnerOptions, SparsityReport
 from tl_sparsity.coding.convergence import ConvergenceTrace
+from tl_sparsity.coding.options import rule_steps
 
 
 def replay(points: list[dict], tol: float, min_steps: int,
@@ -53,13 +54,15 @@ def main() -> None:
     for path in args.reports:
         report = SparsityReport.load(path)
         opts = report.meta.get("options", {})
-        tol, min_steps = float(opts.get("tol", defaults.tol)), int(opts.get("min_steps", defaults.min_steps))
+        tol, min_steps = float(opts.get("tol", defaults.tol)), opts.get("min_steps", defaults.min_steps)
         checks = int(opts.get("rate_checks") or defaults.rate_checks)  # a run without checks: the rule as it is now
+        batch = int(opts.get("batch_size", defaults.batch_size))
         print(f"{path}: tol {tol}, min_steps {min_steps}, rate_checks {checks}")
         print("| hook | flat cuts at | a swinging trace cut first at | on its last window alone, first at |")
         print("|---|---|---|---|")
         for row in report.rows:
-            flat, swinging, one = replay(report.tables.get(f"trace/{row['hook']}", []), tol, min_steps, checks)
+            steps = rule_steps(min_steps, batch, row.get("n_atoms"))
+            flat, swinging, one = replay(report.tables.get(f"trace/{row['hook']}", []), tol, steps, checks)
             first = [str(x[0]) if x else "—" for x in (swinging, one)]
             print(f"| {row['hook']} | {', '.join(map(str, flat)) or '—'} | {first[0]} | {first[1]} |")
 

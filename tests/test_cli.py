@@ -141,7 +141,7 @@ def test_compare_warns_naming_the_budget_and_options_that_differ(tmp_path, capsy
     out, err = capsys.readouterr()
     for text in (out.splitlines()[0], err):
         assert "differ in budget or learner options" in text
-        assert "tokens_requested: 3000 (a), 6000 (b)" in text and "replay: 15 (a), 1 (b)" in text
+        assert "tokens_requested: 3000 (a), 6000 (b)" in text and "replay: None (a), 1 (b)" in text
     assert "normalized_loss_ratio" in out
     assert cli.main(["compare", str(a), str(_saved(tmp_path, "c"))]) == 0
     out, err = capsys.readouterr()
@@ -217,10 +217,10 @@ def test_resume_errors_name_the_problem(tmp_path, capsys):
     argv = ["run", "--model", "tiny", *RUN, "--out", str(out), "--checkpoint-every", "2"]
     args = cli._parser().parse_args(argv)
     prepare(args, cli.given_arguments(argv))  # what a run writes before it starts: checkpoint/run.json
-    assert cli.main(["run", "--resume", str(out), "--tokens", "5000", "--replay", "15", "--expansion", "4"]) == 2
+    assert cli.main(["run", "--resume", str(out), "--tokens", "5000", "--tol", "0.02", "--expansion", "4"]) == 2
     err = capsys.readouterr().err
     assert "the options differ" in err and "--tokens 5000 here, 3000 in the saved run" in err
-    assert "--expansion 4 here, 8 in the saved run" in err and "--replay" not in err  # 15: the saved value
+    assert "--expansion 4 here, 8 in the saved run" in err and "--tol" not in err  # 0.02: the saved value
     assert cli.main(["run", "--resume", str(out), "--out", str(tmp_path / "other")]) == 2
     assert "drop --out" in capsys.readouterr().err
     (out / "checkpoint" / "LATEST").write_text("{}")  # a checkpoint there: a new run must not silently take it
@@ -262,8 +262,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_report(gpt2_fold
 
 
 @pytest.mark.parametrize("flags, device, expected", [
-    ([], "cpu", (256, 1)), ([], "cuda", (1024, 15)), (["--replay", "7"], "cpu", (1024, 7)),
-    (["--learner-batch-size", "512"], "cpu", (512, 15))])
+    ([], "cpu", (256, 1)), ([], "cuda", (1024, None)), (["--replay", "7"], "cpu", (1024, 7)),
+    (["--learner-batch-size", "512"], "cpu", (512, None))])
 def test_cpu_gets_smaller_learner_batches_unless_either_option_is_given(flags, device, expected, monkeypatch):
     from tl_sparsity import cli_run
 

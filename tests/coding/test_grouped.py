@@ -43,7 +43,7 @@ def test_training_together_equals_training_each_alone_with_ragged_row_counts():
         lr._train(x, x.shape[0])
     for a, b in zip(together, alone):
         _assert_same_state(a, b, rtol=1e-5, atol=1e-7)
-    assert together[0].n_steps_ == alone[0].n_steps_ == 4 * (1 + together[0].replay)  # each batch: 1 + replay steps
+    assert together[0].n_steps_ == alone[0].n_steps_ == 4 * (1 + together[0]._replay_n)  # each batch: 1 + replay steps
 
 
 def test_learners_in_warm_up_or_of_another_shape_or_solver_train_alone_bit_for_bit():

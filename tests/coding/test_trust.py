@@ -285,3 +285,35 @@ def test_converged_means_the_long_run_value_not_a_constant_rate_s_plateau(tmp_pa
     x = src.sample(2048)
     back.partial_fit(x), checked.partial_fit(x)
     assert torch.equal(back.dictionary_, checked.dictionary_)
+
+
+def test_the_rule_judges_no_earlier_than_768_rows_per_atom_by_default_and_keeps_it_through_a_save(tmp_path):
+    """On SmolLM2-135M (d = 576, 4 608 atoms) a first rate check at step 800 left values 13–17 % above those of one
+    at step 3 200: by default the rule judges nothing (no rate check either) before 768 rows per atom."""
+    from tl_sparsity.coding.options import rule_steps
+
+    assert rule_steps(None, 1024, 4608) == 3456 and rule_steps(None, 256, 4608) == 13824
+    assert rule_steps(None, 1024, 512) == 400 and rule_steps(50, 1024, 4608) == 50
+    assert rule_steps(None, 1024, None) == 400
+    x = torch.randn(1300, 576, generator=torch.Generator().manual_seed(0))
+    c = OnlineSparseCoder(seed=0, probe_size=64, warmup_steps=1).partial_fit(x)
+    assert c.get_params()["min_steps"] is None and c.trace_.min_steps == 3456
+    assert "fewer than the 3456 the rule needs" in c.convergence_["reason"]
+    c.save(tmp_path / "c.pt")
+    assert OnlineSparseCoder.load(tmp_path / "c.pt").trace_.min_steps == 3456
+    assert OnlineSparseCoder(min_steps=40, seed=0).partial_fit(x[:1100, :64]).trace_.min_steps == 40
+    assert OnlineSparseCoder(seed=0).partial_fit(x[:1100, :64]).trace_.min_steps == 400
+
+
+def test_replay_by_default_many_steps_where_the_buffer_holds_32_batches_else_few():
+    """15 replay steps suit d = 64 (a 64-batch buffer); at d = 576 (8 batches) 7 converged SmolLM2's middle layers in
+    half the time at the same values (docs/convergence.md)."""
+    from tl_sparsity.coding.options import replay_steps
+
+    assert replay_steps(None, 65536, 1024) == 15 and replay_steps(None, 8192, 1024) == 7
+    assert replay_steps(None, 16384, 1024) == 7 and replay_steps(3, 65536, 1024) == 3
+    gen = torch.Generator().manual_seed(1)
+    for d, replay, steps in ((64, None, 16), (576, None, 8), (576, 2, 3)):
+        c = OnlineSparseCoder(seed=0, batch_size=64, replay_size=(None if d == 64 else 256), replay=replay)
+        c.partial_fit(torch.randn(80, d, generator=gen))
+        assert c.n_steps_ == steps, (d, replay, c.n_steps_)

@@ -185,7 +185,7 @@ def test_ctrl_c_during_a_learner_batch_is_delivered_after_that_batch():
 
     def phi_step_then_ctrl_c(xb, alpha, n_total):
         real(xb, alpha, n_total)
-        if c.n_steps_ == 2 + c.replay + 1:  # in the middle of the second batch's update (each: 1 + replay steps)
+        if c.n_steps_ == 2 + c._replay_n + 1:  # in the middle of the second batch's update (each: 1 + replay steps)
             os.kill(os.getpid(), signal.SIGINT)
 
     c._phi_step = phi_step_then_ctrl_c

@@ -1,10 +1,11 @@
 """Learner options for a CPU, where one forward's learning must stay a few seconds (a notebook cell, a command).
 
-With the defaults (learner batches of 1 024 rows, 15 replay steps per batch: 16 dictionary steps per 1 024 rows, so
-that a GPU run converges in few model tokens) a learner batch at d = 576 costs tens of seconds on a 2-core CPU. There
-a forward is cheap next to the learning it completes, so the rule below takes half the dictionary steps per token —
-8 per 1 024 rows — at an eighth of the coding work (2 coding passes over each row instead of 16): convergence, judged
-in dictionary steps, comes after about twice the tokens. Measured, with the command: ``docs/cpu.md``.
+With the defaults (learner batches of 1 024 rows and 7 replay steps at d = 576, 15 at small widths: 8–16 dictionary
+steps per 1 024 rows, so that a GPU run converges in few model tokens) a learner batch at d = 576 costs tens of
+seconds on a 2-core CPU. There a forward is cheap next to the learning it completes, so the rule below takes 8
+dictionary steps per 1 024 rows — as many as the defaults at d = 576, half of them at small widths — at a quarter of
+the coding work there (2 coding passes over each row instead of 8; 16 at small widths). Measured, with the command:
+``docs/cpu.md``.
 
 The rule applies only where neither option is given; GPU defaults are unchanged. ``tl-sparsity run --device cpu``
 and every collector whose learners live on a CPU (its ``device=``, else its model's) apply it.

@@ -73,9 +73,12 @@ class LearnerOptions:
     exact mean (the synthetic sources): the sample mean of heavy-tailed rows does not converge, and for the
     isotropic-Cauchy control it shifts every row by a vector as long as the median row
     (``benchmarks/cauchy_study.py``)."""
-    replay: int = 15
+    replay: int | None = None
     """Extra dictionary steps per batch, each on ``batch_size`` rows drawn (with replacement) from the replay
-    buffer; 0 is the plain one-pass online learner. Held-out rows never enter the buffer."""
+    buffer; 0 is the plain one-pass online learner. Held-out rows never enter the buffer. ``None``: 15 where the
+    buffer holds at least 32 learner batches (d ≤ 128 with the defaults), else 7 — measured in
+    ``docs/convergence.md``: 15 reaches the d = 64 synthetic values in 2–3 times fewer tokens than 7; on SmolLM2-135M
+    (d = 576, a buffer of 8 batches) 7 converged the middle residual layers in half the time, at the same values."""
     replay_size: int | None = None
     """Rows the replay buffer keeps (the most recent training rows); ``None``: 8 × ``batch_size`` or a 16 MiB
     buffer (2²² floats: 65 536 rows at d = 64, 16 384 at d = 256), whichever holds more rows."""
@@ -87,8 +90,11 @@ class LearnerOptions:
     """The convergence rule's tolerance: converged once the held-out normalized loss moved by at most ``tol``
     (relative) over the last half of at least ``min_steps`` dictionary steps, and swung by at most 2.5·``tol``
     within it, all with λ frozen (:mod:`tl_sparsity.coding.convergence`)."""
-    min_steps: int = 400
-    """The fewest dictionary steps the convergence rule judges (see ``tol``)."""
+    min_steps: int | None = None
+    """The fewest dictionary steps the convergence rule judges (see ``tol``); no rate check comes earlier. ``None``:
+    enough steps for 768 rows per atom (3 456 steps of 1 024 rows at d = 576, expansion 8), at least 400. On
+    SmolLM2-135M's residual stream a first rate check at step 800 left values 13–17 % above those of a check at
+    step 3 200, which runs of 11 000–26 000 steps reproduce to about 1 % (``docs/convergence.md``)."""
     lam_rounds: int = 6
     """How many times λ may be re-estimated after it froze (the paper's "repeat a couple of rounds"): at each
     doubling of the dictionary steps since it froze (steps 200, 400, 800, … with the default warm-up), λ's fixed point
@@ -143,7 +149,8 @@ class LearnerOptions:
         if (int(self.reservoir_size) < 0 or (warmup_tokens is not None and int(warmup_tokens) < 0)
                 or int(self.phi_steps) < 1):
             raise ValueError("reservoir_size and warmup_tokens must be ≥ 0 and phi_steps ≥ 1.")
-        if int(self.replay) < 0 or (replay_size is not None and int(replay_size) < 1) or int(self.warmup_steps) < 0:
+        if ((self.replay is not None and int(self.replay) < 0) or (replay_size is not None and int(replay_size) < 1)
+                or int(self.warmup_steps) < 0):
             raise ValueError(f"replay and warmup_steps must be ≥ 0 and replay_size ≥ 1 (or None), got replay="
                              f"{self.replay!r}, replay_size={replay_size!r}, warmup_steps={self.warmup_steps!r}.")
         if int(self.lam_rounds) < 0:
@@ -152,7 +159,10 @@ class LearnerOptions:
             raise ValueError(f"massive_ratio must be > 1 (or None to keep every row), got {self.massive_ratio!r}.")
         if int(self.probe_size) < 8:
             raise ValueError(f"probe_size must be ≥ 8 held-out rows, got {self.probe_size!r}.")
-        ConvergenceTrace(self.tol, self.min_steps, rate_checks=self.rate_checks)  # validates the rule's options
+        if self.min_steps is not None:
+            ConvergenceTrace(self.tol, self.min_steps, rate_checks=self.rate_checks)  # validates the rule's options
+        else:
+            ConvergenceTrace(self.tol, MIN_STEPS, rate_checks=self.rate_checks)
         for name, kind in _NORMALISE.items():
             value = getattr(self, name)
             if not (value is None and name in _OPTIONAL):
@@ -172,7 +182,7 @@ _NORMALISE: dict[str, type] = {
     "replay_size": int, "warmup_steps": int, "probe_size": int, "tol": float, "min_steps": int, "lam_rounds": int,
     "rate_checks": int, "massive_ratio": float,
 }
-_OPTIONAL = ("d_in", "lam", "warmup_tokens", "replay_size", "massive_ratio")
+_OPTIONAL = ("d_in", "lam", "warmup_tokens", "replay", "replay_size", "massive_ratio", "min_steps")
 #: The numeric fields, checked for finiteness before anything else.
 _NUMERIC = ("d_in", "expansion", "lam", "seed", "batch_size", "lr", "warmup_tokens", "lam_ratio", "holdout_frac",
             "reservoir_size", "max_steps", "phi_steps", "replay", "replay_size", "warmup_steps", "probe_size", "tol",
@@ -192,6 +202,36 @@ def replay_rows(replay_size: int | None, batch_size: int, d: int) -> int:
     if replay_size is not None:
         return int(replay_size)
     return max(8 * int(batch_size), REPLAY_FLOATS // max(int(d), 1))
+
+
+#: Replay steps when ``replay`` is None: many where the buffer holds at least REPLAY_BATCHES learner batches, else few.
+REPLAY_MANY, REPLAY_FEW, REPLAY_BATCHES = 15, 7, 32
+
+
+def replay_steps(replay: int | None, rows: int, batch_size: int) -> int:
+    """Replay steps per learner batch for these options and a replay buffer of ``rows`` rows (see
+    ``LearnerOptions.replay``)."""
+    if replay is not None:
+        return int(replay)
+    return REPLAY_MANY if int(rows) >= REPLAY_BATCHES * int(batch_size) else REPLAY_FEW
+
+
+def replay_buffer(replay: int | None, replay_size: int | None, batch_size: int, d: int) -> int:
+    """Rows of the replay buffer a learner allocates: :func:`replay_rows`, or 0 where it takes no replay steps."""
+    rows = replay_rows(replay_size, batch_size, d)
+    return rows if replay_steps(replay, rows, batch_size) else 0
+
+
+#: The convergence rule's fewest dictionary steps when ``min_steps`` is None: rows per atom, and a floor.
+ROWS_PER_ATOM, MIN_STEPS = 768, 400
+
+
+def rule_steps(min_steps: int | None, batch_size: int, n_atoms: int | None) -> int:
+    """The fewest dictionary steps the convergence rule judges (see ``LearnerOptions.min_steps``); ``n_atoms`` None
+    (no dictionary yet): the floor."""
+    if min_steps is not None:
+        return int(min_steps)
+    return max(MIN_STEPS, -(-ROWS_PER_ATOM * int(n_atoms or 0) // int(batch_size)))
 
 
 @functools.lru_cache(maxsize=1)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .safe_io import write_atomic
 from .convergence import ConvergenceTrace
-from .options import _NORMALISE, _OPTIONAL, LearnerOptions, replay_rows
+from .options import _NORMALISE, _OPTIONAL, LearnerOptions, replay_buffer, rule_steps
 
 __all__ = ["CheckpointError", "saved_params", "learner_state", "restore_learner", "learner_bytes", "learner_from_bytes",
            "save_learner", "read_learner"]
@@ -97,7 +97,7 @@ def restore_learner(lr: Any, tensors: dict[str, Tensor], meta: dict[str, Any],
         lr._probe = torch.zeros(lr.probe_size, lr.d_in, device=dev)
         lr._probe[: lr._probe_fill] = on.get("probe", lr._probe[:0])
         lr._replay_fill, lr._replay_pos = int(st.get("replay_fill", 0)), int(st.get("replay_pos", 0))
-        lr._replay_buf = torch.zeros(lr._replay_cap if lr.replay else 0, lr.d_in, device=dev)
+        lr._replay_buf = torch.zeros(lr._replay_cap if lr._replay_n else 0, lr.d_in, device=dev)
         saved = on.get("replay", lr._replay_buf[:0])
         if lr._replay_fill < lr._replay_buf.shape[0] and lr._replay_pos != lr._replay_fill:
             # a full ring saved with a smaller buffer (replay_size=None meant 8 × batch_size before the 16 MiB
@@ -283,7 +283,7 @@ def check_learner(tensors: dict[str, Tensor], meta: dict[str, Any], where: str) 
     for k in ("scale_", "lam_", "lr_"):
         num(st, k, float)
     num(st, "cap", low=1)
-    replay = replay_rows(opts.replay_size, opts.batch_size, d or 1) * (opts.replay > 0)
+    replay = replay_buffer(opts.replay, opts.replay_size, opts.batch_size, d or 1)
     for fill, name, size in (("res_fill", "reservoir", opts.reservoir_size), ("probe_fill", "probe", opts.probe_size),
                              ("replay_fill", "replay", replay)):
         n = num(st, fill, default=0)
@@ -294,6 +294,7 @@ def check_learner(tensors: dict[str, Tensor], meta: dict[str, Any], where: str) 
         raise bad("replay_pos", f"({st['replay_pos']}) is beyond the replay buffer of {size} rows")
     try:
         if "trace" in st:
-            ConvergenceTrace(opts.tol, opts.min_steps, rate_checks=opts.rate_checks).load_state(st["trace"])
+            ConvergenceTrace(opts.tol, rule_steps(opts.min_steps, opts.batch_size, dic.shape[0]),
+                             rate_checks=opts.rate_checks).load_state(st["trace"])
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise bad("trace", f"is invalid: {type(e).__name__}: {e}") from e

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .convergence import ConvergenceTrace
 from .metrics import MetricAccumulator
-from .options import replay_rows
+from .options import replay_rows, replay_steps, rule_steps
 from .rows import to_device
 
 __all__ = ["Tracking"]
@@ -92,7 +92,8 @@ class Tracking:
     def _new_trace(self) -> ConvergenceTrace:
         """An empty trace with this learner's rule (no rate checks for block-coordinate descent: it has no rate)."""
         checks = 0 if self.phi_optimizer == "bcd" else self.rate_checks
-        return ConvergenceTrace(self.tol, self.min_steps, rate_checks=checks)
+        atoms = self.dictionary_.shape[0] if getattr(self, "dictionary_", None) is not None else None
+        return ConvergenceTrace(self.tol, rule_steps(self.min_steps, self.batch_size, atoms), rate_checks=checks)
 
     @property
     def convergence_(self) -> dict:
@@ -199,6 +200,11 @@ class Tracking:
     def _replay_cap(self) -> int:
         return replay_rows(self.replay_size, self.batch_size, self.d_in)
 
+    @property
+    def _replay_n(self) -> int:
+        """Replay steps per learner batch (``replay``, or the rule for None, once the row width is known)."""
+        return replay_steps(self.replay, self._replay_cap, self.batch_size) if self.d_in else 0
+
     def _remember(self, x: Tensor) -> None:
         """Write training rows ``x`` into the replay ring buffer (the oldest are overwritten)."""
         cap, n = self._replay_buf.shape[0], x.shape[0]
@@ -214,7 +220,7 @@ class Tracking:
     def _after_batch(self, x: Tensor, n_total: int) -> None:
         """After a fresh batch's step on training rows ``x``: ``replay`` steps on rows drawn from the replay buffer,
         and the convergence trace."""
-        if not (self.replay and x.shape[0]):
+        if not (self._replay_n and x.shape[0]):
             self._settle(x, n_total)
         else:
             self._replay(x, n_total)
@@ -225,7 +231,7 @@ class Tracking:
         self._remember(x)
         self._settle(x, n_total)
         n = x.shape[0]
-        for _ in range(self.replay):
+        for _ in range(self._replay_n):
             idx = torch.randint(0, self._replay_fill, (n,), generator=self._gen)
             rows = self._replay_buf.index_select(0, to_device(idx, x.device))
             self._step(rows, n)

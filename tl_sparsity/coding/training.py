@@ -19,6 +19,7 @@ from torch import Tensor
 from .backend import triton_applies
 from .counts import Counted
 from .bounds import normalise
+from .options import rule_steps
 from .phi_step import DECAY_START, accumulate, bcd_sweep, decayed_lr, forgetting
 from .pursuit import default_max_steps, greedy_pursuit_torch, lasso_pursuit
 from .rows import split_rows
@@ -55,6 +56,7 @@ class TrainingStep:
         else:
             phi = torch.randn(m, d, generator=self._gen).to(dev)
         self.dictionary_ = phi / phi.norm(dim=1, keepdim=True)
+        self.trace_.min_steps = rule_steps(self.min_steps, self.batch_size, m)  # the rule's, now that m is known
         self._adam_m = torch.zeros_like(self.dictionary_)
         self._adam_v = torch.zeros_like(self.dictionary_)
         self._lr = self.lr if self.lr is not None else 0.05 / math.sqrt(d)
@@ -66,7 +68,7 @@ class TrainingStep:
         self._res_fill = 0
         self._probe = torch.zeros(self.probe_size, d, device=dev)
         self._probe_fill = 0
-        self._replay_buf = torch.zeros(self._replay_cap if self.replay else 0, d, device=dev)
+        self._replay_buf = torch.zeros(self._replay_cap if self._replay_n else 0, d, device=dev)
         self._replay_fill = self._replay_pos = 0
         self._cap = default_max_steps(d) if self.max_steps is None else int(self.max_steps)
         if self.lam is not None:
