@@ -303,6 +303,8 @@ def test_the_rule_judges_no_earlier_than_768_rows_per_atom_by_default_and_keeps_
     assert OnlineSparseCoder.load(tmp_path / "c.pt").trace_.min_steps == 3456
     assert OnlineSparseCoder(min_steps=40, seed=0).partial_fit(x[:1100, :64]).trace_.min_steps == 40
     assert OnlineSparseCoder(seed=0).partial_fit(x[:1100, :64]).trace_.min_steps == 400
+    with pytest.raises(ValueError, match="min_steps must be ≥ 1 dictionary step, or None"):
+        OnlineSparseCoder(min_steps=0)
 
 
 def test_replay_by_default_many_steps_where_the_buffer_holds_32_batches_else_few():

@@ -151,7 +151,7 @@ class LearnerOptions:
             raise ValueError("reservoir_size and warmup_tokens must be ≥ 0 and phi_steps ≥ 1.")
         if ((self.replay is not None and int(self.replay) < 0) or (replay_size is not None and int(replay_size) < 1)
                 or int(self.warmup_steps) < 0):
-            raise ValueError(f"replay and warmup_steps must be ≥ 0 and replay_size ≥ 1 (or None), got replay="
+            raise ValueError(f"replay (or None) and warmup_steps must be ≥ 0 and replay_size ≥ 1 (or None), got replay="
                              f"{self.replay!r}, replay_size={replay_size!r}, warmup_steps={self.warmup_steps!r}.")
         if int(self.lam_rounds) < 0:
             raise ValueError(f"lam_rounds must be ≥ 0, got {self.lam_rounds!r}.")
@@ -159,10 +159,11 @@ class LearnerOptions:
             raise ValueError(f"massive_ratio must be > 1 (or None to keep every row), got {self.massive_ratio!r}.")
         if int(self.probe_size) < 8:
             raise ValueError(f"probe_size must be ≥ 8 held-out rows, got {self.probe_size!r}.")
-        if self.min_steps is not None:
-            ConvergenceTrace(self.tol, self.min_steps, rate_checks=self.rate_checks)  # validates the rule's options
-        else:
-            ConvergenceTrace(self.tol, MIN_STEPS, rate_checks=self.rate_checks)
+        if self.min_steps is not None and int(self.min_steps) < 1:
+            raise ValueError(f"min_steps must be ≥ 1 dictionary step, or None (enough for {ROWS_PER_ATOM} rows per "
+                             f"atom, at least {MIN_STEPS}), got {self.min_steps!r}.")
+        steps = MIN_STEPS if self.min_steps is None else self.min_steps
+        ConvergenceTrace(self.tol, steps, rate_checks=self.rate_checks)  # validates the rule's options
         for name, kind in _NORMALISE.items():
             value = getattr(self, name)
             if not (value is None and name in _OPTIONAL):
