@@ -97,7 +97,7 @@ def restore_learner(lr: Any, tensors: dict[str, Tensor], meta: dict[str, Any],
         lr._probe = torch.zeros(lr.probe_size, lr.d_in, device=dev)
         lr._probe[: lr._probe_fill] = on.get("probe", lr._probe[:0])
         lr._replay_fill, lr._replay_pos = int(st.get("replay_fill", 0)), int(st.get("replay_pos", 0))
-        lr._replay_buf = torch.zeros(lr._replay_cap if lr._replay_n else 0, lr.d_in, device=dev)
+        lr._replay_buf = torch.zeros(lr._replay_alloc, lr.d_in, device=dev)
         saved = on.get("replay", lr._replay_buf[:0])
         if lr._replay_fill < lr._replay_buf.shape[0] and lr._replay_pos != lr._replay_fill:
             # a full ring saved with a smaller buffer (replay_size=None meant 8 × batch_size before the 16 MiB

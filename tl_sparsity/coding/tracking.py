@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .convergence import ConvergenceTrace
 from .metrics import MetricAccumulator
-from .options import replay_rows, replay_steps, rule_steps
+from .options import replay_buffer, replay_rows, replay_steps, rule_steps
 from .rows import to_device
 
 __all__ = ["Tracking"]
@@ -199,6 +199,11 @@ class Tracking:
     @property
     def _replay_cap(self) -> int:
         return replay_rows(self.replay_size, self.batch_size, self.d_in)
+
+    @property
+    def _replay_alloc(self) -> int:
+        """Rows the replay buffer allocates: ``_replay_cap``, or 0 where no replay steps are taken."""
+        return replay_buffer(self.replay, self.replay_size, self.batch_size, self.d_in)
 
     @property
     def _replay_n(self) -> int:

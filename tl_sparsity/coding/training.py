@@ -68,7 +68,7 @@ class TrainingStep:
         self._res_fill = 0
         self._probe = torch.zeros(self.probe_size, d, device=dev)
         self._probe_fill = 0
-        self._replay_buf = torch.zeros(self._replay_cap if self._replay_n else 0, d, device=dev)
+        self._replay_buf = torch.zeros(self._replay_alloc, d, device=dev)
         self._replay_fill = self._replay_pos = 0
         self._cap = default_max_steps(d) if self.max_steps is None else int(self.max_steps)
         if self.lam is not None:
