@@ -15,7 +15,7 @@ from ..stats.side import CONTROL_NOTE
 from . import attach as _attach
 from . import hooks as _hooks
 
-__all__ = ["build_report", "hook_rows", "learner_row", "add_to_report"]
+__all__ = ["build_report", "hook_rows", "learner_row", "add_to_report", "rule_events"]
 
 
 def build_report(col: Any, controls: bool | None = None, merge: Any = None) -> SparsityReport:
@@ -48,14 +48,27 @@ def build_report(col: Any, controls: bool | None = None, merge: Any = None) -> S
     meta: dict[str, Any] = {"model": _hooks.model_info(col.model), "options": col.learners_params(),
                             "skip_bos": col.skip_bos, **more}
     tables = add_to_report(view, rows, meta, col.controls if controls is None else bool(controls))
-    for name, lr in col.learners.items():  # the evidence of each verdict: the held-out probe's trace
+    for name, lr in col.learners.items():  # the evidence of each verdict: the held-out probe's trace, the rule's steps
         if lr.trace_.steps:
             tables[f"trace/{name}"] = [{"step": s, "normalized_loss": v}
                                        for s, v in zip(lr.trace_.steps, lr.trace_.values)]
+            tables[f"rule/{name}"] = rule_events(lr.trace_)
     if view is not col:
         for name, ex in view.extras.items():
             col.extras[name]._control = ex._control  # keep the control cache
     return SparsityReport(rows, meta, tables)
+
+
+def rule_events(trace: Any) -> list[dict[str, Any]]:
+    """The convergence rule's steps along one learner's training, in step order: when λ froze (``lam frozen``), each
+    check of λ at its fixed point (``lam check``: λ before and after) and each cut of the dictionary's rate (``rate
+    cut``: the probe's level before it)."""
+    events: list[dict[str, Any]] = []
+    if trace.lam_frozen_at is not None:
+        events.append({"step": int(trace.lam_frozen_at), "event": "lam frozen"})
+    events += [{"step": int(s), "event": "lam check", "lam_before": b, "lam_after": a} for s, b, a in trace.lam_checks]
+    events += [{"step": int(s), "event": "rate cut", "level": v} for s, v in trace.rate_cuts]
+    return sorted(events, key=lambda e: e["step"])
 
 
 def hook_rows(col: Any, names: Iterable[str]) -> list[dict[str, Any]]:
