@@ -109,3 +109,31 @@ def test_replay_rule_by_hand():
              for i, s in enumerate(steps)]
     _, two, one = mod.replay(swing, 0.02, 400, 3)
     assert one and two and one[0] < two[0] and two[0] >= 2 * 400
+
+
+def test_rule_history_by_hand(tmp_path, capsys):
+    """benchmarks/rule_history.py: values at fixed steps (blank after a run's end), the rate cuts a report names,
+    and the short/long and long/long comparisons of final values, on two planted reports."""
+    from tl_sparsity import SparsityReport
+
+    mod = load_script("benchmarks/rule_history.py", "rule_history")
+    trace = [{"step": s, "normalized_loss": 10.0 / (1 + s / 1000)} for s in range(100, 12001, 100)]
+    assert mod.value_at(trace, 800) == pytest.approx(10.0 / 1.8) and mod.value_at(trace, 50) is None
+    assert mod.value_at(trace[:10], 1600) is None  # the run had stopped at step 1 000
+    a = SparsityReport([{"hook": "blocks.0.h", "layer": 0, "normalized_loss": 6.0, "n_steps": 2000, "converged": True},
+                        {"hook": "blocks.1.h", "layer": 1, "normalized_loss": 4.0, "n_steps": 12000,
+                         "converged": True}], {},
+                       {"trace/blocks.0.h": trace[:20], "trace/blocks.1.h": trace,
+                        "rule/blocks.1.h": [{"step": 3200, "event": "rate cut", "level": 4.5}]})
+    b = SparsityReport([{"hook": "blocks.0.h", "layer": 0, "normalized_loss": 5.0, "n_steps": 11000, "converged": True},
+                        {"hook": "blocks.1.h", "layer": 1, "normalized_loss": 4.1, "n_steps": 11000,
+                         "converged": False}], {}, {"trace/blocks.0.h": trace, "trace/blocks.1.h": trace})
+    a.save(tmp_path / "a.json")
+    b.save(tmp_path / "b.json")
+    mod.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--steps", "800,1600,3200"])
+    out = capsys.readouterr().out
+    assert "3200: 4.500" in out and "(not in this report)" in out
+    assert "both ≥ 10000 steps, run 1 / run 0 − 1: median +0.025, +0.025 to +0.025 (1)" in out
+    assert "short / long − 1: median +0.200, +0.200 to +0.200 (1)" in out
+    line = [ln for ln in out.splitlines() if ln.startswith("blocks.0.h (0)")][0]
+    assert line.split()[2:4] == [f"{10 / 1.8:.3f}", f"{10 / 2.6:.3f}"] and " no " not in line  # 3200: blank
