@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> None:
             cut_txt = ", ".join(f"{e['step']}: {e['level']:.3f}" for e in cuts) if f"rule/{name}" in rep.tables \
                 else "(not in this report)"
             r = rs[name]
+            conv = "yes" if r["converged"] else "no "
             print(f"{name} ({i})".ljust(30) + "".join("        " if v is None else f"{v:8.3f}" for v in vals)
-                  + f" {r['normalized_loss']:7.3f} {r['n_steps']:6d} {'yes' if r['converged'] else 'no ':>4s}  {cut_txt}")
+                  + f" {r['normalized_loss']:7.3f} {r['n_steps']:6d} {conv:>4s}  {cut_txt}")
     for i, f in enumerate(args.reports):
         print(f"run {i}: change per doubling of the steps, {steps[0]}–{steps[-1]}: {spread(per_doubling[i])}")
     for i, j in itertools.combinations(range(len(reps)), 2):

@@ -86,7 +86,8 @@ def learner_row(learner: OnlineSparseCoder) -> dict[str, Any]:
     row: dict[str, Any] = {
         "d_in": learner.d_in, "n_atoms": None, "n_tokens": learner.n_tokens_, "n_heldout": learner.n_heldout_,
         "n_eval": 0, "lam": None, "normalized_loss": float("nan"), "normalized_loss_se": float("nan"),
-        "n_active": float("nan"), "n_active_se": float("nan"), "coef_norm": float("nan"), "nnz": float("nan"), "fvu": float("nan"), "capped": learner.capped_,
+        "n_active": float("nan"), "n_active_se": float("nan"), "coef_norm": float("nan"), "nnz": float("nan"),
+        "fvu": float("nan"), "capped": learner.capped_,
         "n_dropped": learner.n_dropped_, "n_massive": learner.n_massive_, "converged": None,
         "n_steps": learner.n_steps_, "drift": float("nan"), "rate_change": float("nan"),
         "convergence": "no dictionary yet",
