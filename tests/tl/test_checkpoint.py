@@ -282,11 +282,11 @@ def test_fit_until_converged_freezes_each_hook_when_it_converges_stops_when_all_
     rep = whole.report()
     rows = rep.rows
     assert all(r["converged"] for r in rows)
-    for name, lr in whole.learners.items():  # the report names the rule's steps: λ frozen, its checks, the rate cuts
+    for name, lr in whole.learners.items():  # the report names the rule's steps: λ's checks, since when it is unchanged, the rate cuts
         events = rep.tables[f"rule/{name}"]
         assert [e["step"] for e in events] == sorted(e["step"] for e in events)
         assert [[e["step"], e["level"]] for e in events if e["event"] == "rate cut"] == lr.trace_.rate_cuts
-        assert [e["step"] for e in events if e["event"] == "lam frozen"] == [lr.trace_.lam_frozen_at]
+        assert [e["step"] for e in events if e["event"] == "lam unchanged since"] == [lr.trace_.lam_frozen_at]
         assert len([e for e in events if e["event"] == "lam check"]) == len(lr.trace_.lam_checks)
     # each verdict came after at least one cut of the rate that moved the level by at most tol (the row's evidence)
     assert all(whole.learners[r["hook"]].trace_.rate_cuts and abs(r["rate_change"]) <= UNTIL["tol"] for r in rows)

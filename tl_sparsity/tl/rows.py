@@ -60,15 +60,16 @@ def build_report(col: Any, controls: bool | None = None, merge: Any = None) -> S
 
 
 def rule_events(trace: Any) -> list[dict[str, Any]]:
-    """The convergence rule's steps along one learner's training, in step order: when λ froze (``lam frozen``), each
-    check of λ at its fixed point (``lam check``: λ before and after) and each cut of the dictionary's rate (``rate
-    cut``: the probe's level before it)."""
-    events: list[dict[str, Any]] = []
+    """The convergence rule's steps along one learner's training, in step order: each check of λ at its fixed point
+    (``lam check``: λ before and after), the step since which λ has not changed (``lam unchanged since``: its
+    freeze, or its last move at a check) and each cut of the dictionary's rate (``rate cut``: the probe's level
+    before it)."""
+    events: list[dict[str, Any]] = [{"step": int(s), "event": "lam check", "lam_before": b, "lam_after": a}
+                                    for s, b, a in trace.lam_checks]
     if trace.lam_frozen_at is not None:
-        events.append({"step": int(trace.lam_frozen_at), "event": "lam frozen"})
-    events += [{"step": int(s), "event": "lam check", "lam_before": b, "lam_after": a} for s, b, a in trace.lam_checks]
+        events.append({"step": int(trace.lam_frozen_at), "event": "lam unchanged since"})
     events += [{"step": int(s), "event": "rate cut", "level": v} for s, v in trace.rate_cuts]
-    return sorted(events, key=lambda e: e["step"])
+    return sorted(events, key=lambda e: e["step"])  # stable: at one step, a check before the window it starts
 
 
 def hook_rows(col: Any, names: Iterable[str]) -> list[dict[str, Any]]:
