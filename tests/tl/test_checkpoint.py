@@ -282,7 +282,8 @@ def test_fit_until_converged_freezes_each_hook_when_it_converges_stops_when_all_
     rep = whole.report()
     rows = rep.rows
     assert all(r["converged"] for r in rows)
-    for name, lr in whole.learners.items():  # the report names the rule's steps: λ's checks, since when it is unchanged, the rate cuts
+    # the report names the rule's steps: λ's checks, since when λ is unchanged, the rate cuts
+    for name, lr in whole.learners.items():
         events = rep.tables[f"rule/{name}"]
         assert [e["step"] for e in events] == sorted(e["step"] for e in events)
         assert [[e["step"], e["level"]] for e in events if e["event"] == "rate cut"] == lr.trace_.rate_cuts

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..coding.bounds import state_problems
+from ..coding.convergence import ConvergenceTrace
 from ..coding.learner import OnlineSparseCoder
 from ..report import SparsityReport
 from ..stats.side import CONTROL_NOTE
@@ -59,7 +60,7 @@ def build_report(col: Any, controls: bool | None = None, merge: Any = None) -> S
     return SparsityReport(rows, meta, tables)
 
 
-def rule_events(trace: Any) -> list[dict[str, Any]]:
+def rule_events(trace: ConvergenceTrace) -> list[dict[str, Any]]:
     """The convergence rule's steps along one learner's training, in step order: each check of λ at its fixed point
     (``lam check``: λ before and after), the step since which λ has not changed (``lam unchanged since``: its
     freeze, or its last move at a check) and each cut of the dictionary's rate (``rate cut``: the probe's level
