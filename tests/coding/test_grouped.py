@@ -100,16 +100,39 @@ def test_a_group_over_the_memory_budget_trains_in_chunks_with_the_same_result(mo
     import tl_sparsity.coding.grouped as grouped
 
     calls = []
-    real = grouped._train_group
-    monkeypatch.setattr(grouped, "_train_group", lambda chunk: (calls.append(len(chunk)), real(chunk)))
+    real = grouped._step_group
+    monkeypatch.setattr(grouped, "_step_group", lambda chunk: (calls.append(len(chunk)), real(chunk)))
     together = _learners(k=5)
     alone = copy.deepcopy(together)
     rows = _rows([60, 61, 62, 63, 64])
     m, d = together[0].dictionary_.shape
     monkeypatch.setattr(grouped, "GROUP_BYTES", 2 * (2 * m * m + 8 * 64 * m + 12 * m * d + 12 * 64 * d))
     train_together(list(zip(together, rows)), force=True)
-    assert calls == [2, 2]  # 2 + 2 together, the fifth alone
+    assert calls == [2, 2] * (1 + together[0]._replay_n)  # per step, 2 + 2 together, the fifth alone
     for lr, x in zip(alone, rows):
         lr._train(x, x.shape[0])
     for a, b in zip(together, alone):
         _assert_same_state(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_replay_steps_are_taken_together_and_each_learner_takes_the_steps_it_takes_alone(monkeypatch):
+    """The r-th replay step of every learner in a group is one grouped pass, learners with different replay counts
+    (2, 5, none) included; each learner draws its own replay rows, so every one ends as trained alone."""
+    import tl_sparsity.coding.grouped as grouped
+
+    calls = []
+    real = grouped._step_group
+    monkeypatch.setattr(grouped, "_step_group", lambda chunk: (calls.append(len(chunk)), real(chunk)))
+    together = [_learners(k=1, replay=r)[0] for r in (2, 5, 0)]
+    for lr, seed in zip(together, (7, 8, 9)):  # their own replay draws
+        lr._gen.manual_seed(seed)
+    alone = copy.deepcopy(together)
+    rows = _rows([50, 57, 64])
+    train_together(list(zip(together, rows)), force=True)
+    assert calls == [3, 2, 2]  # the fresh batch, then replay steps 1-2 together; 3-5 (one learner) alone
+    for lr, x in zip(alone, rows):
+        lr._train(x, x.shape[0])
+    for a, b in zip(together, alone):
+        _assert_same_state(a, b, rtol=1e-5, atol=1e-7)
+        assert a.trace_.steps == b.trace_.steps and a._replay_fill == b._replay_fill
+    assert [lr.n_steps_ for lr in together] == [lr.n_steps_ for lr in alone]

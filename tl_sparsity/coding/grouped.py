@@ -50,15 +50,55 @@ def group_key(learner: OnlineSparseCoder, x: Tensor, force: bool = False) -> tup
 
 def train_together(jobs: Sequence[tuple[OnlineSparseCoder, Tensor]], force: bool = False) -> None:
     """Train each ``(learner, rows)`` job — one batch's normalised training rows — as ``learner._train(rows, n)``
-    would, learners of one :func:`group_key` together. Jobs of one learner must not appear twice (its batches are
-    sequential). ``force`` groups any learners of one shape (CPU included; for tests)."""
-    groups: dict[tuple, list[tuple[OnlineSparseCoder, Tensor]]] = {}
+    would, learners of one :func:`group_key` together: the fresh batch's step, then each replay step (each learner
+    draws its own replay rows, in its own order, so the steps are the ones it would take alone). Jobs of one learner
+    must not appear twice (its batches are sequential). ``force`` groups any learners of one shape (CPU included;
+    for tests)."""
+    together: list[tuple[OnlineSparseCoder, Tensor]] = []
     for learner, x in jobs:
         if x.shape[0] == 0:
             continue
-        key = group_key(learner, x, force)
-        if key is None:
+        if group_key(learner, x, force) is None:
             learner._train(x, x.shape[0])
+        else:
+            together.append((learner, x))
+    _steps_together(together, force)
+    for learner, x in together:
+        learner.n_tokens_ += x.shape[0]
+    _after_together(together, force)
+
+
+def _after_together(jobs: list[tuple[OnlineSparseCoder, Tensor]], force: bool) -> None:
+    """Each learner's ``_after_batch`` (replay steps on rows from its replay buffer, the convergence trace), with the
+    r-th replay step of every learner that takes one taken together."""
+    replaying = []
+    for learner, x in jobs:
+        if learner._replay_n:
+            learner._remember(x)
+            replaying.append((learner, x.shape[0]))
+        learner._settle(x, x.shape[0])
+    for r in range(max((lr._replay_n for lr, _ in replaying), default=0)):
+        steps = []
+        for learner, n in replaying:
+            if r < learner._replay_n:
+                idx = torch.randint(0, learner._replay_fill, (n,), generator=learner._gen)
+                steps.append((learner, learner._replay_buf.index_select(0, to_device(idx, learner._replay_buf.device))))
+        _steps_together(steps, force)
+        for learner, rows in steps:
+            learner._settle(rows, rows.shape[0])
+    for learner, _ in jobs:
+        if learner.on_batch is not None:
+            learner.on_batch()
+
+
+def _steps_together(jobs: list[tuple[OnlineSparseCoder, Tensor]], force: bool) -> None:
+    """One dictionary step (``learner._step(rows, n)``) per job, learners of one :func:`group_key` in one pass
+    (chunked to the memory budget)."""
+    groups: dict[tuple, list[tuple[OnlineSparseCoder, Tensor]]] = {}
+    for learner, x in jobs:
+        key = group_key(learner, x, force)
+        if key is None:  # e.g. λ moved back to adapting: not here (λ's checks keep it frozen), but alone is right
+            learner._step(x, x.shape[0])
         else:
             groups.setdefault(key, []).append((learner, x))
     for group in groups.values():
@@ -70,9 +110,9 @@ def train_together(jobs: Sequence[tuple[OnlineSparseCoder, Tensor]], force: bool
             chunk = group[start : start + per]
             if len(chunk) == 1:
                 learner, x = chunk[0]
-                learner._train(x, x.shape[0])
+                learner._step(x, x.shape[0])
             else:
-                _train_group(chunk)
+                _step_group(chunk)
 
 
 def _budget(device: torch.device) -> int:
@@ -83,7 +123,8 @@ def _budget(device: torch.device) -> int:
 
 
 @torch.no_grad()
-def _train_group(group: list[tuple[OnlineSparseCoder, Tensor]]) -> None:
+def _step_group(group: list[tuple[OnlineSparseCoder, Tensor]]) -> None:
+    """One dictionary step for each learner of one :func:`group_key` on its rows, as ``learner._step`` takes it."""
     learners = [lr for lr, _ in group]
     sizes = [x.shape[0] for _, x in group]
     k, n = len(group), max(sizes)
@@ -112,5 +153,3 @@ def _train_group(group: list[tuple[OnlineSparseCoder, Tensor]]) -> None:
     _, grad = phi_products(x, alpha, phi, scale=scale)
     for h, lr in enumerate(learners):
         lr._phi_step(x[h, : sizes[h]], None, sizes[h], grad=grad[h])
-        lr.n_tokens_ += sizes[h]
-        lr._after_batch(x[h, : sizes[h]], sizes[h])  # replay steps (alone), the convergence trace, the λ check
