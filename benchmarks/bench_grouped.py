@@ -38,7 +38,8 @@ def main() -> None:
     n_train = int(args.n * 0.9)
     data = [[coder.normalize(sampler(n_train)) for _ in range(args.k)] for _ in range(args.rounds + 1)]
     print(f"device {torch.cuda.get_device_name(dev)}; {args.k} learners, d={args.d}, m={coder.dictionary_.shape[0]}, "
-          f"a={args.a:g}, {n_train} training rows per batch")
+          f"a={args.a:g}, {n_train} training rows per batch, {coder._replay_n} replay steps per batch "
+          f"(λ adapting: {coder.lam_adapting}; converged: {coder.converged_})")
 
     def run(together: bool):
         learners = [copy.deepcopy(coder) for _ in range(args.k)]
