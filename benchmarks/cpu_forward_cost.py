@@ -13,6 +13,11 @@ with the collector attached minus those of the same forward without it (printed 
 
     PYTHONPATH=$PWD nice python benchmarks/cpu_forward_cost.py --model smollm2-135m --layers 0,15,29 --forwards 60
 
+``--cells`` (with ``--model``) plays a notebook instead: ``start()``, one cell per forward, then ``report()``, with
+the per-forward learning budget (``tl_sparsity.tl.budget``) and without it, each cell's wall seconds side by side:
+
+    PYTHONPATH=$PWD python benchmarks/cpu_forward_cost.py --model smollm2-135m --layers 0,15,29 --forwards 12 --cells
+
 ``--converge`` instead trains each setting on 4 096-row chunks until its learner has converged (at most 120 k rows)
 and prints where, and the held-out normalized loss and FVU there. Results and the rule: ``docs/cpu.md``.
 """
@@ -94,6 +99,50 @@ def model_cost(name: str, layers: list[int], forwards: int, every: int) -> None:
         print(step_parts(hook, lr), flush=True)
 
 
+def cells(name: str, layers: list[int], forwards: int) -> None:
+    """A notebook's cells: ``start()``, then one forward of 8 × 128 tokens per cell, then ``report()``; each cell's
+    wall seconds with the learning budget (``learn_seconds="auto"``: ``tl_sparsity.tl.budget.CPU_LEARN_SECONDS`` on
+    a CPU) and without it (None: every learner batch inside its forward), and whether the two reports agree."""
+    from tl_sparsity import SparsityCollector
+    from tl_sparsity.text import load_texts, token_windows
+    from tl_sparsity.tl.models import load_model
+
+    model, tok = load_model(name, device="cpu")
+    batches = list(token_windows(tok, load_texts("pydoc"), ctx_len=128, batch_size=8, seed=0,
+                                 max_tokens=forwards * 8 * 127))[:forwards]
+    runs = {}
+    for setting in ("auto", None):
+        col = SparsityCollector(model, hooks="resid_post", layers=layers)
+        col.progress, col.learn_seconds = False, setting
+        col.start()
+        walls, backlog = [], []
+        for tokens in batches:
+            t = time.perf_counter()
+            with torch.no_grad():
+                model(tokens)
+            walls.append(time.perf_counter() - t)
+            backlog.append(max(lr.n_pending_ // lr.batch_size for lr in col.learners.values()))
+        col.stop()
+        t = time.perf_counter()
+        report = col.report()
+        runs[setting] = (walls, backlog, time.perf_counter() - t, report.df)
+    t = time.perf_counter()
+    with torch.no_grad():
+        model(batches[0])
+    plain = time.perf_counter() - t
+    print(f"{name}, resid_post of layers {layers}, the CPU's learner options, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s); wall seconds per cell (one forward of 8 × 128 tokens: {plain:.2f})")
+    print('| cell | learn_seconds="auto" | backlog after it (batches per hook) | learn_seconds=None |')
+    print("|---|---|---|---|")
+    (wa, ba, ra, da), (wn, _, rn, dn) = runs["auto"], runs[None]
+    for i in range(len(batches)):
+        print(f"| forward {i + 1} | {wa[i]:.2f} | {ba[i]} | {wn[i]:.2f} |")
+    print(f"| report() | {ra:.2f} | 0 | {rn:.2f} |")
+    print(f"| all cells | {sum(wa) + ra:.2f} | | {sum(wn) + rn:.2f} |")
+    cols = ["n_tokens", "n_heldout", "normalized_loss", "n_active", "fvu", "n_steps"]
+    print(f"the two reports' {', '.join(cols)}: {'identical' if da[cols].equals(dn[cols]) else 'DIFFERENT'}")
+
+
 def step_parts(hook: str, lr: OnlineSparseCoder) -> str:
     """The two parts of one dictionary step that grow with the dictionary: its Gram matrix (m² d) and the greedy
     pursuit of a learner batch in correlation space; and how many distinct atoms the batch's codes use (a Gram
@@ -122,9 +171,14 @@ def main() -> None:
     p.add_argument("--layers", default="0,15,29", help="with --model: comma-separated layers")
     p.add_argument("--forwards", type=int, default=60, help="with --model: forwards of 8 × 128 tokens")
     p.add_argument("--every", type=int, default=5, help="with --model: print every N forwards")
+    p.add_argument("--cells", action="store_true",
+                   help="with --model: a notebook's cells (start(), forwards, report()) with and without the budget")
     p.add_argument("--after", type=int, default=0,
                    help="forwards of 1 024 rows fed before the measured one (30: well past λ's warm-up)")
     args = p.parse_args()
+    if args.model and args.cells:  # as a notebook runs: torch's default threads
+        cells(args.model, [int(v) for v in args.layers.split(",")], args.forwards)
+        return
     torch.set_num_threads(1)
     if args.model:
         model_cost(args.model, [int(v) for v in args.layers.split(",")], args.forwards, args.every)

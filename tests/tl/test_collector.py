@@ -12,10 +12,10 @@ def _tokens(b=6, p=17, seed=0):
 
 
 def _record(col):
-    """Replace every learner's partial_fit with a recorder of the rows it receives."""
+    """Replace every learner's ``batches`` (where a collector hands it rows) with a recorder of the rows it receives."""
     got = {name: [] for name in col.learners}
     for name, learner in col.learners.items():
-        learner.partial_fit = lambda x, name=name: got[name].append(x.clone())
+        learner.batches = lambda x, check_finite=True, name=name: got[name].append(x.clone()) or []
     return got
 
 

@@ -25,7 +25,6 @@ held-out rows, convergence trace, λ check and replay buffer (:mod:`.tracking`);
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ from . import state_io as _state
 from .bounds import RowRule, normalise
 from .massive import MassiveRows
 from .devices import check_device
+from .intake import RowIntake
 from .metrics import MetricAccumulator
 from .options import SAVED_FIELDS, LearnerOptions
 from .rows import split_rows, to_device
@@ -53,13 +53,13 @@ def state_bytes(d: int, m: int, reservoir_size: int, n_pending: int = 0, probe_s
     """Bytes of tensors an initialised learner keeps, whatever the number of tokens seen (float32):
     4·d·(3m + 1 + reservoir_size + probe_size + replay_size + n_pending) — dictionary, two Adam moments [m, d],
     mean [d], the held-out reservoir, the held-out probe, the replay buffer and pending rows (n_pending <
-    batch_size) — plus the CPU generator's 5056-byte state and the convergence trace (≤ 512 points), held outside.
+    batch_size, or up to 16 batches more that a collector's learning budget deferred: tl.budget) — plus the CPU generator's 5056-byte state and the convergence trace (≤ 512 points), held outside.
     Each batch also allocates, transiently, O(batch_size·m + m² + m·d) floats (codes, correlations, Gram matrix).
     At d = 576 with the defaults (m = 4608, reservoir 8192, probe 512, replay 8192): 51 MB per hook."""
     return 4 * d * (3 * m + 1 + reservoir_size + probe_size + replay_size + n_pending)
 
 
-class OnlineSparseCoder(RowRule, MassiveRows, Tracking, TrainingStep):
+class OnlineSparseCoder(RowIntake, RowRule, MassiveRows, Tracking, TrainingStep):
     """Online sparse coding of rows x ≈ αΦ, α ≥ 0, unit-norm dictionary rows (``PAPER.md``).
 
     Parameters (stored only; nothing is allocated until the first batch): one keyword argument per field of
@@ -137,11 +137,6 @@ class OnlineSparseCoder(RowRule, MassiveRows, Tracking, TrainingStep):
     def initialized(self) -> bool:
         return self.dictionary_ is not None
 
-    @property
-    def n_pending_(self) -> int:
-        """Rows received but not yet processed (fewer than ``batch_size``)."""
-        return self._n_pending
-
     @torch.no_grad()
     def partial_fit(self, x: Float[Tensor, "n d"], check_finite: bool = True) -> "OnlineSparseCoder":
         """Feed rows ``x`` [n, d]; every full batch of ``batch_size`` rows is processed at once.
@@ -165,34 +160,14 @@ class OnlineSparseCoder(RowRule, MassiveRows, Tracking, TrainingStep):
         """Process the pending rows (fewer than ``batch_size``) now, as one last, shorter batch: held-out split,
         training step and counters as for a full one. For the end of a fixed budget, so that every row received is
         trained on or held out; continuing afterwards is fine (the next batch starts empty)."""
+        if self._n_pending >= self.batch_size:  # a deferred backlog (:meth:`defer`): its full batches first
+            self.partial_fit(self._pending[0][:0], check_finite=False)
         if self._n_pending:
             batch = torch.cat(self._pending)
             self._pending, self._n_pending = [], 0
             with defer_interrupts():
                 self._process(batch)
         return self
-
-    def _batches(self, x: Tensor, check_finite: bool) -> Iterator[Tensor]:
-        """The full batches that ``x`` completes, pending rows first, in stream order; what is left becomes the
-        pending rows (copied) once the last batch has been taken. The pending rows are released as the first batch
-        is handed out, so a consumer that stops early (Ctrl-C after a batch) never processes a row twice."""
-        x = self._finite_rows(self._as_rows(x), check_finite)
-        n, size = x.shape[0], self.batch_size
-        if n == 0:
-            return
-        done = size - self._n_pending  # rows of x that complete the pending batch
-        if done > n:
-            self._pending.append(x.clone())
-            self._n_pending += n
-            return
-        first = torch.cat([*self._pending, x[:done]]) if self._pending else x[:done]
-        self._pending, self._n_pending = [], 0
-        yield first
-        while n - done >= size:
-            yield x[done : done + size]
-            done += size
-        rest = x[done:]  # copied below, so a view of its tail does not keep a large x alive
-        self._pending, self._n_pending = ([rest.clone()], rest.shape[0]) if rest.shape[0] else ([], 0)
 
     @torch.no_grad()
     def transform(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n m"]:
@@ -257,12 +232,6 @@ class OnlineSparseCoder(RowRule, MassiveRows, Tracking, TrainingStep):
         return _state.restore_learner(lr, tensors, meta, device)
 
     # ------------------------------------------------------------------ for collectors training learners together
-    def batches(self, x: Float[Tensor, "n d"], check_finite: bool = True) -> Iterator[Tensor]:
-        """The full learner batches that rows ``x`` complete after the pending rows (the rest stays pending), for a
-        caller that trains several learners at once (:func:`tl_sparsity.coding.grouped.train_together`, after
-        :meth:`prepare`). ``partial_fit`` is this, batch by batch, in one learner."""
-        return self._batches(x, check_finite)
-
     def prepare(self, batch: Float[Tensor, "n d"]) -> Tensor:
         """Split off one batch's held-out rows (kept for evaluation; nothing learns from them) and return its
         normalised training rows."""
@@ -279,18 +248,6 @@ class OnlineSparseCoder(RowRule, MassiveRows, Tracking, TrainingStep):
         return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
     # ------------------------------------------------------------------ internals
-    def _as_rows(self, x: Tensor) -> Tensor:
-        x = torch.as_tensor(x)
-        if x.ndim != 2:
-            raise ValueError(f"expected rows [n, d], got shape {tuple(x.shape)}; flatten with x.reshape(-1, d).")
-        d = self.d_in if self.dictionary_ is None else self.dictionary_.shape[1]
-        d = self._pending[0].shape[1] if d is None and self._pending else d
-        if d is not None and x.shape[1] != d:
-            raise ValueError(f"this learner has d_in={d} but got rows of width {x.shape[1]}.")
-        first = self._pending[0].device if self._pending else x.device  # before init: where the first rows are
-        dev = self.dictionary_.device if self.dictionary_ is not None else (self.device or first)
-        return x.to(device=dev, dtype=torch.float32)
-
     def _require_init(self) -> None:
         if self.dictionary_ is None:
             raise RuntimeError(

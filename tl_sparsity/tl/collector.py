@@ -23,6 +23,7 @@ from ..coding.learner import OnlineSparseCoder
 from ..report import SparsityReport
 from ..stats import side as _side
 from . import attach as _attach
+from . import budget as _budget
 from . import checkpoint as _ckpt
 from . import extract as _extract
 from . import feeding as _feeding
@@ -61,13 +62,13 @@ class SparsityCollector:
     Use ``model.run_with_hooks(tokens, fwd_hooks=col.fwd_hooks() + others)``, ``with col.attach(): model(tokens)``,
     ``col.start()`` / ``col.stop()`` across notebook cells, or ``col.fit(batches)``; then ``col.report()``.
 
-    One process. The ``torch.distributed`` modes are subclasses in :mod:`tl_sparsity.scale`; the package's
-    ``SparsityCollector`` (:mod:`tl_sparsity.scale.modes`) adds ``parallel=``, the choice of data-parallel.
+    One process; the package's ``SparsityCollector`` (:mod:`tl_sparsity.scale.modes`) adds ``parallel=``.
     """
 
     parallel: str | None = None  #: the mode: None (one process); "data" or "hooks" in tl_sparsity.scale's subclasses
     progress = True  #: a tqdm.auto bar while a forward's rows train learners (start/attach/fwd_hooks); False: none
     _feed_forward = _progress.feed_each  #: feeds a whole forward of start() / attach() (fit()'s: _feed); overridable
+    learn_seconds = _budget.LearnSeconds()  #: learning per forward (seconds), the rest deferred: see tl.budget
 
     def __init__(self, model: Any, hooks: _hooks.HookSpec = "resid_post", *, layers: Any = None,
                  skip_bos: bool = True, controls: bool = False, neurons: Any = None,
@@ -114,15 +115,13 @@ class SparsityCollector:
 
     # ------------------------------------------------------------------ hook functions
     def keep_mask(self, activation: Tensor, attention_mask: Tensor | None = None) -> Bool[Tensor, "batch pos"]:
-        """The positions a hook keeps of ``activation`` ``[batch, pos, ...]``: attended (``attention_mask``), minus
-        BOS (the first attended position) when ``skip_bos``. A new tensor, on the activation's device."""
+        """The positions a hook keeps of ``activation`` ``[batch, pos, ...]``: attended, minus BOS if ``skip_bos``."""
         return _extract.keep_mask(activation, attention_mask, self.skip_bos)
 
     def rows(self, activation: Tensor, attention_mask: Tensor | None = None,
              keep: Bool[Tensor, "batch pos"] | None = None) -> Tensor:
-        """The rows a hook keeps from ``activation`` ``[batch, pos, ...]``: a float32 copy ``[n_kept, features]`` of
-        the positions of ``keep`` (default :meth:`keep_mask`). Without a mask and ``keep`` the rows are a slice (no
-        boolean indexing, which waits for the device: on CUDA the forward is then not held up at every hook)."""
+        """A float32 copy ``[n_kept, features]`` of ``activation``'s positions ``keep`` (default :meth:`keep_mask`);
+        without a mask and ``keep``, a slice (no boolean indexing, which would wait for a CUDA device)."""
         return _extract.rows(activation, self.skip_bos, attention_mask, keep)
 
     def _hook_fn(self, name: str, attention_mask: Tensor | None = None, use_attribute: bool = False,
@@ -147,9 +146,8 @@ class SparsityCollector:
                 acts = _extract.own_copy(acts)  # raw dtype; no reference to the model's tensor is kept
                 held.setdefault(name, []).append((rows, acts, toks, keep))
                 return None
-            with torch.inference_mode(False), torch.no_grad(), _progress.learning_bar(self, {name: [(rows,)]}):
-                learner.partial_fit(rows)
-                extras.update(rows, acts, toks, keep)
+            with _progress.learning_bar(self, {name: [(rows,)]}):  # learns now, within its share of the budget
+                _budget.feed(self, {name: [(rows, acts, toks, keep)]}, share=len(self.hook_points))
             return None
 
         hook.__name__ = f"tl_sparsity[{name}]"
@@ -238,6 +236,7 @@ class SparsityCollector:
 
     def flush(self) -> "SparsityCollector":
         """Train every learner on its pending rows now, as a last, shorter batch (``OnlineSparseCoder.flush``)."""
+        _progress.drain(self)  # deferred batches first (tl.budget)
         with torch.inference_mode(False):
             for learner in self.learners.values():
                 learner.flush()
@@ -250,8 +249,7 @@ class SparsityCollector:
 
     def _fit_setup(self, token_batches: Iterable[Any], checkpoint_dir: str | Path | None, progress: bool
                    ) -> tuple[Iterable[Any], str | Path | None, str | Path | None, bool]:
-        """``fit``'s batches, checkpoint folder, folder to resume from and progress flag (a parallel mode's: per
-        rank, checked against the other ranks)."""
+        """``fit``'s batches, checkpoint folder, folder to resume from, progress flag (a parallel mode's: per rank)."""
         return token_batches, checkpoint_dir, checkpoint_dir, progress
 
     def _fit_state(self) -> dict[str, Any]:
@@ -289,6 +287,7 @@ class SparsityCollector:
         statistics, their columns (:data:`tl_sparsity.stats.side.NEURON_COLUMNS`, None/NaN on hooks without) and one
         table per hook, ``report.neurons(hook)``.
         """
+        _progress.drain(self)  # batches deferred by the learning budget (tl.budget) are trained first
         return _rows.build_report(self, controls)
 
     def _rows(self, names: Iterable[str]) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["DELAY", "feed_each", "learning_bar", "planned_batches"]
+__all__ = ["DELAY", "drain", "feed_each", "learning_bar", "planned_batches"]
 
 DELAY = 0.5  #: seconds of learning before the bar appears (short learning shows nothing)
 
@@ -24,7 +24,7 @@ def planned_batches(col: Any, sink: dict[str, list[tuple]]) -> int:
     for name, chunks in sink.items():
         learner = col.learners[name]
         rows = sum(int(c[0].shape[0]) for c in chunks)
-        total += (learner.n_pending_ + rows) // int(learner.batch_size) if rows else 0
+        total += (learner.n_pending_ + rows) // int(learner.batch_size)  # a deferred backlog included
     return total
 
 
@@ -52,8 +52,17 @@ def learning_bar(col: Any, sink: dict[str, list[tuple]]) -> Iterator[None]:
 
 
 def feed_each(col: Any, sink: dict[str, list[tuple]]) -> None:
-    """``start()``'s feeding (:func:`tl_sparsity.tl.forwards.feed_each`) with :func:`learning_bar`."""
-    from . import forwards
+    """``start()``'s and ``attach()``'s feeding (:func:`tl_sparsity.tl.budget.feed`: within the learning budget)
+    with :func:`learning_bar`."""
+    from . import budget
 
     with learning_bar(col, sink):
-        forwards.feed_each(col, sink)
+        budget.feed(col, sink)
+
+
+def drain(col: Any) -> None:
+    """:func:`tl_sparsity.tl.budget.drain` (the learners' deferred batches) with a bar over those batches."""
+    from . import budget
+
+    with learning_bar(col, {name: [] for name, lr in col.learners.items() if lr.n_pending_ >= lr.batch_size}):
+        budget.drain(col)

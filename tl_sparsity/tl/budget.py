@@ -1,0 +1,118 @@
+"""How much learning a forward of ``start()`` / ``attach()`` does before the rest waits: a budget in seconds per
+forward, so that a notebook cell on a CPU returns in seconds however many learner batches its forward completes.
+
+A completed forward's full learner batches are trained in rounds (every hook's r-th batch, the hooks of one shape
+together: :func:`tl_sparsity.coding.grouped.train_together`). Once a round ends past ``col.learn_seconds`` the
+batches left are put back, untrained and in order, in front of each learner's pending rows
+(``OnlineSparseCoder.defer``): the *backlog*. Nothing learns from them meanwhile and nothing is dropped: the next
+forward's learning starts with them; ``report()`` and ``flush()`` train all of them first (:func:`drain`, with a
+progress bar), and so does ``fit``'s first forward; checkpoints keep them as pending rows. So every number comes
+from the same batches, in the same order, as without a budget (the tests check it bit for bit). A round is not
+started when the last one's length says it would end past the budget (round 0 always runs). A backlog holds
+at most :data:`BACKLOG_BATCHES` learner batches per hook: a forward that would leave more trains on, past its
+budget, until it does not — memory stays bounded, and a long session of forwards costs what it did without one.
+
+``col.learn_seconds``: ``"auto"`` (the default) is :data:`CPU_LEARN_SECONDS` where the learners compute on a CPU
+and no budget elsewhere; a number of seconds (0: one round per forward); or None: every batch inside its forward.
+``fit`` has no budget (its forwards are the job), nor have the ``torch.distributed`` modes (their ranks must take
+the same steps). ``fwd_hooks()`` hooks learn inside the hook as each runs, each within its share of the budget.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from ..coding.grouped import train_together
+from ..coding.safe_io import defer_interrupts
+
+__all__ = ["BACKLOG_BATCHES", "CPU_LEARN_SECONDS", "LearnSeconds", "check_learn_seconds", "drain", "feed"]
+
+CPU_LEARN_SECONDS = 3.0  #: the default budget per forward where the learners compute on a CPU
+BACKLOG_BATCHES = 16  #: most deferred learner batches per hook (CPU: 16 × 256 rows, 9.4 MB at d = 576)
+
+
+def check_learn_seconds(value: Any) -> float | str | None:
+    """``value`` if it is a valid ``learn_seconds`` (``"auto"``, None or seconds ≥ 0), else a ValueError."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"learn_seconds must be 'auto', None or a number of seconds >= 0, got {value!r}; e.g. "
+                         "col.learn_seconds = 3.0, or None to learn every batch inside its forward.")
+    return float(value)
+
+
+class LearnSeconds:
+    """The collector's ``learn_seconds`` attribute (see the module), checked when set."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else getattr(obj, self.attr, "auto")
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj, self.attr, check_learn_seconds(value))
+
+
+def budget(col: Any, sink: dict[str, list[tuple]]) -> float | None:
+    """Seconds of learning this forward may take before its remaining batches wait; None: no limit."""
+    seconds = col.learn_seconds
+    if seconds is None or col.parallel or getattr(col, "_in_fit", False):
+        return None
+    if seconds == "auto":
+        on_cpu = all(_device(col.learners[name], chunks).type == "cpu" for name, chunks in sink.items())
+        return CPU_LEARN_SECONDS if on_cpu else None
+    return seconds
+
+
+def _device(learner: Any, chunks: list[tuple]) -> torch.device:
+    if learner.dictionary_ is not None:
+        return learner.dictionary_.device
+    return torch.device(learner.device) if learner.device else chunks[0][0].device if chunks else torch.device("cpu")
+
+
+def feed(col: Any, sink: dict[str, list[tuple]], share: int = 1) -> None:
+    """Hand one completed forward's chunks ``(rows, acts, toks, keep)`` to each hook's side statistics and learner:
+    every hook's full batches in rounds, within :func:`budget` (``share``: that many hooks share it, e.g. every hook
+    of ``fwd_hooks()``, each fed as it runs). The ``torch.distributed`` modes: each chunk's ``partial_fit``."""
+    if col.parallel:
+        from .forwards import feed_each
+
+        return feed_each(col, sink)
+    limit, start = budget(col, sink), time.perf_counter()
+    with defer_interrupts(), torch.inference_mode(False), torch.no_grad():
+        queues = []
+        for name, chunks in sink.items():
+            learner, batches = col.learners[name], []
+            for rows, acts, toks, keep in chunks:
+                batches.extend(learner.batches(rows))
+                col.extras[name].update(rows, acts, toks, keep)
+            queues.append((learner, batches))
+        _rounds(queues, None if limit is None else limit / share, start)
+
+
+def drain(col: Any) -> None:
+    """Train every learner's deferred backlog (its full pending batches), hooks' r-th batches together."""
+    backlog = [lr for lr in col.learners.values() if lr.n_pending_ >= lr.batch_size]
+    if backlog:
+        with defer_interrupts(), torch.inference_mode(False), torch.no_grad():
+            _rounds([(lr, list(lr.batches(torch.empty(0, lr.dictionary_.shape[1])))) for lr in backlog], None, 0.0)
+
+
+def _rounds(queues: list[tuple[Any, list]], limit: float | None, start: float) -> None:
+    """Every hook's r-th batch, r = 0, 1, ...; past round 0, a round that would end past ``limit`` seconds after
+    ``start`` (judged by the last round's length) is not started while the backlogs stay within their bound."""
+    began = start
+    for r in range(max((len(b) for _, b in queues), default=0)):
+        train_together([(lr, lr.prepare(b[r])) for lr, b in queues if r < len(b)])
+        now = time.perf_counter()
+        if limit is not None and 2 * now - began - start > limit and all(
+                lr.n_pending_ + sum(x.shape[0] for x in b[r + 1:]) <= BACKLOG_BATCHES * lr.batch_size
+                for lr, b in queues):
+            for lr, b in queues:
+                lr.defer(b[r + 1:])
+            return
+        began = now
