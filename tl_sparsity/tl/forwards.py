@@ -90,7 +90,7 @@ class WholeForwards:
 
 def feed_each(col: Any, sink: dict[str, list[tuple]]) -> None:
     """Hand one completed forward's chunks ``(rows, acts, toks, keep)`` to each hook's learner (``partial_fit``)
-    and side statistics, as the hooks of ``start()`` did during the forward."""
+    and side statistics: the ``torch.distributed`` modes' feeding (one process: :func:`tl_sparsity.tl.budget.feed`)."""
     with defer_interrupts(), torch.inference_mode(False), torch.no_grad():
         for name, chunks in sink.items():
             for rows, acts, toks, keep in chunks:
