@@ -53,7 +53,8 @@ def state_bytes(d: int, m: int, reservoir_size: int, n_pending: int = 0, probe_s
     """Bytes of tensors an initialised learner keeps, whatever the number of tokens seen (float32):
     4·d·(3m + 1 + reservoir_size + probe_size + replay_size + n_pending) — dictionary, two Adam moments [m, d],
     mean [d], the held-out reservoir, the held-out probe, the replay buffer and pending rows (n_pending <
-    batch_size, or up to 16 batches more that a collector's learning budget deferred: tl.budget) — plus the CPU generator's 5056-byte state and the convergence trace (≤ 512 points), held outside.
+    batch_size, or up to 16 batches more that a collector's learning budget deferred: tl.budget) — plus the CPU
+    generator's 5056-byte state and the convergence trace (≤ 512 points), held outside.
     Each batch also allocates, transiently, O(batch_size·m + m² + m·d) floats (codes, correlations, Gram matrix).
     At d = 576 with the defaults (m = 4608, reservoir 8192, probe 512, replay 8192): 51 MB per hook."""
     return 4 * d * (3 * m + 1 + reservoir_size + probe_size + replay_size + n_pending)
@@ -160,8 +161,10 @@ class OnlineSparseCoder(RowIntake, RowRule, MassiveRows, Tracking, TrainingStep)
         """Process the pending rows (fewer than ``batch_size``) now, as one last, shorter batch: held-out split,
         training step and counters as for a full one. For the end of a fixed budget, so that every row received is
         trained on or held out; continuing afterwards is fine (the next batch starts empty)."""
-        if self._n_pending >= self.batch_size:  # a deferred backlog (:meth:`defer`): its full batches first
-            self.partial_fit(self._pending[0][:0], check_finite=False)
+        if self._n_pending >= self.batch_size:  # a deferred backlog (:meth:`defer`): its full batches first, whole
+            with defer_interrupts():
+                for batch in list(self._batches(self._pending[0][:0], False)):
+                    self._process(batch)
         if self._n_pending:
             batch = torch.cat(self._pending)
             self._pending, self._n_pending = [], 0
