@@ -87,8 +87,7 @@ def _after_together(jobs: list[tuple[OnlineSparseCoder, Tensor]], force: bool) -
         steps = []
         for learner, n in replaying:
             if r < learner._replay_n:
-                idx = torch.randint(0, learner._replay_fill, (n,), generator=learner._gen)
-                steps.append((learner, learner._replay_buf.index_select(0, to_device(idx, learner._replay_buf.device))))
+                steps.append((learner, learner._replay_rows(n)))
         _steps_together(steps, force)
         for learner, rows in steps:
             learner._settle(rows, rows.shape[0])

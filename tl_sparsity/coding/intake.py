@@ -39,6 +39,11 @@ class RowIntake:
             rows = torch.cat([*batches, *self._pending])
             self._pending, self._n_pending = [rows], rows.shape[0]
 
+    def backlog(self) -> list[Tensor]:
+        """The full batches of the pending rows (batches deferred by :meth:`defer`), taken out in order; the rows
+        short of a batch stay pending. Empty when fewer than ``batch_size`` rows are pending."""
+        return list(self._batches(self._pending[0][:0], False)) if self._n_pending >= self.batch_size else []
+
     def _batches(self, x: Tensor, check_finite: bool) -> Iterator[Tensor]:
         """The full batches of the pending rows (a deferred backlog included, :meth:`defer`) and then ``x``, in
         stream order; what is left becomes the pending rows (copied) once the last batch has been taken. The pending

@@ -161,10 +161,9 @@ class OnlineSparseCoder(RowIntake, RowRule, MassiveRows, Tracking, TrainingStep)
         """Process the pending rows (fewer than ``batch_size``) now, as one last, shorter batch: held-out split,
         training step and counters as for a full one. For the end of a fixed budget, so that every row received is
         trained on or held out; continuing afterwards is fine (the next batch starts empty)."""
-        if self._n_pending >= self.batch_size:  # a deferred backlog (:meth:`defer`): its full batches first, whole
-            with defer_interrupts():
-                for batch in list(self._batches(self._pending[0][:0], False)):
-                    self._process(batch)
+        with defer_interrupts():  # a deferred backlog (:meth:`defer`): its full batches first, all of them
+            for batch in self.backlog():
+                self._process(batch)
         if self._n_pending:
             batch = torch.cat(self._pending)
             self._pending, self._n_pending = [], 0

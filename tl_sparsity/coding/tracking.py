@@ -237,7 +237,11 @@ class Tracking:
         self._settle(x, n_total)
         n = x.shape[0]
         for _ in range(self._replay_n):
-            idx = torch.randint(0, self._replay_fill, (n,), generator=self._gen)
-            rows = self._replay_buf.index_select(0, to_device(idx, x.device))
+            rows = self._replay_rows(n)
             self._step(rows, n)
             self._settle(rows, n)
+
+    def _replay_rows(self, n: int) -> Tensor:
+        """``n`` rows drawn uniformly, with replacement, from the replay buffer (the learner's own generator)."""
+        idx = torch.randint(0, self._replay_fill, (n,), generator=self._gen)
+        return self._replay_buf.index_select(0, to_device(idx, self._replay_buf.device))

@@ -2,9 +2,9 @@
 forward, so that a notebook cell on a CPU returns in seconds however many learner batches its forward completes.
 
 A completed forward's full learner batches are trained in rounds (every hook's r-th batch, the hooks of one shape
-together: :func:`tl_sparsity.coding.grouped.train_together`). Once a round ends past ``col.learn_seconds`` the
-batches left are put back, untrained and in order, in front of each learner's pending rows
-(``OnlineSparseCoder.defer``): the *backlog*. Nothing learns from them meanwhile and nothing is dropped: the next
+together: :func:`tl_sparsity.tl.feeding.train_rounds`, as ``fit`` trains them). Once a round ends past
+``col.learn_seconds`` the batches left are put back, untrained and in order, in front of each learner's pending
+rows (``OnlineSparseCoder.defer``): the *backlog*. Nothing learns from them meanwhile and nothing is dropped: the next
 forward's learning starts with them; ``report()`` and ``flush()`` train all of them first (:func:`drain`, with a
 progress bar), and so does ``fit``'s first forward; checkpoints keep them as pending rows. So every number comes
 from the same batches, in the same order, as without a budget (the tests check it bit for bit). A round is not
@@ -20,18 +20,18 @@ the same steps). ``fwd_hooks()`` hooks learn inside the hook as each runs, each 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 
-from ..coding.grouped import train_together
 from ..coding.safe_io import defer_interrupts
+from . import feeding as _feeding
+from .feeding import BACKLOG_BATCHES
+from .forwards import feed_each
 
 __all__ = ["BACKLOG_BATCHES", "CPU_LEARN_SECONDS", "LearnSeconds", "check_learn_seconds", "drain", "feed"]
 
 CPU_LEARN_SECONDS = 3.0  #: the default budget per forward where the learners compute on a CPU
-BACKLOG_BATCHES = 16  #: most deferred learner batches per hook (CPU: 16 × 256 rows, 9.4 MB at d = 576)
 
 
 def check_learn_seconds(value: Any) -> float | str | None:
@@ -75,44 +75,19 @@ def _device(learner: Any, chunks: list[tuple]) -> torch.device:
 
 
 def feed(col: Any, sink: dict[str, list[tuple]], share: int = 1) -> None:
-    """Hand one completed forward's chunks ``(rows, acts, toks, keep)`` to each hook's side statistics and learner:
-    every hook's full batches in rounds, within :func:`budget` (``share``: that many hooks share it, e.g. every hook
-    of ``fwd_hooks()``, each fed as it runs). The ``torch.distributed`` modes: each chunk's ``partial_fit``."""
+    """Hand one completed forward's chunks ``(rows, acts, toks, keep)`` to each hook's side statistics and learner
+    (:func:`tl_sparsity.tl.feeding.feed`) within :func:`budget` (``share``: that many hooks share it, e.g. every
+    hook of ``fwd_hooks()``, each fed as it runs). The ``torch.distributed`` modes: each chunk's ``partial_fit``."""
     if col.parallel:
-        from .forwards import feed_each
-
         return feed_each(col, sink)
-    limit, start = budget(col, sink), time.perf_counter()
+    limit = budget(col, sink)
     with defer_interrupts(), torch.inference_mode(False), torch.no_grad():
-        queues = []
-        for name, chunks in sink.items():
-            learner, batches = col.learners[name], []
-            for rows, acts, toks, keep in chunks:
-                batches.extend(learner.batches(rows))
-                col.extras[name].update(rows, acts, toks, keep)
-            queues.append((learner, batches))
-        _rounds(queues, None if limit is None else limit / share, start)
+        _feeding.feed(col, sink, None if limit is None else limit / share)
 
 
 def drain(col: Any) -> None:
     """Train every learner's deferred backlog (its full pending batches), hooks' r-th batches together."""
-    backlog = [lr for lr in col.learners.values() if lr.n_pending_ >= lr.batch_size]
-    if backlog:
+    queues = [(lr, lr.backlog()) for lr in col.learners.values() if lr.n_pending_ >= lr.batch_size]
+    if queues:
         with defer_interrupts(), torch.inference_mode(False), torch.no_grad():
-            _rounds([(lr, list(lr.batches(torch.empty(0, lr.dictionary_.shape[1])))) for lr in backlog], None, 0.0)
-
-
-def _rounds(queues: list[tuple[Any, list]], limit: float | None, start: float) -> None:
-    """Every hook's r-th batch, r = 0, 1, ...; past round 0, a round that would end past ``limit`` seconds after
-    ``start`` (judged by the last round's length) is not started while the backlogs stay within their bound."""
-    began = start
-    for r in range(max((len(b) for _, b in queues), default=0)):
-        train_together([(lr, lr.prepare(b[r])) for lr, b in queues if r < len(b)])
-        now = time.perf_counter()
-        if limit is not None and 2 * now - began - start > limit and all(
-                lr.n_pending_ + sum(x.shape[0] for x in b[r + 1:]) <= BACKLOG_BATCHES * lr.batch_size
-                for lr, b in queues):
-            for lr, b in queues:
-                lr.defer(b[r + 1:])
-            return
-        began = now
+            _feeding.train_rounds(queues)
