@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD python benchmarks/bench_grouped.py --n 4096          # 12 learners, d = 768, a = 16
     PYTHONPATH=$PWD python benchmarks/bench_grouped.py --n 16384 --rounds 3
+    PYTHONPATH=$PWD python benchmarks/bench_grouped.py --n 1024 --k 30 --d 576 --profile   # where the host's time goes
 
 One dictionary is trained on synthetic rows (``bench_pursuit.train_dictionary``) and copied k times; each copy then
 takes ``--rounds`` batches of 0.9·n fresh training rows (a batch of n minus the held-out tenth), either all k at once
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
+import pstats
 import statistics
 import time
 
@@ -30,6 +33,7 @@ def main() -> None:
     p.add_argument("--a", type=float, default=16)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--train-tokens", type=int, default=1 << 22)
+    p.add_argument("--profile", action="store_true", help="then cProfile the grouped rounds: the host's top functions")
     args = p.parse_args()
     dev = torch.device("cuda")
     targs = argparse.Namespace(sigma=0.1, train_device=None, n=args.n, train_tokens=args.train_tokens)
@@ -69,6 +73,19 @@ def main() -> None:
             print(f"{mode:9s}: {wall * 1e3:7.2f} ms per round of {args.k} batches (host queued it in "
                   f"{queued * 1e3:.2f} ms) = {n_train / (wall / args.k) / 1e6:.2f} M rows/s per learner")
     diff = max(float((a.dictionary_ - b.dictionary_).abs().max()) for a, b in zip(final["alone"], final["together"]))
+    if args.profile:
+        learners = [copy.deepcopy(coder) for _ in range(args.k)]
+        train_together(list(zip(learners, data[0])))
+        torch.cuda.synchronize()
+        prof, t = cProfile.Profile(), time.perf_counter()
+        prof.enable()
+        for r in range(1, args.rounds + 1):
+            train_together(list(zip(learners, data[r])))
+        torch.cuda.synchronize()
+        prof.disable()
+        steps = sum(lr.n_steps_ for lr in learners) - sum(coder.n_steps_ + 1 + coder._replay_n for _ in learners)
+        print(f"profiled: {(time.perf_counter() - t) * 1e3 / max(steps, 1):.3f} ms per learner step ({steps} steps)")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
     print(f"together / alone speed: {statistics.median(times['alone']) / statistics.median(times['together']):.2f}x; "
           f"largest |ΔΦ| after {args.rounds + 1} rounds: {diff:.2e}")
 

@@ -319,3 +319,14 @@ def test_replay_by_default_many_steps_where_the_buffer_holds_32_batches_else_few
         c = OnlineSparseCoder(seed=0, batch_size=64, replay_size=(None if d == 64 else 256), replay=replay)
         c.partial_fit(torch.randn(80, d, generator=gen))
         assert c.n_steps_ == steps, (d, replay, c.n_steps_)
+
+
+def test_next_due_is_the_first_due_step_after_a_step():
+    """The trace's next point, found by jumps, is the one a walk over every step finds (the schedule's spacing
+    doubles at each power of two; origins of later rate cuts shift it)."""
+    for origin in (0, 1, 37, 4096, 5000):
+        for after in list(range(0, 3000)) + [20_000, 65_535, 65_536, 65_537, 100_003]:
+            s = max(after + 1, origin + 1)
+            while not ConvergenceTrace.due(s, origin):
+                s += 1
+            assert ConvergenceTrace.next_due(after, origin) == s, (after, origin)

@@ -83,6 +83,17 @@ class ConvergenceTrace:
         every = 1 << max(0, int(math.log2(max(1, step // POINTS_PER_DOUBLING))))
         return step % every == 0
 
+    @staticmethod
+    def next_due(after: int, origin: int = 0) -> int:
+        """The first step after ``after`` at which :meth:`due` takes a point: a jump to the next multiple of the
+        schedule's spacing (at most a few jumps), not a walk over every step in between."""
+        s = max(int(after) - origin + 1, 1)
+        while True:
+            every = 1 << max(0, (max(1, s // POINTS_PER_DOUBLING)).bit_length() - 1)
+            if s % every == 0:
+                return s + origin
+            s = (s // every + 1) * every
+
     def add(self, step: int, value: float) -> None:
         if self.steps and step <= self.steps[-1]:
             return

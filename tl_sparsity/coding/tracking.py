@@ -139,10 +139,7 @@ class Tracking:
 
     def _next_point(self) -> int:
         """The first step after the last trace point at which the schedule takes a point."""
-        s, origin = self.trace_.steps[-1] + 1, self.trace_.origin
-        while not ConvergenceTrace.due(s, origin):
-            s += 1
-        return s
+        return ConvergenceTrace.next_due(self.trace_.steps[-1], self.trace_.origin)
 
     def _settle(self, x: Tensor, n_total: int) -> None:
         """After each dictionary step: the trace, and at each new trace point the check of λ when one is due (the
