@@ -9,8 +9,10 @@ import torch
 from tl_sparsity import OnlineSparseCoder, SparsityCollector
 from tl_sparsity.coding.grouped import train_together
 from tl_sparsity.tl import budget
+from tl_sparsity.tl.feeding import waiting_bytes
 
 BATCH = 8  # 64 rows per hook and forward: 8 learner batches
+D = 32  # the tiny model's width
 
 
 def _forwards(model, col, n: int = 4, mode: str = "attach") -> list[int]:
@@ -50,11 +52,14 @@ def test_deferred_batches_give_the_same_numbers_bit_for_bit(model, mode):
     plain.learn_seconds = None
     deferred = SparsityCollector(model, hooks="resid_post", batch_size=BATCH, seed=3)
     deferred.learn_seconds = 0  # one round per forward (fwd_hooks(): per hook), the rest waits
+    hooks = len(deferred.learners)
+    deferred.backlog_mb = 12 * BATCH * 4 * D * hooks / 2**20  # room for 12 batches per hook, all hooks together
     assert max(_forwards(model, plain)) < BATCH  # no budget: every full batch trained inside its forward
     pending = _forwards(model, deferred, mode=mode)
     assert pending[0] == 7 * BATCH  # round 0 trained, the 7 batches after it deferred
-    assert max(pending) <= budget.BACKLOG_BATCHES * BATCH  # bounded: later forwards train down to the bound
-    assert max(pending) > budget.BACKLOG_BATCHES * BATCH - BATCH
+    waiting = waiting_bytes((lr, lr.n_pending_) for lr in deferred.learners.values())
+    assert waiting <= deferred.backlog_mb * 2**20  # bounded: later forwards train down to the bound
+    assert waiting > deferred.backlog_mb * 2**20 - BATCH * 4 * D * hooks
     assert all(lr.n_steps_ > 0 for lr in deferred.learners.values())
     assert deferred.n_tokens == plain.n_tokens == 4 * 64  # every row accounted for, trained or waiting
     a, b = plain.report().df, deferred.report().df  # report() trains the backlog first
@@ -62,6 +67,16 @@ def test_deferred_batches_give_the_same_numbers_bit_for_bit(model, mode):
     _same_learners(plain, deferred)
     cols = ["n_tokens", "n_heldout", "normalized_loss", "normalized_loss_se", "n_active", "fvu", "n_steps"]
     assert a[cols].equals(b[cols])
+
+
+def test_the_default_backlog_defers_every_forward_of_a_short_session(model):
+    """256 MiB by default: a session of forwards learns one round per forward and defers the rest."""
+    col = SparsityCollector(model, hooks="resid_post", batch_size=BATCH, seed=3)
+    col.learn_seconds = 0
+    assert col.backlog_mb == budget.BACKLOG_MB == 256
+    assert _forwards(model, col, n=6) == [7 * BATCH * (i + 1) for i in range(6)]
+    col.backlog_mb = 0  # no room: the next forward trains everything, its own batches included
+    assert _forwards(model, col, n=1) == [0]
 
 
 def test_a_backlog_survives_a_checkpoint_and_fit_trains_it_first(model, tmp_path):
@@ -105,6 +120,15 @@ def test_learn_seconds_is_checked_when_set(model):
     assert col.learn_seconds == 2.0
     col.learn_seconds = None
     assert col.learn_seconds is None and SparsityCollector(model, hooks="resid_post").learn_seconds == "auto"
+
+
+def test_backlog_mb_is_checked_when_set(model):
+    col = SparsityCollector(model, hooks="resid_post", batch_size=BATCH)
+    for bad in (-1, "lots", True, float("nan"), float("inf"), None):
+        with pytest.raises(ValueError, match="backlog_mb must be a number of megabytes >= 0"):
+            col.backlog_mb = bad
+    col.backlog_mb = 1024
+    assert col.backlog_mb == 1024.0 and SparsityCollector(model, hooks="resid_post").backlog_mb == 256.0
 
 
 def test_the_automatic_budget_is_for_cpu_learners_only(model):

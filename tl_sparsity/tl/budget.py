@@ -8,9 +8,11 @@ rows (``OnlineSparseCoder.defer``): the *backlog*. Nothing learns from them mean
 forward's learning starts with them; ``report()`` and ``flush()`` train all of them first (:func:`drain`, with a
 progress bar), and so does ``fit``'s first forward; checkpoints keep them as pending rows. So every number comes
 from the same batches, in the same order, as without a budget (the tests check it bit for bit). A round is not
-started when the last one's length says it would end past the budget (round 0 always runs). A backlog holds
-at most :data:`BACKLOG_BATCHES` learner batches per hook: a forward that would leave more trains on, past its
-budget, until it does not — memory stays bounded, and a long session of forwards costs what it did without one.
+started when the last one's length says it would end past the budget (round 0 always runs). The backlog of all of
+a collector's hooks holds at most ``col.backlog_mb`` megabytes of rows (:data:`BACKLOG_MB`, 256 MiB by default: at
+d = 576, 116 k rows, e.g. about 38 forwards of 8 × 128 tokens at three hooks); a forward that would leave more trains
+on, past its budget, until it does not — memory stays bounded, and from there a forward costs what it does without
+a budget. Set it higher to defer more (``report()`` then trains more), 0 to defer nothing.
 
 ``col.learn_seconds``: ``"auto"`` (the default) is :data:`CPU_LEARN_SECONDS` where the learners compute on a CPU
 and no budget elsewhere; a number of seconds (0: one round per forward); or None: every batch inside its forward.
@@ -26,12 +28,12 @@ import torch
 
 from ..coding.safe_io import defer_interrupts
 from . import feeding as _feeding
-from .feeding import BACKLOG_BATCHES
 from .forwards import feed_each
 
-__all__ = ["BACKLOG_BATCHES", "CPU_LEARN_SECONDS", "LearnSeconds", "check_learn_seconds", "drain", "feed"]
+__all__ = ["BACKLOG_MB", "CPU_LEARN_SECONDS", "Checked", "check_learn_seconds", "check_backlog_mb", "drain", "feed"]
 
 CPU_LEARN_SECONDS = 3.0  #: the default budget per forward where the learners compute on a CPU
+BACKLOG_MB = 256.0  #: the default bound on a collector's deferred rows, in MiB (all hooks together)
 
 
 def check_learn_seconds(value: Any) -> float | str | None:
@@ -44,17 +46,28 @@ def check_learn_seconds(value: Any) -> float | str | None:
     return float(value)
 
 
-class LearnSeconds:
-    """The collector's ``learn_seconds`` attribute (see the module), checked when set."""
+def check_backlog_mb(value: Any) -> float:
+    """``value`` if it is a valid ``backlog_mb`` (megabytes ≥ 0), else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"backlog_mb must be a number of megabytes >= 0, got {value!r}; e.g. col.backlog_mb = 1024 "
+                         "to let more rows wait for report(), or 0 to learn every batch inside its forward.")
+    return float(value)
+
+
+class Checked:
+    """A collector attribute (``learn_seconds``, ``backlog_mb``: see the module) checked by ``check`` when set."""
+
+    def __init__(self, check: Any, default: Any) -> None:
+        self.check, self.default = check, default
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.attr = "_" + name
 
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        return self if obj is None else getattr(obj, self.attr, "auto")
+        return self if obj is None else getattr(obj, self.attr, self.default)
 
     def __set__(self, obj: Any, value: Any) -> None:
-        setattr(obj, self.attr, check_learn_seconds(value))
+        setattr(obj, self.attr, self.check(value))
 
 
 def budget(col: Any, sink: dict[str, list[tuple]]) -> float | None:
@@ -82,7 +95,7 @@ def feed(col: Any, sink: dict[str, list[tuple]], share: int = 1) -> None:
         return feed_each(col, sink)
     limit = budget(col, sink)
     with defer_interrupts(), torch.inference_mode(False), torch.no_grad():
-        _feeding.feed(col, sink, None if limit is None else limit / share)
+        _feeding.feed(col, sink, None if limit is None else limit / share, int(col.backlog_mb * 2**20))
 
 
 def drain(col: Any) -> None:

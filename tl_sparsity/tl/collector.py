@@ -68,7 +68,8 @@ class SparsityCollector:
     parallel: str | None = None  #: the mode: None (one process); "data" or "hooks" in tl_sparsity.scale's subclasses
     progress = True  #: a tqdm.auto bar while a forward's rows train learners (start/attach/fwd_hooks); False: none
     _feed_forward = _progress.feed_each  #: feeds a whole forward of start() / attach() (fit()'s: _feed); overridable
-    learn_seconds = _budget.LearnSeconds()  #: learning per forward (seconds), the rest deferred: see tl.budget
+    learn_seconds = _budget.Checked(_budget.check_learn_seconds, "auto")  #: per forward (s), the rest waits: tl.budget
+    backlog_mb = _budget.Checked(_budget.check_backlog_mb, _budget.BACKLOG_MB)  #: most rows waiting (MiB): tl.budget
 
     def __init__(self, model: Any, hooks: _hooks.HookSpec = "resid_post", *, layers: Any = None,
                  skip_bos: bool = True, controls: bool = False, neurons: Any = None,
