@@ -4,27 +4,40 @@ are :class:`Counted` attributes holding one."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 __all__ = ["DeviceCount", "Counted"]
 
 
 class DeviceCount:
-    """A non-negative count grown by host ints or by device tensors; a device tensor is kept on its device (no
-    host synchronisation) until the count is read with ``int()``, which synchronises once for all of them."""
+    """A non-negative count grown by host ints or by device tensors; device tensors are kept on their device (no
+    host synchronisation) until the count is read with ``int()``, which synchronises once for all of them. They are
+    summed :data:`FOLD` at a time (one launch per ``FOLD`` adds, not one per add: a grouped step adds one per hook)."""
 
-    __slots__ = ("_host", "_device")
+    __slots__ = ("_host", "_device", "_parts")
+
+    FOLD = 64
 
     def __init__(self, value: int = 0) -> None:
-        self._host, self._device = int(value), None
+        self._host, self._device, self._parts = int(value), None, []
 
     def add(self, count: int | Tensor) -> None:
         if isinstance(count, Tensor):
-            self._device = count if self._device is None else self._device + count
+            self._parts.append(count)
+            if len(self._parts) >= self.FOLD:
+                self._fold()
         else:
             self._host += int(count)
 
+    def _fold(self) -> None:
+        if self._parts:
+            total = torch.stack([p.reshape(()) for p in self._parts]).sum()
+            self._device = total if self._device is None else self._device + total
+            self._parts = []
+
     def __int__(self) -> int:
+        self._fold()
         if self._device is not None:
             self._host += int(self._device)
             self._device = None

@@ -135,9 +135,12 @@ def _step_group(group: list[tuple[OnlineSparseCoder, Tensor]]) -> None:
     k, n = len(group), max(sizes)
     dev = learners[0].dictionary_.device
     d = learners[0].dictionary_.shape[1]
-    x = torch.zeros(k, n, d, device=dev)  # rows past a set's own count stay zero: no step, α = 0, no gradient
-    for h, (_, rows) in enumerate(group):
-        x[h, : sizes[h]] = rows
+    if min(sizes) == n:  # the usual case: one stack
+        x = torch.stack([rows for _, rows in group])
+    else:
+        x = torch.zeros(k, n, d, device=dev)  # rows past a set's own count stay zero: no step, α = 0, no gradient
+        for h, (_, rows) in enumerate(group):
+            x[h, : sizes[h]] = rows
     phi = torch.stack([lr.dictionary_ for lr in learners])  # [k, m, d]: the products read a copy
     if x.is_cuda and all(triton_applies(rows, lr.dictionary_) for lr, rows in group):
         from .kernels import grouped_codes
