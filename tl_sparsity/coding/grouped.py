@@ -81,13 +81,13 @@ def _after_together(jobs: list[tuple[OnlineSparseCoder, Tensor]], force: bool) -
     for learner, x in jobs:
         if learner._replay_n:
             learner._remember(x)
-            replaying.append((learner, x.shape[0]))
+            replaying.append((learner, learner._replay_rows(x.shape[0])))
         learner._settle(x, x.shape[0])
     for r in range(max((lr._replay_n for lr, _ in replaying), default=0)):
         steps = []
-        for learner, n in replaying:
+        for learner, draws in replaying:
             if r < learner._replay_n:
-                steps.append((learner, learner._replay_rows(n)))
+                steps.append((learner, next(draws)))
         _steps_together(steps, force)
         for learner, rows in steps:
             learner._settle(rows, rows.shape[0])

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -233,12 +233,13 @@ class Tracking:
         self._remember(x)
         self._settle(x, n_total)
         n = x.shape[0]
-        for _ in range(self._replay_n):
-            rows = self._replay_rows(n)
+        for rows in self._replay_rows(n):
             self._step(rows, n)
             self._settle(rows, n)
 
-    def _replay_rows(self, n: int) -> Tensor:
-        """``n`` rows drawn uniformly, with replacement, from the replay buffer (the learner's own generator)."""
-        idx = torch.randint(0, self._replay_fill, (n,), generator=self._gen)
-        return self._replay_buf.index_select(0, to_device(idx, self._replay_buf.device))
+    def _replay_rows(self, n: int) -> Iterator[Tensor]:
+        """The rows of each of a batch's ``replay`` steps: ``n`` rows drawn uniformly, with replacement, from the
+        replay buffer (the learner's own generator; all steps' draws at once: one copy to the device per batch)."""
+        idx = torch.randint(0, self._replay_fill, (self._replay_n, n), generator=self._gen)
+        idx = to_device(idx, self._replay_buf.device)
+        return (self._replay_buf.index_select(0, i) for i in idx)
