@@ -136,3 +136,16 @@ def test_replay_steps_are_taken_together_and_each_learner_takes_the_steps_it_tak
         _assert_same_state(a, b, rtol=1e-5, atol=1e-7)
         assert a.trace_.steps == b.trace_.steps and a._replay_fill == b._replay_fill
     assert [lr.n_steps_ for lr in together] == [lr.n_steps_ for lr in alone]
+
+
+def test_a_batch_s_replay_draws_at_once_are_the_per_step_draws():
+    """One randint for all of a batch's replay steps gives the rows that one draw per step gives (torch's CPU
+    generator fills in order), so a learner's dictionaries do not depend on how its draws are batched."""
+    lr = OnlineSparseCoder(batch_size=64, seed=2, expansion=2, replay=5)
+    lr.partial_fit(torch.randn(3 * 64, 12, generator=torch.Generator().manual_seed(0)))
+    state = lr._gen.get_state()
+    at_once = list(lr._replay_rows(57))
+    lr._gen.set_state(state)
+    one_by_one = [lr._replay_buf.index_select(0, torch.randint(0, lr._replay_fill, (57,), generator=lr._gen))
+                  for _ in range(5)]
+    assert len(at_once) == 5 and all(torch.equal(a, b) for a, b in zip(at_once, one_by_one))
