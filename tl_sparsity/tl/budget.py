@@ -10,7 +10,7 @@ progress bar), and so does ``fit``'s first forward; checkpoints keep them as pen
 from the same batches, in the same order, as without a budget (the tests check it bit for bit). A round is not
 started when the last one's length says it would end past the budget (round 0 always runs). The backlog of all of
 a collector's hooks holds at most ``col.backlog_mb`` megabytes of rows (:data:`BACKLOG_MB`, 256 MiB by default: at
-d = 576, 116 k rows, e.g. about 38 forwards of 8 × 128 tokens at three hooks); a forward that would leave more trains
+d = 576, 116 k rows, e.g. about 50 forwards of 8 × 128 tokens at three hooks); a forward that would leave more trains
 on, past its budget, until it does not — memory stays bounded, and from there a forward costs what it does without
 a budget. Set it higher to defer more (``report()`` then trains more), 0 to defer nothing.
 
