@@ -7,7 +7,7 @@ import torch
 
 from tl_sparsity import OnlineSparseCoder
 from tl_sparsity.coding.convergence import ConvergenceTrace
-from tl_sparsity.coding.pursuit import greedy_pursuit_reference
+from tl_sparsity.coding.pursuit import greedy_pursuit_reference, greedy_pursuit_torch
 from tl_sparsity.coding.synthetic import SparseLinear
 
 
@@ -153,10 +153,13 @@ def test_lambda_is_re_estimated_at_convergence_to_its_fixed_point_on_training_ro
     assert changed and abs(changed[0][2] / changed[0][1] - 1) > 0.02, v["lam_checks"]
     assert v["converged"] and v["lam_frozen_at"] == changed[-1][0] and c.n_steps_ >= 2 * changed[-1][0]
     assert c.lam_ == changed[-1][2]
-    rows, lam = c._replay_buf[: c._replay_fill], c.lam_  # the fixed point now, by the literal one-row-at-a-time pursuit
+    rows, lam = c._replay_buf[: c._replay_fill], c.lam_  # the fixed point now, recomputed here
     for _ in range(3):
-        lam = 0.1 * float(greedy_pursuit_reference(rows, c.dictionary_, lam)[0].max(dim=1).values.mean())
+        lam = 0.1 * float(greedy_pursuit_torch(rows, c.dictionary_, lam).max(dim=1).values.mean())
     assert lam == pytest.approx(c.lam_, rel=0.03)
+    some = rows[:: max(1, rows.shape[0] // 500)]  # the batched pursuit is the literal one-row-at-a-time one here
+    assert torch.allclose(greedy_pursuit_torch(some, c.dictionary_, lam),
+                          greedy_pursuit_reference(some, c.dictionary_, lam)[0], atol=1e-5)
     still = OnlineSparseCoder(**opts, lam_rounds=0)  # the check switched off: λ stays where warm-up left it
     for x in SparseLinear(24, 4, seed=1).batches(60_000, 4096):  # the same rows again
         still.partial_fit(x)
