@@ -54,8 +54,7 @@ def state_bytes(d: int, m: int, reservoir_size: int, n_pending: int = 0, probe_s
     4·d·(3m + 1 + reservoir_size + probe_size + replay_size + n_pending) — dictionary, two Adam moments [m, d],
     mean [d], the held-out reservoir, the held-out probe, the replay buffer and pending rows (n_pending <
     batch_size, or more that a collector's learning budget deferred, at most ``col.backlog_mb`` for all its hooks:
-    tl.budget) — plus the CPU
-    generator's 5056-byte state and the convergence trace (≤ 512 points), held outside.
+    tl.budget) — plus the CPU generator's 5056-byte state and the convergence trace (≤ 512 points), held outside.
     Each batch also allocates, transiently, O(batch_size·m + m² + m·d) floats (codes, correlations, Gram matrix).
     At d = 576 with the defaults (m = 4608, reservoir 8192, probe 512, replay 8192): 51 MB per hook."""
     return 4 * d * (3 * m + 1 + reservoir_size + probe_size + replay_size + n_pending)
