@@ -327,6 +327,8 @@ def test_replay_by_default_many_steps_where_the_buffer_holds_32_batches_else_few
 def test_next_due_is_the_first_due_step_after_a_step():
     """The trace's next point, found by jumps, is the one a walk over every step finds (the schedule's spacing
     doubles at each power of two; origins of later rate cuts shift it)."""
+    for step in list(range(1, 5000)) + [2**k + j for k in range(12, 40) for j in (-1, 0, 1)]:  # 1, then doubling
+        assert ConvergenceTrace.spacing(step) == 1 << max(0, int(math.log2(max(1, step // 16)))), step
     for origin in (0, 1, 37, 4096, 5000):
         for after in list(range(0, 3000)) + [20_000, 65_535, 65_536, 65_537, 100_003]:
             s = max(after + 1, origin + 1)

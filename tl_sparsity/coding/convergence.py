@@ -78,10 +78,13 @@ class ConvergenceTrace:
     def due(step: int, origin: int = 0) -> bool:
         """Whether a point is taken at dictionary step ``step`` (geometric schedule in the steps since ``origin``)."""
         step -= origin
-        if step < 1:
-            return False
-        every = 1 << max(0, int(math.log2(max(1, step // POINTS_PER_DOUBLING))))
-        return step % every == 0
+        return step >= 1 and step % ConvergenceTrace.spacing(step) == 0
+
+    @staticmethod
+    def spacing(step: int) -> int:
+        """Steps between trace points around ``step`` (counted from the origin): 1, then doubling with the steps so
+        far, :data:`POINTS_PER_DOUBLING` points per doubling."""
+        return 1 << max(0, (max(1, step // POINTS_PER_DOUBLING)).bit_length() - 1)
 
     @staticmethod
     def next_due(after: int, origin: int = 0) -> int:
@@ -89,7 +92,7 @@ class ConvergenceTrace:
         schedule's spacing (at most a few jumps), not a walk over every step in between."""
         s = max(int(after) - origin + 1, 1)
         while True:
-            every = 1 << max(0, (max(1, s // POINTS_PER_DOUBLING)).bit_length() - 1)
+            every = ConvergenceTrace.spacing(s)
             if s % every == 0:
                 return s + origin
             s = (s // every + 1) * every

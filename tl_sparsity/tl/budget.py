@@ -100,7 +100,7 @@ def feed(col: Any, sink: dict[str, list[tuple]], share: int = 1) -> None:
 
 def drain(col: Any) -> None:
     """Train every learner's deferred backlog (its full pending batches), hooks' r-th batches together."""
-    queues = [(lr, lr.backlog()) for lr in col.learners.values() if lr.n_pending_ >= lr.batch_size]
+    queues = [(lr, batches) for lr in col.learners.values() if (batches := lr.backlog())]
     if queues:
         with defer_interrupts(), torch.inference_mode(False), torch.no_grad():
             _feeding.train_rounds(queues)
