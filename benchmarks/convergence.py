@@ -87,6 +87,8 @@ LEARNERS = {
     # more progress per model token, screened against the d = 64 target (docs/convergence.md)
     "new-replay15": dict(replay=15),  # twice the dictionary steps per token
     "new-bs512": dict(batch_size=512),  # learner batches of 512 rows: twice the steps per token
+    "new-bs2048": dict(batch_size=2048),  # learner batches of 2 048 rows: half the steps per token
+    "new-bs4096": dict(batch_size=4096),  # learner batches of 4 096 rows: a quarter of the steps per token
     "new-lr2x": dict(lr_scale=2.0),  # twice the default rate 0.05/√d
     "new-warm50": dict(warmup_steps=50),  # λ freezes after 50 steps instead of 100
     "new-r15-buf64": dict(replay=15, replay_size=65_536),  # twice the steps per token, from an 8× buffer
