@@ -281,7 +281,13 @@ def test_converged_means_the_long_run_value_not_a_constant_rate_s_plateau(tmp_pa
              (("plateau", plateau), ("checked", checked), ("ref", ref))}
     assert value["plateau"] > 1.06 * value["ref"], value  # the old verdict: converged, 10 % off
     assert abs(value["checked"] / value["ref"] - 1) < 0.02, value
-    assert checked.n_steps_ < 4 * plateau.n_steps_  # at the cost of more steps, not of a budget without end
+    # at the cost of more steps, not of a budget without end: at most rate_checks cuts, and the verdict at the first
+    # trace points after the earliest step the rule allows after the last one (a third of the steps since it). A
+    # bound in multiples of the plateau's steps depended on the CPU: on one, λ's check at step 1 408 moved λ by
+    # 2.2 % (over tol), which restarts the verdict, and the run took 8.5× the plateau's steps.
+    cuts = checked.trace_.rate_cuts
+    assert 1 <= len(cuts) <= checked.rate_checks
+    assert checked.n_steps_ <= 1.5 * cuts[-1][0] * (1 + 1 / 8), (checked.n_steps_, cuts)
     assert checked.convergence_["rate_change"] is not None and abs(checked.convergence_["rate_change"]) <= 0.02
     back = OnlineSparseCoder.load(checked.save(tmp_path / "c.safetensors"))  # the cuts, and so the rate, are saved
     assert back.trace_ == checked.trace_ and back.trace_.rate_scale < 1 and back.converged_
